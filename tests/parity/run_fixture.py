@@ -19,8 +19,53 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+def _nhwc(a):
+    import mlx.core as mx
+
+    return mx.array(a).transpose(0, 2, 3, 1)
+
+
+def _nchw(a):
+    return np.array(a.transpose(0, 3, 1, 2))
+
+
 def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
-    raise NotImplementedError("flow formats are not implemented yet")
+    import mlx.core as mx
+
+    from mlx_starflow.flow import Jacobi
+    from mlx_starflow.weights import convert_starflow, convert_tarflow, load_flow
+
+    out = tmp / "model"
+    if meta["format"] == "starflow":
+        convert_starflow(fixture / "model.pth", fixture / "config.yaml", out)
+    else:
+        convert_tarflow(fixture / "model.pth", out, noise_std=meta.get("noise_std"))
+    model = load_flow(out)
+    tarflow = meta["format"] == "tarflow"
+    results = {}
+    for case in meta["cases"]:
+        args = {k: inputs[v] for k, v in case["inputs"].items()}
+        kw = case.get("kwargs", {})
+        y = args.get("y")
+        if y is not None:
+            y = mx.array(y.astype(np.int64) if tarflow else y)
+        name, op = case["name"], case["op"]
+        if op == "forward":
+            z, logdet = model(_nhwc(args["x"]), y)
+            results[f"{name}/z"], results[f"{name}/logdet"] = _nchw(z), np.array(logdet)
+        elif op == "reverse":
+            jac = None
+            if kw.get("jacobi"):
+                jac = Jacobi(kw.get("jacobi_block_size", 16), kw.get("jacobi_th", 1e-3), kw.get("jacobi_max_iter", 32))
+            x = model.sample(_nhwc(args["noise"]), y, guidance=kw.get("guidance", 0.0), jacobi=jac)
+            results[f"{name}/x"] = _nchw(x)
+        elif op == "denoise":
+            results[f"{name}/x"] = _nchw(model.denoise(_nhwc(args["x"]), y, kw.get("noise_std")))
+        elif op == "learned_denoise":
+            results[f"{name}/x"] = _nchw(model.learned_denoise(_nhwc(args["x"]), y))
+        else:
+            raise SystemExit(f"unknown op {op!r} in case {name!r}")
+    return results
 
 
 def run_text(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:

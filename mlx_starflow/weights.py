@@ -1,0 +1,221 @@
+"""Checkpoints: strict key checks, conversion of the reference .pth files to MLX
+model folders (config.json + model.safetensors), loading them back, quantization."""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .config import FlowConfig, read_reference_yaml, starflow_config_from_args, tarflow_config_from_shapes
+from .flow import Flow
+from .torch_reader import CheckpointError, load_pth
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+# Buffers of the reference models that carry no learned state (masks, a constant prior,
+# placeholder rotary tables).
+IGNORED = re.compile(r"^(var|feat_rope(_gen)?\.freqs_(cos|sin))$|(^|\.)attn_mask$")
+
+
+class WeightsError(ValueError):
+    """Checkpoint weights that do not match the model: names the keys."""
+
+
+def _names(keys, limit=8):
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights(model: nn.Module, weights: dict, source="checkpoint"):
+    """Every parameter of the model present with its shape, and nothing else."""
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    missing = set(expected) - set(weights)
+    unexpected = set(weights) - set(expected)
+    if missing:
+        raise WeightsError(f"{source} is missing {len(missing)} tensors the model needs: {_names(missing)}")
+    if unexpected:
+        raise WeightsError(f"{source} has {len(unexpected)} tensors the model does not use: {_names(unexpected)}")
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
+             for k in sorted(expected) if tuple(weights[k].shape) != tuple(expected[k])]
+    if wrong:
+        raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
+
+
+def _to_mx(v, dtype):
+    a = v if isinstance(v, mx.array) else mx.array(v)
+    return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+
+def _shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _used(sd):
+    return {k: v for k, v in sd.items() if not IGNORED.search(k)}
+
+
+def _parse_dtype(dtype):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _version(pkg):
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def save_model(out, config: FlowConfig, weights: dict, force=False, extra: Optional[dict] = None,
+               files: Optional[dict] = None):
+    """Write config.json and model.safetensors into `out`, atomically: the folder
+    appears only once complete; an existing one is replaced only with force."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = config.to_dict()
+        cfg["converted_with"] = {"mlx_starflow": _version("mlx-starflow"), "mlx": _version("mlx")}
+        cfg.update(extra or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+LICENCE_NOTE = """These weights were converted from Apple's STARFlow release and remain under
+Apple's model licence (research use only). The licence text is the LICENSE_MODEL
+file of the release (apple/ml-starflow); it was not found beside the checkpoint
+at conversion time.
+"""
+
+
+def _model_licence(checkpoint):
+    """The release's licence text if it sits beside the checkpoint, else a note."""
+    for name in ("LICENSE_MODEL", "LICENSE_MODEL.txt", "LICENSE", "LICENSE.txt"):
+        p = Path(checkpoint).with_name(name)
+        if p.is_file():
+            return p.read_text()
+    return LICENCE_NOTE
+
+
+def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None):
+    """A reference STARFlow .pth plus its YAML config -> an MLX model folder."""
+    mx_dtype = _parse_dtype(dtype)
+    args = read_reference_yaml(config)
+    sd = load_pth(checkpoint)
+    txt_keys = [k for k in sd if k.endswith("proj_txt.weight")]
+    txt_dim = int(sd[txt_keys[0]].shape[1]) if txt_keys else 0
+    cfg = starflow_config_from_args(args, txt_dim=txt_dim)
+    if cfg.txt_size > 0 and not txt_keys:
+        raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
+    return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, quantize,
+                    source={"checkpoint": Path(checkpoint).name, "config": Path(config).name,
+                            "sampling_cfg": args.get("cfg")})
+
+
+def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3, noise_std=None):
+    """A reference apple/ml-tarflow .pth -> an MLX model folder; the architecture is
+    read from the weights, the noise level from the file name (…_0.07.pth) or given."""
+    mx_dtype = _parse_dtype(dtype)
+    sd = load_pth(checkpoint)
+    if noise_std is None:
+        m = re.search(r"_([0-9]*\.[0-9]+)\.pth$", Path(checkpoint).name)
+        if not m:
+            raise ValueError(f"cannot read the training noise level from '{Path(checkpoint).name}'; "
+                             "give it with --noise-std")
+        noise_std = float(m.group(1))
+    cfg = tarflow_config_from_shapes(_shapes(sd), in_channels=in_channels, noise_std=noise_std)
+    if "var" in sd and not np.allclose(np.asarray(sd["var"], dtype=np.float32), 1.0):
+        raise WeightsError(f"{checkpoint}: a learned prior variance ('var') is not supported")
+    return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, None,
+                    source={"checkpoint": Path(checkpoint).name})
+
+
+def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
+    out = Path(out)
+    if out.exists() and not force:  # say so before the slow part
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    model = Flow(cfg)
+    used = _used(sd)
+    check_weights(model, used, source=str(checkpoint))
+    weights = {k: _to_mx(v, mx_dtype) for k, v in used.items()}
+    if quantize:
+        model.load_weights(list(weights.items()))
+        quantize_model(model, **quantize)
+        cfg.quantization = dict(quantize)
+        weights = dict(tree_flatten(model.parameters()))
+    licence = _model_licence(checkpoint) if cfg.model_type == "starflow" else None
+    return save_model(out, cfg, weights, force=force, extra={"source": source},
+                      files={"LICENSE_MODEL": licence} if licence else None)
+
+
+# Only the transformer's linear layers are quantized: proj_in/proj_out/proj_txt, norms
+# and embeddings stay in full precision (they are small and set the affine maps).
+def _quantizable(group_size):
+    def pred(path, module):
+        if not isinstance(module, nn.Linear) or ".attn_blocks." not in f".{path}":
+            return False
+        return module.weight.shape[-1] % group_size == 0
+    return pred
+
+
+def quantize_model(model, bits=4, group_size=64):
+    """Quantize the transformer linears in place; returns the paths left unquantized."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"quantization bits must be one of 2, 3, 4, 5, 6, 8, not {bits}")
+    skipped = [p for p, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".attn_blocks." in f".{p}" and m.weight.shape[-1] % group_size]
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable(group_size))
+    return skipped
+
+
+def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:
+    """Load a converted model folder. dtype casts float weights; quantize
+    ({"bits", "group_size"}) quantizes on the fly unless already quantized."""
+    path = Path(path)
+    cfg_path, w_path = path / "config.json", path / "model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors); "
+                                "convert a checkpoint with convert/starflow.py or convert/tarflow.py")
+    raw = json.loads(cfg_path.read_text())
+    for k in ("converted_with", "source"):
+        raw.pop(k, None)
+    cfg = FlowConfig.from_dict(raw)
+    model = Flow(cfg)
+    if cfg.quantization:
+        quantize_model(model, **cfg.quantization)
+    try:
+        weights = mx.load(str(w_path))
+    except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
+        raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
+    check_weights(model, weights, source=str(w_path))
+    if dtype is not None:
+        mx_dtype = _parse_dtype(dtype)
+        weights = {k: _to_mx(v, mx_dtype) for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    if quantize and not cfg.quantization:
+        quantize_model(model, **quantize)
+        cfg.quantization = dict(quantize)
+    mx.eval(model.parameters())
+    return model
