@@ -69,7 +69,23 @@ def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
 
 
 def run_text(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
-    raise NotImplementedError("text-encoder formats are not implemented yet")
+    import mlx.core as mx
+
+    from mlx_starflow.text import load_text_encoder
+
+    # The hf/ folder is what save_pretrained wrote; it loads as published repos do.
+    # txt_size only matters for tokenising, which these cases leave out.
+    lengths = [inputs[c["inputs"]["input_ids"]].shape[1] for c in meta["cases"]]
+    encoder = load_text_encoder(fixture / "hf", txt_size=max(lengths, default=1))
+    results = {}
+    for case in meta["cases"]:
+        if case["op"] != "encode":
+            raise ValueError(f"{meta['format']} case {case['name']!r}: unknown op {case['op']!r}")
+        names = case["inputs"]
+        y = encoder.encode_ids(inputs[names["input_ids"]], inputs[names["attention_mask"]])
+        results[f"{case['name']}/y"] = np.array(y.astype(mx.float32))
+    encoder.release()
+    return results
 
 
 def run_vae(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:

@@ -1,0 +1,422 @@
+"""Prompts -> text embeddings, one API for the T5 encoder and Gemma models.
+
+    enc = load_text_encoder("google/flan-t5-xl", txt_size=128)
+    y = enc.encode(["a cat", ""])      # (2, 128, 2048), padding rows exactly zero
+    enc.release()                      # free the weights before sampling
+
+The family is read from the folder's config.json: `t5`, or `gemma`, `gemma2`,
+`gemma3`, `gemma3_text`. Gemma models give their final normed hidden state
+(mlx-lm's model classes, run layer by layer with the padding mask); with
+mode="embed" they give STARFlow's token-embedding conditioning instead.
+"""
+
+import gc
+import json
+import re
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .t5 import check_dtype, load_t5, load_weights_strict, quantize_linear, read_weights
+
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+# STARFlow's chat template for the Gemma token-embedding mode.
+EMBED_TEMPLATE = (
+    "<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n"
+    "<start_of_turn>model\n"
+)
+
+# transformers' Gemma3TextConfig defaults, for gemma3 configs that leave them out.
+_GEMMA3_DEFAULTS = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-6,
+    "sliding_window": 4096,
+    "max_position_embeddings": 131072,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
+
+_TOKENIZER_CLASSES = {"t5": "T5Tokenizer", "gemma": "GemmaTokenizer"}
+
+
+def _is_repo_id(path: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*"]
+    folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    if not any(folder.glob("model*.safetensors")):
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+    return folder
+
+
+def _resolve(path):
+    """(model folder, tokenizer folder) of a local folder or a Hugging Face repo id."""
+    folder = Path(path)
+    if not folder.exists():
+        if not _is_repo_id(path):
+            raise FileNotFoundError(f"{folder}: no such folder")
+        folder = _download(str(path))
+    if (folder / "config.json").exists():
+        return folder, folder
+    # Diffusers-style repos keep the encoder and its tokenizer in subfolders.
+    if (folder / "text_encoder" / "config.json").exists():
+        tok = folder / "tokenizer"
+        return folder / "text_encoder", tok if tok.exists() else folder / "text_encoder"
+    raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+
+
+def load_tokenizer(folder, model_type: str):
+    """The folder's own tokenizer, the class AutoTokenizer would pick.
+
+    AutoTokenizer itself imports torch (through transformers' config module),
+    so the class is looked up by name instead.
+    """
+    import transformers
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    family = "t5" if model_type == "t5" else "gemma"
+    name = config.get("tokenizer_class") or _TOKENIZER_CLASSES[family]
+    cls = None
+    for candidate in (name, name[: -len("Fast")] if name.endswith("Fast") else None):
+        try:
+            cls = getattr(transformers, candidate) if candidate else None
+        except (AttributeError, ImportError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase):
+            break
+        cls = None
+    cls = cls or PreTrainedTokenizerFast
+    if not has_tokenizer(folder):
+        raise FileNotFoundError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    return cls.from_pretrained(str(folder))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model")
+
+
+def has_tokenizer(folder) -> bool:
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def _check_prompts(prompts):
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt (\"\" is the unconditional one)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string")
+
+
+def tokenize(tokenizer, prompts, txt_size: int):
+    """(input_ids, attention_mask) int32 arrays of shape (batch, txt_size).
+
+    As the reference: padded to txt_size on the tokenizer's padding side and
+    truncated, with a warning for every prompt that loses tokens.
+    """
+    _check_prompts(prompts)
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > txt_size:
+            warnings.warn(
+                f"prompt {i} is {n} tokens long; truncated to txt_size={txt_size}, "
+                f"{n - txt_size} tokens dropped",
+                stacklevel=3,
+            )
+    out = tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=txt_size, return_tensors="np"
+    )
+    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+
+def _cast(weights: dict, dtype) -> dict:
+    # Quantized checkpoints hold integer weights: only floats change dtype.
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def _gemma_key(key: str) -> str:
+    """Published Gemma key -> mlx-lm's name (`model.` + the decoder's own name)."""
+    for prefix in ("language_model.model.", "model.language_model."):
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    if key.startswith("language_model.lm_head."):
+        return key[len("language_model."):]
+    if key.startswith(("embed_tokens.", "layers.", "norm.")):  # a bare GemmaModel
+        return "model." + key
+    return key
+
+
+def _gemma_text_config(config: dict) -> dict:
+    if config["model_type"] != "gemma3":
+        return dict(config)
+    text = dict(config.get("text_config") or {})
+    for k, v in _GEMMA3_DEFAULTS.items():
+        text.setdefault(k, v)
+    if "vocab_size" in config:
+        text["vocab_size"] = config["vocab_size"]
+    text["model_type"] = "gemma3_text"
+    return text
+
+
+def _rope_params(text: dict, layer_type: str):
+    """(theta, scaling config or None) of a layer, from either config format."""
+    params = text.get("rope_parameters")
+    if isinstance(params, dict) and layer_type in params:  # transformers 5, per layer type
+        p = params[layer_type]
+        scaling = p if p.get("rope_type", "default") != "default" else None
+        return p["rope_theta"], scaling
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return params["rope_theta"], scaling
+    if layer_type == "sliding_attention" and text["model_type"] == "gemma3_text":
+        return text.get("rope_local_base_freq", 10_000.0), None
+    return text.get("rope_theta", 10_000.0), text.get("rope_scaling")
+
+
+def _layer_types(text: dict) -> list:
+    n = text["num_hidden_layers"]
+    if text.get("layer_types"):
+        return list(text["layer_types"])
+    if text["model_type"] == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if text["model_type"] == "gemma3_text":
+        p = text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6
+        return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
+    return ["full_attention"] * n
+
+
+class _TanhGeluMLP(nn.Module):
+    # Gemma 1 uses the tanh GELU (transformers maps its legacy "gelu" to it);
+    # mlx-lm's Gemma 1 MLP uses the exact one.
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _prequantize(model, config, weights):
+    # mlx-community checkpoints come quantized: mirror their layout before loading.
+    q = config.get("quantization")
+    if q:
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+
+
+def _load_gemma(folder: Path, config: dict, dtype, quantize):
+    """mlx-lm's Gemma model with the decoder weights; no lm_head."""
+    from mlx_lm.models import gemma, gemma2, gemma3_text
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    text = _gemma_text_config(config)
+    if text.get("use_bidirectional_attention"):
+        raise ValueError(f"{folder}: bidirectional Gemma models (EmbeddingGemma) are not supported")
+    module = {"gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3_text}[text["model_type"]]
+    types = _layer_types(text)
+    args = dict(text)
+    args["rope_theta"], _ = _rope_params(text, "full_attention")
+    model = module.Model(module.ModelArgs.from_dict(args))
+
+    if text["model_type"] == "gemma":
+        act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"{folder}: Gemma activation {act!r} is not supported")
+        for layer in model.model.layers:
+            layer.mlp = _TanhGeluMLP(text["hidden_size"], text["intermediate_size"])
+    if text["model_type"] == "gemma3_text":
+        # Rope per layer type as the config says (mlx-lm assumes a fixed pattern).
+        for layer, t in zip(model.model.layers, types):
+            theta, scaling = _rope_params(text, t)
+            layer.self_attn.is_sliding = t == "sliding_attention"
+            layer.self_attn.rope = initialize_rope(
+                text["head_dim"],
+                base=theta,
+                traditional=False,
+                scaling_config=scaling,
+                max_position_embeddings=text.get("max_position_embeddings"),
+            )
+
+    def wanted(key):
+        return _gemma_key(key).startswith(("model.embed_tokens.", "model.layers.", "model.norm."))
+
+    weights = {_gemma_key(k): v for k, v in read_weights(folder, wanted).items()}
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # gemma3_text: drops the unused lm_head
+    _prequantize(model, config, weights)
+    load_weights_strict(model, _cast(weights, dtype), folder)
+    if quantize:
+        quantize_linear(model, bits=quantize)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, text, types
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab_size, dims):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, dims)
+
+
+def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
+    text = _gemma_text_config(config)
+
+    def wanted(key):
+        return _gemma_key(key).startswith("model.embed_tokens.")
+
+    weights = {_gemma_key(k)[len("model."):]: v for k, v in read_weights(folder, wanted).items()}
+    if "embed_tokens.weight" not in weights:
+        raise ValueError(f"{folder}: no embed_tokens weight in the checkpoint")
+    vocab = weights["embed_tokens.weight"].shape[0]
+    model = _Embedding(vocab, text["hidden_size"])
+    _prequantize(model, config, weights)
+    load_weights_strict(model, _cast(weights, dtype), folder)
+    if quantize:
+        quantize_linear(model, bits=quantize)
+    mx.eval(model.parameters())
+    return model, text
+
+
+class TextEncoder:
+    """Prompts -> (batch, txt_size, width) embeddings; see load_text_encoder."""
+
+    def __init__(self, family, mode, model, tok_folder, txt_size, width, text_config=None, layer_types=None):
+        self.family = family  # "t5" or the Gemma model_type
+        self.mode = mode  # "hidden" or "embed"
+        self.model = model
+        # A folder without tokenizer files still serves encode_ids.
+        self.tokenizer = load_tokenizer(tok_folder, family) if has_tokenizer(tok_folder) else None
+        self._tok_folder = tok_folder
+        self.txt_size = txt_size
+        self.width = width
+        self._text = text_config
+        self._types = layer_types
+
+    def encode(self, prompts) -> mx.array:
+        """Embeddings of a list of prompts, padded or truncated to txt_size tokens."""
+        _check_prompts(prompts)
+        if self.tokenizer is None:
+            raise FileNotFoundError(
+                f"{self._tok_folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})"
+            )
+        if self.mode == "embed":
+            prompts = [EMBED_TEMPLATE.format(prompt=p) for p in prompts]
+        ids, mask = tokenize(self.tokenizer, prompts, self.txt_size)
+        return self.encode_ids(ids, mask)
+
+    def encode_ids(self, input_ids, attention_mask) -> mx.array:
+        """Hidden states of given token ids, times the mask (padding rows zero).
+
+        In "embed" mode this is `embed(ids) * sqrt(hidden)` unmasked, as the
+        reference feeds it (the pad token's embedding stays in padding rows).
+        """
+        if self.model is None:
+            raise RuntimeError("this text encoder was released; load it again to encode")
+        ids = mx.array(np.asarray(input_ids), dtype=mx.int32)
+        mask = mx.array(np.asarray(attention_mask), dtype=mx.int32)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
+                "must both be (batch, length)"
+            )
+        if self.mode == "embed":
+            x = self.model.embed_tokens(ids)
+            y = (x.astype(mx.float32) * (self.width**0.5)).astype(x.dtype)
+        else:
+            h = self.model(ids, mask) if self.family == "t5" else self._gemma_hidden(ids, mask)
+            y = h * mask[..., None].astype(h.dtype)
+        mx.eval(y)
+        return y
+
+    def _gemma_hidden(self, ids, mask):
+        inner = self.model.model
+        h = inner.embed_tokens(ids)
+        # transformers rounds sqrt(hidden) to the hidden dtype (exact in float32).
+        h = h * mx.array(self.width**0.5, dtype=h.dtype)
+        L = ids.shape[1]
+        q = mx.arange(L)[:, None]
+        k = mx.arange(L)[None]
+        keys = (mask != 0)[:, None, :]
+        masks = {}
+        for t in set(self._types):
+            allowed = k <= q
+            if t == "sliding_attention":
+                allowed = allowed & (q - k < self._text.get("sliding_window", 4096))
+            # Causal plus the padding of the keys (either side). Each row also sees
+            # itself so a left-padding row is never empty; those rows become zero.
+            masks[t] = ((allowed[None] & keys) | (k == q)[None])[:, None]
+        for layer, t in zip(inner.layers, self._types):
+            m = masks[t]
+            if self.family == "gemma2" and layer.self_attn.repeats > 1:
+                m = m[:, :, None]  # its GQA scores are (B, kv_heads, repeats, L, L)
+            h = layer(h, m)
+        return inner.norm(h)
+
+    def release(self):
+        """Drop the weights (the pipeline frees the encoder before sampling)."""
+        self.model = None
+        gc.collect()
+        mx.clear_cache()
+
+
+def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode=None) -> TextEncoder:
+    """Load a T5 or Gemma text encoder and its tokenizer.
+
+    path: a Hugging Face folder (or repo id) with config.json, weights and tokenizer files.
+    txt_size: tokens per prompt (128 for the 3B STARFlow model).
+    dtype: mx.float32 or mx.bfloat16 (T5 refuses float16).
+    quantize: None, or 8 (or 4) bits for the linear layers and token embedding.
+    mode: None (final hidden states) or "embed" (Gemma only: STARFlow's
+        token-embedding conditioning, `embed(ids) * sqrt(hidden)` after its chat template).
+    """
+    if not isinstance(txt_size, int) or txt_size < 1:
+        raise ValueError(f"txt_size must be a positive int, got {txt_size!r}")
+    if mode not in (None, "hidden", "embed"):
+        raise ValueError(f"mode must be None or 'embed', got {mode!r}")
+    if quantize not in (None, False, 4, 8):
+        raise ValueError(f"quantize must be None, 4 or 8 (bits), got {quantize!r}")
+    folder, tok_folder = _resolve(path)
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ("t5",) + GEMMA_TYPES:
+        raise ValueError(
+            f"{folder}: model_type {model_type!r} is not a supported text encoder "
+            f"(supported: t5, {', '.join(GEMMA_TYPES)})"
+        )
+    mode = mode or "hidden"
+    if model_type == "t5":
+        if mode == "embed":
+            raise ValueError("mode='embed' is for Gemma models; T5 gives its encoder's hidden states")
+        check_dtype(dtype)
+        model = load_t5(folder, dtype=dtype, quantize=quantize)
+        return TextEncoder("t5", mode, model, tok_folder, txt_size, model.width)
+    if mode == "embed":
+        model, text = _load_gemma_embedding(folder, config, dtype, quantize)
+        types = None
+    else:
+        model, text, types = _load_gemma(folder, config, dtype, quantize)
+    return TextEncoder(text["model_type"], mode, model, tok_folder, txt_size, text["hidden_size"], text, types)
