@@ -248,10 +248,9 @@ class FlowBlock(nn.Module):
 
     # -- density -----------------------------------------------------------------
 
-    def __call__(self, x, rope=None, text=None, cond=None):
-        """Data -> noise for tokens x (B, N, D): returns z and the per-sample log-det."""
-        if self.flip:
-            x = x[:, ::-1]
+    def affine(self, x, rope=None, text=None, cond=None):
+        """(a, b) for every token of x (B, N, D), already in this block's order,
+        from one causal pass over the whole sequence: token t's from tokens < t."""
         inp = x
         if self.sos:
             sos = mx.broadcast_to(self.sos_embed, (x.shape[0], 1, x.shape[2])).astype(x.dtype)
@@ -268,6 +267,13 @@ class FlowBlock(nn.Module):
         if not self.sos:  # output t predicts token t+1; token 0 passes unchanged
             a = mx.pad(a[:, :-1], [(0, 0), (1, 0), (0, 0)])
             b = mx.pad(b[:, :-1], [(0, 0), (1, 0), (0, 0)])
+        return a, b
+
+    def __call__(self, x, rope=None, text=None, cond=None):
+        """Data -> noise for tokens x (B, N, D): returns z and the per-sample log-det."""
+        if self.flip:
+            x = x[:, ::-1]
+        a, b = self.affine(x, rope, text, cond)
         z = (x.astype(mx.float32) - b) / self.scale(a)
         logdet = -self.log_scale(a).sum(axis=(1, 2))
         return (z[:, ::-1] if self.flip else z), logdet
