@@ -35,6 +35,7 @@ def tarflow_parser():
     p.add_argument("--out", required=True, help="the MLX model folder to write")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--in-channels", type=int, default=3, help="image channels (3 for RGB)")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head size (64 in apple/ml-tarflow)")
     p.add_argument("--noise-std", type=float, default=None,
                    help="training noise level (default: read from a file name ending _<noise>.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
@@ -62,7 +63,7 @@ def starflow_main(argv=None):
 def tarflow_main(argv=None):
     a = tarflow_parser().parse_args(argv)
     return _run(convert_tarflow, a.checkpoint, a.out, dtype=a.dtype, force=a.force,
-                in_channels=a.in_channels, noise_std=a.noise_std)
+                in_channels=a.in_channels, noise_std=a.noise_std, head_dim=a.head_dim)
 
 
 def main(argv=None):

@@ -134,7 +134,7 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
                             "sampling_cfg": args.get("cfg")})
 
 
-def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3, noise_std=None):
+def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3, noise_std=None, head_dim=64):
     """A reference apple/ml-tarflow .pth -> an MLX model folder; the architecture is
     read from the weights, the noise level from the file name (…_0.07.pth) or given."""
     mx_dtype = _parse_dtype(dtype)
@@ -145,7 +145,7 @@ def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3
             raise ValueError(f"cannot read the training noise level from '{Path(checkpoint).name}'; "
                              "give it with --noise-std")
         noise_std = float(m.group(1))
-    cfg = tarflow_config_from_shapes(_shapes(sd), in_channels=in_channels, noise_std=noise_std)
+    cfg = tarflow_config_from_shapes(_shapes(sd), in_channels=in_channels, noise_std=noise_std, head_dim=head_dim)
     if "var" in sd and not np.allclose(np.asarray(sd["var"], dtype=np.float32), 1.0):
         raise WeightsError(f"{checkpoint}: a learned prior variance ('var') is not supported")
     return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, None,

@@ -1,0 +1,198 @@
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from helpers import rand, save_reference, tiny_flow
+from mlx_starflow.config import ConfigError
+from mlx_starflow.torch_reader import CheckpointError, load_pth
+from mlx_starflow.weights import WeightsError, convert_starflow, convert_tarflow, load_flow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name not in ("model.pth", "config.yaml", "src"))
+
+
+@pytest.fixture
+def reference(tmp_path):
+    model, args = tiny_flow()
+    src = tmp_path / "src"
+    src.mkdir()
+    ckpt, cfg = save_reference(model, args, src)
+    return model, ckpt, cfg
+
+
+def test_convert_and_load_reproduces_the_model(reference, tmp_path):
+    model, ckpt, cfg = reference
+    out = convert_starflow(ckpt, cfg, tmp_path / "mlx")
+    meta = json.loads((out / "config.json").read_text())
+    # every architectural number is explicit
+    for key in ("channels", "num_heads", "num_kv_heads", "head_dim", "layers_per_block", "seq_order",
+                "txt_size", "txt_dim", "in_channels", "input_size", "patch_size", "noise_std", "vae",
+                "text_encoder", "sos", "use_softplus", "soft_clip"):
+        assert key in meta
+    assert meta["txt_dim"] == 12 and meta["input_size"] == 4 and meta["layers_per_block"] == [1, 0, 1, 2]
+    assert (out / "LICENSE_MODEL").is_file()
+    loaded = load_flow(out)
+    x = rand((2, 4, 4, 4))
+    y = rand((2, 5, 12), 2)
+    for a, b in zip(model(x, y), loaded(x, y)):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)
+
+
+def test_bfloat16_and_quantized_conversion(reference, tmp_path):
+    model, ckpt, cfg = reference
+    out = convert_starflow(ckpt, cfg, tmp_path / "bf16", dtype="bfloat16")
+    loaded = load_flow(out)
+    assert loaded.blocks[-1].proj_in.weight.dtype == mx.bfloat16
+    x, y = rand((1, 4, 4, 4)), rand((1, 5, 12), 2)
+    z32, _ = model(x, y)
+    z16, _ = loaded(x, y)
+    rel = lambda a: np.abs(np.array(a) - np.array(z32)).max() / np.abs(np.array(z32)).max()
+    assert rel(z16) < 0.05  # bfloat16 rounding through four random blocks
+    # group size 32 fits the 32-wide layers of the tiny model
+    q = convert_starflow(ckpt, cfg, tmp_path / "q8", quantize={"bits": 8, "group_size": 32})
+    assert json.loads((q / "config.json").read_text())["quantization"] == {"bits": 8, "group_size": 32}
+    qm = load_flow(q)
+    assert "scales" in qm.blocks[-1].attn_blocks[0].attention.qkv
+    assert "scales" not in qm.blocks[-1].proj_out  # only the transformer's linears
+    zq, _ = qm(x, y)
+    assert rel(zq) < 0.05
+
+
+def test_tensor_reader_matches_torch_and_refuses_code(tmp_path):
+    sd = {"a": torch.randn(3, 4), "b": torch.randn(5, 6)[:, ::2], "h": torch.randn(2).half(),
+          "bf": torch.randn(4, 2).bfloat16(), "s": torch.tensor(3.0), "i": torch.arange(4)}
+    torch.save(sd, tmp_path / "x.pth")
+    got = load_pth(tmp_path / "x.pth")
+    for k, v in sd.items():
+        g = np.array(got[k].astype(mx.float32)) if isinstance(got[k], mx.array) else got[k]
+        np.testing.assert_array_equal(g, v.float().numpy() if v.is_floating_point() else v.numpy())
+        assert g.shape == tuple(v.shape)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": torch.zeros(1), "evil": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"refusing to load '(__builtin__|builtins)\.print'"):
+        load_pth(tmp_path / "evil.pth")
+
+
+def test_truncated_and_foreign_files(reference, tmp_path):
+    _, ckpt, cfg = reference
+    data = ckpt.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert_starflow(bad, cfg, tmp_path / "out")
+    txt = tmp_path / "notes.pth"
+    txt.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        convert_starflow(txt, cfg, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        convert_starflow(tmp_path / "missing.pth", cfg, tmp_path / "out")
+    assert leftovers(tmp_path) == ["notes.pth", "truncated.pth"]
+
+
+def _resave(ckpt, edit):
+    sd = torch.load(ckpt, weights_only=True)
+    edit(sd)
+    torch.save(sd, ckpt)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd.pop("blocks.3.proj_out.bias"), "missing 1 tensors .*blocks.3.proj_out.bias"),
+    (lambda sd: sd.__setitem__("blocks.3.extra.weight", torch.zeros(2)), "does not use: blocks.3.extra.weight"),
+    (lambda sd: sd.__setitem__("blocks.0.proj_in.weight", torch.zeros(32, 5)),
+     r"wrong shape: blocks.0.proj_in.weight \(32, 5\) \(expected \(32, 4\)\)"),
+])
+def test_key_mismatches_are_named(reference, tmp_path, edit, match):
+    _, ckpt, cfg = reference
+    _resave(ckpt, edit)
+    with pytest.raises(WeightsError, match=match):
+        convert_starflow(ckpt, cfg, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("line,match", [
+    ("- wobble: 3\n", "unknown config option 'wobble'"),
+    ("- adaln: 1\n", "'adaln: 1' is not supported"),
+    ("- use_mm_attn: 1\n", "'use_mm_attn: 1' is not supported"),
+    ("- vid_size: '81:16'\n", "'vid_size: 81:16' is not supported"),
+])
+def test_config_options(reference, tmp_path, line, match):
+    _, ckpt, cfg = reference
+    cfg.write_text(cfg.read_text() + line)
+    with pytest.raises(ConfigError, match=match):
+        convert_starflow(ckpt, cfg, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def test_training_options_ignored_and_unsupported_at_default_accepted(reference, tmp_path):
+    _, ckpt, cfg = reference
+    cfg.write_text(cfg.read_text() + "- fsdp: 1\n- adaln: 0\n- grad_clip: 1\n- wds: 1\n")
+    assert convert_starflow(ckpt, cfg, tmp_path / "out").is_dir()
+
+
+def test_existing_output_needs_force(reference, tmp_path):
+    _, ckpt, cfg = reference
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert_starflow(ckpt, cfg, out)
+    assert (out / "keep").exists()
+    convert_starflow(ckpt, cfg, out, force=True)
+    assert not (out / "keep").exists() and (out / "model.safetensors").exists()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a converted model folder"):
+        load_flow(tmp_path)
+
+
+def test_tarflow_converter_infers_architecture(tmp_path):
+    from test_flow import tiny_tarflow
+    from mlx.utils import tree_flatten
+
+    model = tiny_tarflow()
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(model.parameters())}
+    sd["var"] = torch.ones(16, 12)
+    for i in range(3):
+        sd[f"blocks.{i}.attn_mask"] = torch.ones(16, 16)
+    ckpt = tmp_path / "tiny_model_2_16_3_1_0.05.pth"
+    torch.save(sd, ckpt)
+    out = convert_tarflow(ckpt, tmp_path / "mlx", head_dim=8)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "tarflow" and cfg["patch_size"] == 2 and cfg["input_size"] == 8
+    assert cfg["layers_per_block"] == [1, 2, 1] and cfg["num_classes"] == 3 and cfg["noise_std"] == 0.05
+    loaded = load_flow(out)
+    x, labels = rand((2, 8, 8, 3)), mx.array([1, 2])
+    np.testing.assert_allclose(np.array(loaded(x, labels)[0]), np.array(model(x, labels)[0]), atol=1e-6)
+    plain = tmp_path / "weights.pth"
+    plain.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="--noise-std"):
+        convert_tarflow(plain, tmp_path / "mlx2", head_dim=8)
+    with pytest.raises(ConfigError, match="not a multiple of the head size 64"):
+        convert_tarflow(ckpt, tmp_path / "mlx3")
+
+
+def test_command_line_reports_one_line(reference, tmp_path):
+    _, ckpt, cfg = reference
+    cmd = [sys.executable, str(ROOT / "convert" / "starflow.py"), "--checkpoint", str(ckpt), "--config", str(cfg)]
+    ok = subprocess.run(cmd + ["--out", str(tmp_path / "o"), "--dtype", "bfloat16"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    again = subprocess.run(cmd + ["--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert again.returncode == 1
+    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
