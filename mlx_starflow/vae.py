@@ -409,13 +409,29 @@ def _find_weights(path: Path) -> Path:
     )
 
 
+def _download(repo_id: str) -> Path:
+    """Fetch only the VAE config and weights of a Hugging Face repo (the repo
+    itself, or the vae/ folder of a full diffusers pipeline)."""
+    from huggingface_hub import snapshot_download
+
+    names = ["config.json", "diffusion_pytorch_model.safetensors"]
+    patterns = names + [f"vae/{n}" for n in names]
+    try:
+        p = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any((q / names[1]).is_file() for q in (p, p / "vae")):
+            # Older repos ship only a .bin (read by the tensor-only reader).
+            bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
+            p = Path(snapshot_download(repo_id, allow_patterns=patterns + bins))
+    except Exception as e:
+        raise ValueError(f"{repo_id}: no such local folder, and downloading it from the Hugging Face hub failed ({e})")
+    return p
+
+
 def _resolve(path) -> Path:
     p = Path(path)
     if not p.exists():
-        if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/")):
-            from huggingface_hub import snapshot_download
-
-            p = Path(snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "vae/*"]))
+        if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+            p = _download(path)
         else:
             raise ValueError(f"{path}: no such VAE folder")
     if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():

@@ -1,6 +1,7 @@
 """The MLX SD-VAE against diffusers' AutoencoderKL on tiny random configs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -237,6 +238,21 @@ def test_bad_inputs(tmp_path):
     (empty / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unexpected keys .*attentions\.0\.to_q"):
         V.load_vae(empty)
+
+
+def test_pipeline_folder_and_offline_repo_id(tmp_path):
+    # A full diffusers pipeline keeps the VAE in vae/.
+    make_reference(tmp_path / "pipe" / "vae")
+    assert V.load_vae(tmp_path / "pipe").config.latent_channels == 4
+    # A repo id that is not a local folder goes to the hub; offline that is a clear error.
+    code = (
+        "from mlx_starflow.vae import load_vae\n"
+        "try:\n    load_vae('nobody/no-such-vae')\n"
+        "except ValueError as e:\n    assert 'Hugging Face hub' in str(e), e\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
 def test_no_torch_import():
