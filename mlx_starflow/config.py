@@ -55,6 +55,10 @@ class FlowConfig:
     finetuned_vae: bool = False  # a fine-tuned decoder replaces the denoising step
     vae: Optional[str] = None
     text_encoder: Optional[str] = None
+    # Class-conditional models (the reference's label embedder): the prompt is one of
+    # these names, embedded as a one-hot text prefix of one token; the extra last
+    # one-hot row is the unconditional label used for guidance.
+    class_names: Optional[list] = None
     image_size: int = 0  # pixels of the generated image
     quantization: Optional[dict] = None
 
@@ -117,6 +121,8 @@ class FlowConfig:
             raise ConfigError(f"head_dim {self.head_dim} is too small for RoPE with text positions")
         if self.cond_top_only and self.txt_size == 0:
             raise ConfigError("cond_top_only needs txt_size > 0")
+        if self.class_names is not None and (self.txt_size != 1 or self.txt_dim != len(self.class_names) + 1):
+            raise ConfigError("a class-conditional model needs txt_size 1 and txt_dim = number of classes + 1")
         if self.layers_per_block[-1] == 0:
             raise ConfigError("the top (deep) block cannot have 0 layers")
 
