@@ -56,7 +56,9 @@ class VAEConfig:
                 )
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}")
+                raise ValueError(
+                    f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}"
+                )
 
     @property
     def downsample_factor(self) -> int:
@@ -277,7 +279,9 @@ class VAE(nn.Module):
     def _check_latents(self, z):
         c = self.config.latent_channels
         if z.ndim != 4:
-            raise ValueError(f"VAE.decode expects NHWC latents (batch, height, width, {c}); got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"VAE.decode expects NHWC latents (batch, height, width, {c}); got shape {tuple(z.shape)}"
+            )
         if z.shape[-1] != c:
             hint = " (NCHW? transpose to NHWC)" if z.shape[1] == c else ""
             raise ValueError(
@@ -423,7 +427,9 @@ def _download(repo_id: str) -> Path:
             bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
             p = Path(snapshot_download(repo_id, allow_patterns=patterns + bins))
     except Exception as e:
-        raise ValueError(f"{repo_id}: no such local folder, and downloading it from the Hugging Face hub failed ({e})")
+        raise ValueError(
+            f"{repo_id}: no such local folder, and downloading it from the Hugging Face hub failed ({e})"
+        )
     return p
 
 
@@ -472,17 +478,16 @@ def load_vae(path, dtype=mx.float32) -> VAE:
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         msg = [f"{weights_path}: weights do not match the config"]
-        if missing:
-            msg.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            msg.append(
-                f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
-                f"{' ...' if len(unexpected) > 10 else ''}"
-            )
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                more = " ..." if len(keys) > 10 else ""
+                msg.append(f"{what} keys ({len(keys)}): {', '.join(keys[:10])}{more}")
         raise ValueError("; ".join(msg))
     for k, v in weights.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{weights_path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
+            raise ValueError(
+                f"{weights_path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
+            )
     vae.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     mx.eval(vae.parameters())
     vae.eval()

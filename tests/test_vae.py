@@ -16,7 +16,9 @@ from PIL import Image  # noqa: E402
 from mlx_starflow import vae as V  # noqa: E402
 
 
-def make_reference(path, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, **kw):
+def make_reference(
+    path, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, **kw
+):
     """A random diffusers AutoencoderKL saved to `path`; the norms are random
     too so swapped scale/shift or group layouts show up."""
     torch.manual_seed(len(block_out_channels) * 10 + layers_per_block)
