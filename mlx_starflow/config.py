@@ -59,6 +59,7 @@ class FlowConfig:
     # these names, embedded as a one-hot text prefix of one token; the extra last
     # one-hot row is the unconditional label used for guidance.
     class_names: Optional[list] = None
+    sampling: Optional[dict] = None  # recommended sampling defaults, e.g. {"guidance", "sampler", "denoise"}
     image_size: int = 0  # pixels of the generated image
     quantization: Optional[dict] = None
 
