@@ -299,13 +299,14 @@ def load_weights_strict(model: nn.Module, weights: dict, source) -> None:
     model.load_weights(list(weights.items()), strict=True)
 
 
-def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = 64, skip=()) -> None:
-    """Quantize the layers whose input width is a multiple of `group_size`."""
+def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = 64, embeddings=False) -> None:
+    """Quantize the linear layers (and embeddings if asked) whose input width is
+    a multiple of `group_size`; the others stay as they are."""
 
     def predicate(path, module):
-        if path in skip or not hasattr(module, "to_quantized"):
-            return False
-        return module.weight.shape[-1] % group_size == 0
+        if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
+            return module.weight.shape[-1] % group_size == 0
+        return False
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
@@ -314,7 +315,7 @@ def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
     """Load the T5 encoder of a Hugging Face folder.
 
     dtype: mx.float32 or mx.bfloat16 (float16 is refused: T5 overflows in it).
-    quantize: None, or the bits (8 or 4) for the linear layers and embedding.
+    quantize: None, or the bits (8 or 4) for the linear layers.
     """
     check_dtype(dtype)
     folder = Path(path)
@@ -324,8 +325,7 @@ def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
     weights = {k: v.astype(dtype) for k, v in weights.items()}
     load_weights_strict(model, weights, folder)
     if quantize:
-        # The relative position table is tiny and feeds every layer: keep it exact.
-        quantize_linear(model, bits=quantize, skip=("relative_bias",))
+        quantize_linear(model, bits=quantize)
     model.eval()
     mx.eval(model.parameters())
     return model

@@ -270,7 +270,8 @@ def _load_gemma(folder: Path, config: dict, dtype, quantize):
     _prequantize(model, config, weights)
     load_weights_strict(model, _cast(weights, dtype), folder)
     if quantize:
-        quantize_linear(model, bits=quantize)
+        # Gemma's token embedding is a large share of its weights (256k rows).
+        quantize_linear(model, bits=quantize, embeddings=True)
     model.eval()
     mx.eval(model.parameters())
     return model, text, types
@@ -296,7 +297,7 @@ def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
     _prequantize(model, config, weights)
     load_weights_strict(model, _cast(weights, dtype), folder)
     if quantize:
-        quantize_linear(model, bits=quantize)
+        quantize_linear(model, bits=quantize, embeddings=True)
     mx.eval(model.parameters())
     return model, text
 
@@ -389,7 +390,8 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
     path: a Hugging Face folder (or repo id) with config.json, weights and tokenizer files.
     txt_size: tokens per prompt (128 for the 3B STARFlow model).
     dtype: mx.float32 or mx.bfloat16 (T5 refuses float16).
-    quantize: None, or 8 (or 4) bits for the linear layers and token embedding.
+    quantize: None, or 8 (or 4) bits for the linear layers (and Gemma's token
+        embedding); layers whose input width is not a multiple of 64 stay as they are.
     mode: None (final hidden states) or "embed" (Gemma only: STARFlow's
         token-embedding conditioning, `embed(ids) * sqrt(hidden)` after its chat template).
     """

@@ -146,4 +146,5 @@ def test_quantized(tmp_path):
     assert isinstance(block.mlp.wi_0, nn.QuantizedLinear)
     assert isinstance(block.mlp.wo, nn.Linear) and not isinstance(block.mlp.wo, nn.QuantizedLinear)
     assert not isinstance(model.relative_bias, nn.QuantizedEmbedding)
+    assert not isinstance(model.shared, nn.QuantizedEmbedding)  # linear layers only
     assert rel_err(run(model, ids, mask), full) < 3e-2

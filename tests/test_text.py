@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from test_t5 import make_t5
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -22,6 +23,7 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GemmaModel,
     PreTrainedTokenizerFast,
 )
 
@@ -252,9 +254,34 @@ def test_gemma_quantized_layers(tmp_path):
     enc = load_text_encoder(tmp_path, txt_size=10, quantize=8)
     layer = enc.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(enc.model.model.embed_tokens, nn.QuantizedEmbedding)
     assert not isinstance(layer.mlp.down_proj, nn.QuantizedLinear)  # input 96
     ids, mask = padded_inputs("right")
-    assert rel_err(enc.encode_ids(ids, mask), gemma_reference(ref, ids, mask)) < 3e-2
+    y = enc.encode_ids(ids, mask)
+    assert rel_err(y, gemma_reference(ref, ids, mask)) < 3e-2
+
+    # An mlx-community style checkpoint: quantized weights plus "quantization" in config.json.
+    saved = tmp_path / "mlx"
+    saved.mkdir()
+    mx.save_safetensors(str(saved / "model.safetensors"), dict(tree_flatten(enc.model.parameters())))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization"] = {"group_size": 64, "bits": 8}
+    (saved / "config.json").write_text(json.dumps(config))
+    again = load_text_encoder(saved, txt_size=10)
+    assert isinstance(again.model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert np.array_equal(np.array(again.encode_ids(ids, mask)), np.array(y))
+
+
+def test_diffusers_layout_bare_gemma_model(tmp_path):
+    # Lumina-style repos: text_encoder/ holds a bare GemmaModel (no "model." prefix)
+    # and tokenizer/ its tokenizer.
+    torch.manual_seed(0)
+    ref = GemmaModel(GemmaConfig(**GEMMA, num_hidden_layers=2, num_key_value_heads=1)).eval()
+    ref.save_pretrained(tmp_path / "text_encoder")
+    make_tokenizer(tmp_path / "tokenizer", "gemma")
+    enc = load_text_encoder(tmp_path, txt_size=8)
+    prompts = ["a dog in the snow", ""]
+    assert rel_err(enc.encode(prompts), reference_encode(ref, tmp_path / "tokenizer", prompts, 8)) < 1e-5
 
 
 def test_no_torch_at_runtime(tmp_path):
