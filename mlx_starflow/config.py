@@ -316,3 +316,17 @@ def tarflow_config_from_shapes(shapes: dict, in_channels: int = 3, noise_std: fl
     )
     cfg.validate()
     return cfg
+
+
+# The reference configs of the released checkpoints live in the apple/ml-starflow
+# code repository, not beside the weights: their architectural arguments are
+# carried here and picked by checkpoint name.
+RELEASED = {
+    "starflow_3B_t2i_256x256": {
+        "img_size": 256, "txt_size": 128, "channel_size": 4, "patch_size": 1, "channels": 3072,
+        "blocks": 6, "layers_per_block": "2 2 2 2 2 24", "noise_std": 0.3, "nvp": 1, "rope": 1,
+        "adaln": 0, "sos": 1, "seq_order": "L2R", "use_softplus": 1, "cond_top_only": 1,
+        "use_final_norm": 1, "vae": "stabilityai/sd-vae-ft-ema", "text": "google/flan-t5-xl",
+        "cfg": 2.5, "soft_clip": 4,
+    },
+}

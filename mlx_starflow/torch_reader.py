@@ -51,17 +51,18 @@ class _Storage:
 
 
 def _as_array(storage, offset, size, stride):
-    """View `size` elements with `stride` starting at `offset` of a flat storage."""
+    """View `size` elements with `stride` starting at `offset` of a flat storage.
+    Contiguous tensors stay views of the file's bytes: a large checkpoint is not
+    held twice."""
     flat = storage.data
     size, stride = tuple(size), tuple(stride)
-    if len(size) == 0:
-        out = flat[offset : offset + 1].reshape(())
-    else:
-        itemsize = flat.dtype.itemsize
-        out = np.lib.stride_tricks.as_strided(
-            flat[offset:], shape=size, strides=[s * itemsize for s in stride]
-        )
-    return np.array(out, copy=True)  # contiguous; keeps 0-d shapes
+    numel = int(np.prod(size)) if size else 1
+    contiguous = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
+    if stride == contiguous or numel <= 1:
+        return flat[offset : offset + numel].reshape(size)
+    itemsize = flat.dtype.itemsize
+    out = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * itemsize for s in stride])
+    return np.array(out, copy=True)
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):

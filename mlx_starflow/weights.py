@@ -51,9 +51,10 @@ def check_weights(model: nn.Module, weights: dict, source="checkpoint"):
         raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
 
 
-def _to_mx(v, dtype):
+def _to_mx(v, dtype=None):
+    """An mx.array of v, floats cast to dtype (None keeps the checkpoint's own)."""
     a = v if isinstance(v, mx.array) else mx.array(v)
-    return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+    return a.astype(dtype) if dtype is not None and mx.issubdtype(a.dtype, mx.floating) else a
 
 
 def _shapes(sd):
@@ -65,6 +66,8 @@ def _used(sd):
 
 
 def _parse_dtype(dtype):
+    if dtype is None:
+        return None
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -120,17 +123,21 @@ def _model_licence(checkpoint):
 
 
 def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None):
-    """A reference STARFlow .pth plus its YAML config -> an MLX model folder."""
+    """A reference STARFlow .pth plus its config -> an MLX model folder.
+
+    config is the reference YAML file or its arguments as a dict; dtype None keeps
+    the checkpoint's own precision."""
     mx_dtype = _parse_dtype(dtype)
-    args = read_reference_yaml(config)
+    args = dict(config) if isinstance(config, dict) else read_reference_yaml(config)
     sd = load_pth(checkpoint)
     txt_keys = [k for k in sd if k.endswith("proj_txt.weight")]
     txt_dim = int(sd[txt_keys[0]].shape[1]) if txt_keys else 0
     cfg = starflow_config_from_args(args, txt_dim=txt_dim)
     if cfg.txt_size > 0 and not txt_keys:
         raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
+    name = "(built-in)" if isinstance(config, dict) else Path(config).name
     return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, quantize,
-                    source={"checkpoint": Path(checkpoint).name, "config": Path(config).name,
+                    source={"checkpoint": Path(checkpoint).name, "config": name,
                             "sampling_cfg": args.get("cfg")})
 
 
@@ -159,7 +166,11 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
     model = Flow(cfg)
     used = _used(sd)
     check_weights(model, used, source=str(checkpoint))
-    weights = {k: _to_mx(v, mx_dtype) for k, v in used.items()}
+    weights = {}
+    for k in list(used):  # one tensor at a time, so the checkpoint is never held twice
+        weights[k] = _to_mx(used.pop(k), mx_dtype or None)
+        sd.pop(k)
+        mx.eval(weights[k])
     if quantize:
         model.load_weights(list(weights.items()))
         quantize_model(model, **quantize)

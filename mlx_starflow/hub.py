@@ -1,0 +1,159 @@
+"""Finding weights: local folders, Hugging Face repos, and the convert-once cache.
+
+A model is named by any of
+- "demo": the small class-conditional model that ships with the package;
+- a converted MLX folder (config.json + model.safetensors);
+- a reference checkpoint (.pth) or a folder holding one, with its YAML config beside
+  it or carried by the package for the released checkpoints;
+- a Hugging Face repo id of the release (default "apple/starflow").
+Reference checkpoints are converted once into the cache folder
+($MLX_STARFLOW_CACHE, default ~/.cache/mlx-starflow) and reused with no network.
+Downloads honour HF_HOME and HF_HUB_OFFLINE.
+"""
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import RELEASED
+
+DEFAULT_MODEL = "apple/starflow"
+DEFAULT_CHECKPOINT = "starflow_3B_t2i_256x256.pth"
+DEMO = Path(__file__).with_name("demo")
+TEXT_SUBFOLDERS = ("text_encoder", "t5", "flan-t5-xl")
+VAE_SUBFOLDERS = ("vae", "sd-vae-ft-ema")
+
+
+class ModelNotFound(Exception):
+    """Weights that are neither on disk nor downloadable: says what and how to get them."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLX_STARFLOW_CACHE", Path.home() / ".cache" / "mlx-starflow")).expanduser()
+
+
+def is_repo_id(name) -> bool:
+    return isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
+
+
+def download(repo_id: str, patterns, what: str) -> Path:
+    """snapshot_download of only `patterns`, with one clear error when it cannot be had."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+    except (HfHubHTTPError, OSError, ValueError) as e:  # offline, no network, no such repo, gated
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise ModelNotFound(
+            f"{what} '{repo_id}' is not in the local Hugging Face cache and could not be downloaded ({why}). "
+            f"Download it where there is network (`huggingface-cli download {repo_id}`), or pass a local folder."
+        ) from None
+
+
+@dataclass
+class Resolved:
+    flow: Path  # a converted MLX folder
+    text_encoder: Optional[str]  # a folder or a repo id, None for class-conditional models
+    vae: Optional[str]  # a folder or a repo id, None for pixel models
+
+
+def _key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def released_config(checkpoint: Path) -> Optional[dict]:
+    return RELEASED.get(checkpoint.stem)
+
+
+def _find_config(checkpoint: Path, config):
+    if config is not None:
+        return Path(config)
+    for cand in (checkpoint.with_suffix(".yaml"), checkpoint.with_suffix(".yml")):
+        if cand.is_file():
+            return cand
+    yamls = sorted(checkpoint.parent.glob("*.yaml")) + sorted(checkpoint.parent.glob("configs/*.yaml"))
+    named = [y for y in yamls if y.stem == checkpoint.stem]
+    if named:
+        return named[0]
+    built_in = released_config(checkpoint)
+    if built_in is not None:
+        return built_in
+    if len(yamls) == 1:
+        return yamls[0]
+    raise ModelNotFound(
+        f"no config for {checkpoint.name}: put its reference YAML beside it as {checkpoint.stem}.yaml, "
+        f"or pass it with --config (the package carries configs only for {', '.join(RELEASED)})"
+    )
+
+
+def convert_cached(checkpoint: Path, config=None, quantize=None) -> Path:
+    """Convert a reference checkpoint once into the cache; later calls reuse it.
+    The folder is written atomically, so a half-done conversion never counts."""
+    from .weights import convert_starflow
+
+    checkpoint = Path(checkpoint).resolve()
+    cfg = _find_config(checkpoint, config)
+    cfg_text = json.dumps(cfg, sort_keys=True) if isinstance(cfg, dict) else Path(cfg).read_text()
+    st = checkpoint.stat()
+    out = cache_dir() / f"{checkpoint.stem}-{_key(checkpoint, st.st_size, st.st_mtime_ns, cfg_text, quantize)}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    print(f"Converting {checkpoint.name} to MLX once, into {out} ...", flush=True)
+    return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize)
+
+
+def _subfolder(folder: Path, names) -> Optional[str]:
+    for n in names:
+        if (folder / n / "config.json").is_file():
+            return str(folder / n)
+    return None
+
+
+def _with_components(flow: Path, origin: Optional[Path], text_encoder, vae) -> Resolved:
+    cfg = json.loads((flow / "config.json").read_text())
+    text = None if cfg.get("class_names") or cfg.get("model_type") == "tarflow" else (
+        text_encoder or (origin and _subfolder(origin, TEXT_SUBFOLDERS)) or _subfolder(flow, TEXT_SUBFOLDERS)
+        or cfg.get("text_encoder"))
+    v = None if not cfg.get("vae") else (
+        vae or (origin and _subfolder(origin, VAE_SUBFOLDERS)) or _subfolder(flow, VAE_SUBFOLDERS) or cfg["vae"])
+    return Resolved(flow=flow, text_encoder=text, vae=v)
+
+
+def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config=None,
+            text_encoder: Optional[str] = None, vae: Optional[str] = None, quantize=None) -> Resolved:
+    """Where the flow (converted), the text encoder and the VAE of `model` are."""
+    if model == "demo":
+        if not (DEMO / "model.safetensors").is_file():
+            raise ModelNotFound(f"the demo model is missing from the package ({DEMO}); reinstall mlx-starflow")
+        return _with_components(DEMO, None, None, None)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return _with_components(path, path, text_encoder, vae)
+        pths = [path / checkpoint] if checkpoint else sorted(path.glob("*.pth"))
+        if len(pths) != 1 or not pths[0].is_file():
+            found = ", ".join(p.name for p in pths) or "none"
+            raise ModelNotFound(f"{path}: expected one converted model (config.json + model.safetensors) or "
+                                f"one .pth checkpoint (found: {found}); name it with --checkpoint")
+        return _with_components(convert_cached(pths[0], config, quantize), path, text_encoder, vae)
+    if path.suffix == ".pth":
+        if not path.is_file():
+            raise ModelNotFound(f"{path}: no such checkpoint")
+        return _with_components(convert_cached(path, config, quantize), path.parent, text_encoder, vae)
+    if is_repo_id(model):
+        name = checkpoint or DEFAULT_CHECKPOINT
+        folder = download(model, [name, "LICENSE*"], "model")
+        ckpt = folder / name
+        if not ckpt.is_file():
+            raise ModelNotFound(f"the repo '{model}' has no file '{name}'; name the checkpoint with --checkpoint")
+        return _with_components(convert_cached(ckpt, config, quantize), None, text_encoder, vae)
+    raise ModelNotFound(f"'{model}' is neither 'demo', a local folder or checkpoint, nor a Hugging Face repo id")

@@ -1,0 +1,210 @@
+"""End to end: a tiny complete release on disk in the original formats (a STARFlow
+.pth and YAML config, a T5 with a tokenizer trained here, an SD-VAE), driven
+through the Python API and `python -m mlx_starflow.generate`."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import save_reference, tiny_flow
+from mlx_starflow.generate import read_metadata
+from mlx_starflow.hub import ModelNotFound, resolve
+from mlx_starflow.pipeline import Cancelled, Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+T5_WIDTH = 48  # test_t5's gated-gelu config
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from test_t5 import make_t5
+    from test_text import make_tokenizer
+    from test_vae import make_reference
+
+    root = tmp_path_factory.mktemp("release")
+    model, args = tiny_flow({"img_size": 32, "txt_size": 6, "learnable_self_denoiser": 0}, txt_dim=T5_WIDTH)
+    save_reference(model, args, root)
+    (root / "model.pth").rename(root / "tiny_t2i.pth")
+    (root / "config.yaml").rename(root / "tiny_t2i.yaml")
+    make_t5(root / "text_encoder")
+    make_tokenizer(root / "text_encoder", "t5")
+    make_reference(root / "vae", block_out_channels=(8, 8, 8, 8), norm_num_groups=4)  # 8x down
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    old = os.environ.get("MLX_STARFLOW_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MLX_STARFLOW_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MLX_STARFLOW_CACHE")
+    else:
+        os.environ["MLX_STARFLOW_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def pipe(release, cache):
+    return Pipeline.from_pretrained(str(release))
+
+
+def test_resolves_offline_and_converts_once(release, cache):
+    first = resolve(str(release))
+    assert first.flow.parent == cache and first.text_encoder.endswith("text_encoder")
+    assert first.vae.endswith("vae")
+    stamp = (first.flow / "model.safetensors").stat().st_mtime_ns
+    again = resolve(str(release))
+    assert again.flow == first.flow and (again.flow / "model.safetensors").stat().st_mtime_ns == stamp
+    meta = json.loads((first.flow / "config.json").read_text())
+    assert meta["source"]["checkpoint"] == "tiny_t2i.pth" and "mlx" in meta["converted_with"]
+    assert (first.flow / "LICENSE_MODEL").is_file()
+
+
+def test_images_seeds_and_reuse(pipe):
+    a = pipe.generate("a cat in the snow", seed=3, num_images=2, sampler="sequential")
+    assert [im.size for im in a.images] == [(32, 32)] * 2 and a.images[0].mode == "RGB"
+    assert a.seeds == [3, 4] and a.latents.shape == (2, 4, 4, 4)
+    assert set(a.timings) >= {"text", "deep", "shallow", "denoise", "decode"} and a.peak_memory > 0
+    b = pipe.generate("a cat in the snow", seed=3, num_images=2, sampler="sequential")
+    np.testing.assert_array_equal(np.array(a.latents), np.array(b.latents))
+    np.testing.assert_array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    # the two images of one call have different seeds, so differ
+    assert np.abs(np.array(a.latents[0]) - np.array(a.latents[1])).max() > 1e-3
+    c = pipe.generate("a cat in the snow", seed=99, sampler="sequential")
+    assert np.abs(np.array(c.latents[0]) - np.array(a.latents[0])).max() > 1e-3
+
+
+def test_batch_of_prompts_matches_single_calls(pipe):
+    # sequential: Jacobi's stopping rule looks at the whole batch, as the reference's does
+    both = pipe.generate(["a dog", "a red fox"], seed=[5, 6], sampler="sequential", denoise="none")
+    one = pipe.generate("a red fox", seed=6, sampler="sequential", denoise="none")
+    np.testing.assert_allclose(np.array(both.latents[1]), np.array(one.latents[0]), atol=1e-4)
+    assert both.prompts == ["a dog", "a red fox"]
+
+
+def test_explicit_latents_reproduce_the_flow(pipe):
+    noise = pipe.noise([11], pipe.latent_shape())
+    res = pipe.generate("a dog", latents=noise, guidance=2.0, sampler="sequential", denoise="none")
+    enc = pipe._text_loader()
+    y = mx.concatenate([enc.encode(["a dog"]), enc.encode([""])])
+    direct = pipe.flow.sample(noise, y, guidance=2.0)
+    np.testing.assert_allclose(np.array(res.latents), np.array(direct), atol=1e-5)
+    seeded = pipe.generate("a dog", seed=11, guidance=2.0, sampler="sequential", denoise="none")
+    np.testing.assert_allclose(np.array(seeded.latents), np.array(res.latents), atol=1e-6)
+
+
+def test_progress_cancel_and_still_usable(pipe):
+    stages = []
+
+    def cancel(stage, done, total):
+        stages.append(stage)
+        return not (stage == "deep" and done >= 3)
+
+    with pytest.raises(Cancelled):
+        pipe.generate("a dog", seed=1, sampler="sequential", progress=cancel)
+    assert stages[0] == "text" and stages[-1] == "deep"
+    seen = []
+    pipe.generate("a dog", seed=1, sampler="sequential", progress=lambda s, d, t: seen.append((s, d, t)))
+    order = list(dict.fromkeys(s for s, _, _ in seen))
+    assert order == ["text", "deep", "shallow", "denoise", "decode"]
+    assert seen[-1] == ("decode", 1, 1) and ("deep", 16, 16) in seen and ("shallow", 32, 32) in seen
+
+
+def test_concurrent_calls_are_serialised(pipe):
+    out = {}
+
+    def run(seed):
+        out[seed] = pipe.generate("a dog", seed=seed, sampler="sequential", denoise="none").latents
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (1, 2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    alone = pipe.generate("a dog", seed=2, sampler="sequential", denoise="none").latents
+    np.testing.assert_allclose(np.array(out[2]), np.array(alone), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=[]), "at least one prompt"),
+    (dict(prompt=["ok", 3]), "strings"),
+    (dict(prompt="x", guidance=-1), "guidance"),
+    (dict(prompt="x", num_images=0), "num_images"),
+    (dict(prompt="x", height=64, width=64), "32x32 images only"),
+    (dict(prompt="x", height=30), "multiple of 8"),
+    (dict(prompt="x", jacobi_block_size=0), "block size"),
+    (dict(prompt="x", sampler="euler"), "sampler"),
+    (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
+    (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
+    (dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32)), "latents must have shape"),
+])
+def test_bad_arguments_fail_before_work(pipe, kwargs, match):
+    calls = []
+    with pytest.raises(ValueError, match=match):
+        pipe.generate(**kwargs, progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelNotFound, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+        resolve("apple/starflow")
+    with pytest.raises(ModelNotFound, match="expected one converted model"):
+        resolve(str(tmp_path))
+    with pytest.raises(ModelNotFound, match="neither"):
+        resolve(str(tmp_path / "nothing" / "here"))
+
+
+def cli(*args, cache=None, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if cache:
+        env["MLX_STARFLOW_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "mlx_starflow.generate", *args, "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_command_line(release, cache, tmp_path):
+    out = tmp_path / "img-{seed}-{index}.png"
+    r = cli("--model", str(release), "--prompt", "a cat", "a dog", "--seed", "7", "--cfg", "2.5",
+            "--sampler", "jacobi", "--output", str(out), "--metadata", "--verbose", cache=cache)
+    assert r.returncode == 0, r.stderr
+    files = sorted(tmp_path.glob("img-*.png"))
+    assert [f.name for f in files] == ["img-7-0.png", "img-8-1.png"]
+    meta = read_metadata(files[1])
+    assert meta["prompt"] == "a dog" and meta["seed"] == 8 and meta["guidance"] == 2.5
+    assert meta["sampler"] == "jacobi" and meta["jacobi_block_size"] == 16 and meta["engine"].startswith("mlx-starflow")
+    assert json.loads(files[0].with_suffix(".json").read_text())["seed"] == 7
+    assert Image.open(files[0]).size == (32, 32)
+    assert "Deep block" in r.stderr and "peak memory" in r.stderr
+    # never overwrites
+    again = cli("--model", str(release), "--prompt", "a cat", "--seed", "7", "--output",
+                str(tmp_path / "img-{seed}-0.png"), cache=cache)
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--cfg", "-1"], "guidance must be >= 0"),
+    (["--num-images", "0"], "num-images"),
+    (["--output", "/nonexistent/dir/x.png"], "does not exist"),
+    (["--model", "/no/such/model"], "neither"),
+    (["--jacobi-block-size", "0"], "block size"),
+])
+def test_command_line_mistakes(release, cache, tmp_path, args, match):
+    base = ["--model", str(release), "--prompt", "a cat", "--output", str(tmp_path / "x.png")]
+    r = cli(*base, *args, cache=cache)
+    assert r.returncode != 0 and match in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_command_line_rejects_unknown_option(release, cache):
+    r = cli("--model", str(release), "--prompt", "x", "--bogus", cache=cache)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
