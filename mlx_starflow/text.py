@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .hub import download, is_repo_id
 from .t5 import check_dtype, load_t5, load_weights_strict, quantize_linear, read_weights
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
@@ -50,17 +51,11 @@ _GEMMA3_DEFAULTS = {
 _TOKENIZER_CLASSES = {"t5": "T5Tokenizer", "gemma": "GemmaTokenizer"}
 
 
-def _is_repo_id(path: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
-
-
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*"]
-    folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    folder = download(repo_id, patterns, "text encoder")
     if not any(folder.glob("model*.safetensors")):
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+        folder = download(repo_id, patterns + ["pytorch_model*.bin"], "text encoder")
     return folder
 
 
@@ -68,7 +63,7 @@ def _resolve(path):
     """(model folder, tokenizer folder) of a local folder or a Hugging Face repo id."""
     folder = Path(path)
     if not folder.exists():
-        if not _is_repo_id(path):
+        if not is_repo_id(str(path)):
             raise FileNotFoundError(f"{folder}: no such folder")
         folder = _download(str(path))
     if (folder / "config.json").exists():

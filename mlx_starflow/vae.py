@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .hub import download, is_repo_id
+
 
 @dataclass
 class VAEConfig:
@@ -416,27 +418,20 @@ def _find_weights(path: Path) -> Path:
 def _download(repo_id: str) -> Path:
     """Fetch only the VAE config and weights of a Hugging Face repo (the repo
     itself, or the vae/ folder of a full diffusers pipeline)."""
-    from huggingface_hub import snapshot_download
-
     names = ["config.json", "diffusion_pytorch_model.safetensors"]
     patterns = names + [f"vae/{n}" for n in names]
-    try:
-        p = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if not any((q / names[1]).is_file() for q in (p, p / "vae")):
-            # Older repos ship only a .bin (read by the tensor-only reader).
-            bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
-            p = Path(snapshot_download(repo_id, allow_patterns=patterns + bins))
-    except Exception as e:
-        raise ValueError(
-            f"{repo_id}: no such local folder, and downloading it from the Hugging Face hub failed ({e})"
-        )
+    p = download(repo_id, patterns, "VAE")
+    if not any((q / names[1]).is_file() for q in (p, p / "vae")):
+        # Older repos ship only a .bin (read by the tensor-only reader).
+        bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
+        p = download(repo_id, patterns + bins, "VAE")
     return p
 
 
 def _resolve(path) -> Path:
     p = Path(path)
     if not p.exists():
-        if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        if is_repo_id(str(path)):
             p = _download(path)
         else:
             raise ValueError(f"{path}: no such VAE folder")

@@ -208,3 +208,18 @@ def test_command_line_mistakes(release, cache, tmp_path, args, match):
 def test_command_line_rejects_unknown_option(release, cache):
     r = cli("--model", str(release), "--prompt", "x", "--bogus", cache=cache)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_inference_never_needs_torch(release, cache):
+    # torch made unimportable: loading the converted model, encoding, sampling and decoding still work
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mlx_starflow import Pipeline\n"
+        f"p = Pipeline.from_pretrained({str(release)!r})\n"
+        "r = p.generate('a cat', seed=1, sampler='sequential')\n"
+        "print(r.images[0].size)\n"
+    )
+    env = dict(os.environ, MLX_STARFLOW_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "(32, 32)" in run.stdout

@@ -249,8 +249,9 @@ def test_pipeline_folder_and_offline_repo_id(tmp_path):
     # A repo id that is not a local folder goes to the hub; offline that is a clear error.
     code = (
         "from mlx_starflow.vae import load_vae\n"
+        "from mlx_starflow.hub import ModelNotFound\n"
         "try:\n    load_vae('nobody/no-such-vae')\n"
-        "except ValueError as e:\n    assert 'Hugging Face hub' in str(e), e\n"
+        "except ModelNotFound as e:\n    assert 'Hugging Face cache' in str(e), e\n"
         "else:\n    raise SystemExit('no error')\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
