@@ -51,6 +51,11 @@ def parser():
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="flow weights precision (default: as stored)")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the flow's linear layers")
+    p.add_argument("--text-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="text encoder precision (T5 overflows in float16)")
+    p.add_argument("--text-quantize", type=int, choices=[4, 8], default=None, help="quantize the text encoder")
+    p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32", help="VAE precision")
+    p.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many latents (less memory)")
     p.add_argument("--output", default="starflow-{seed}.png",
                    help="output PNG; {seed} and {index} are replaced (default starflow-{seed}.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -181,7 +186,9 @@ def main(argv=None):
         check_writable(paths, args.overwrite)
         pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
                                         text_encoder=args.text_encoder, vae=args.vae,
-                                        checkpoint=args.checkpoint, config=args.config)
+                                        checkpoint=args.checkpoint, config=args.config,
+                                        text_dtype=args.text_dtype, text_quantize=args.text_quantize,
+                                        vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
         result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                seed=seeds, guidance=args.cfg, sampler=args.sampler,
                                jacobi_block_size=args.jacobi_block_size, jacobi_threshold=args.jacobi_threshold,

@@ -89,6 +89,7 @@ class Pipeline:
         self._text_loader = text_loader
         self._text = ClassEncoder(self.config.class_names) if self.config.class_names else None
         self._lock = threading.Lock()
+        self.vae_tile = None  # decode in tiles of this many latents
 
     # -- loading ---------------------------------------------------------------
 
@@ -96,15 +97,19 @@ class Pipeline:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str] = None, quantize: Optional[int] = None,
                         q_group_size: int = 64, text_encoder: Optional[str] = None, vae: Optional[str] = None,
                         text_dtype: str = "float32", text_quantize: Optional[int] = None, vae_dtype: str = "float32",
-                        keep_text_encoder: bool = False, checkpoint: Optional[str] = None, config=None):
+                        keep_text_encoder: bool = False, checkpoint: Optional[str] = None, config=None,
+                        vae_tile: Optional[int] = None):
         """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored),
         optionally quantized to `quantize` bits; the text encoder is loaded when first
         needed and freed after encoding unless keep_text_encoder."""
         for name, value in (("dtype", dtype), ("text_dtype", text_dtype), ("vae_dtype", vae_dtype)):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
-        if quantize not in (None, 4, 8):
-            raise ValueError(f"quantize must be 4 or 8 bits, not {quantize!r}")
+        for name, value in (("quantize", quantize), ("text_quantize", text_quantize)):
+            if value not in (None, 4, 8):
+                raise ValueError(f"{name} must be 4 or 8 bits, not {value!r}")
+        if vae_tile is not None and vae_tile < 2:
+            raise ValueError(f"vae_tile must be at least 2 latents, not {vae_tile}")
         q = {"bits": quantize, "group_size": q_group_size} if quantize else None
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
         flow = load_flow(where.flow, dtype=dtype, quantize=q)
@@ -124,7 +129,9 @@ class Pipeline:
             vae_model = load_vae(where.vae, dtype=DTYPES[vae_dtype])
         info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder,
                 "vae": where.vae, "dtype": dtype, "quantize": quantize}
-        return cls(flow, loader, vae_model, keep_text_encoder, info)
+        pipe = cls(flow, loader, vae_model, keep_text_encoder, info)
+        pipe.vae_tile = vae_tile
+        return pipe
 
     # -- the stages ---------------------------------------------------------------
 
@@ -177,7 +184,7 @@ class Pipeline:
     def decode(self, latents) -> list:
         from .vae import decode_latents, to_pil
 
-        images = decode_latents(self.vae, latents) if self.vae is not None else latents
+        images = decode_latents(self.vae, latents, tile=self.vae_tile) if self.vae is not None else latents
         return to_pil(mx.clip(images, -1.0, 1.0))
 
     # -- generate -----------------------------------------------------------------

@@ -223,3 +223,16 @@ def test_inference_never_needs_torch(release, cache):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "(32, 32)" in run.stdout
+
+
+def test_tiled_decoding_and_precision_options(release, cache, pipe):
+    tiled = Pipeline.from_pretrained(str(release), vae_tile=2, text_dtype="bfloat16", keep_text_encoder=True)
+    a = tiled.generate("a cat", seed=4, sampler="sequential", denoise="none")
+    b = pipe.generate("a cat", seed=4, sampler="sequential", denoise="none")
+    assert a.images[0].size == (32, 32)
+    assert np.abs(np.array(a.latents) - np.array(b.latents)).max() < 0.2  # bf16 text embeddings
+    assert tiled._text is not None  # kept loaded
+    with pytest.raises(ValueError, match="vae_tile"):
+        Pipeline.from_pretrained(str(release), vae_tile=1)
+    with pytest.raises(ValueError, match="text_quantize must be 4 or 8"):
+        Pipeline.from_pretrained(str(release), text_quantize=3)
