@@ -95,7 +95,7 @@ def _find_config(checkpoint: Path, config):
     )
 
 
-def convert_cached(checkpoint: Path, config=None, quantize=None) -> Path:
+def convert_cached(checkpoint: Path, config=None, quantize=None, origin=None) -> Path:
     """Convert a reference checkpoint once into the cache; later calls reuse it.
     The folder is written atomically, so a half-done conversion never counts."""
     from .weights import convert_starflow
@@ -108,7 +108,7 @@ def convert_cached(checkpoint: Path, config=None, quantize=None) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     print(f"Converting {checkpoint.name} to MLX once, into {out} ...", flush=True)
-    return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize)
+    return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize, origin=origin)
 
 
 def _subfolder(folder: Path, names) -> Optional[str]:
@@ -155,5 +155,7 @@ def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config
         ckpt = folder / name
         if not ckpt.is_file():
             raise ModelNotFound(f"the repo '{model}' has no file '{name}'; name the checkpoint with --checkpoint")
-        return _with_components(convert_cached(ckpt, config, quantize), None, text_encoder, vae)
+        # snapshot folders are named by the commit they hold
+        origin = {"repo": model, "revision": folder.name}
+        return _with_components(convert_cached(ckpt, config, quantize, origin), None, text_encoder, vae)
     raise ModelNotFound(f"'{model}' is neither 'demo', a local folder or checkpoint, nor a Hugging Face repo id")

@@ -122,11 +122,12 @@ def _model_licence(checkpoint):
     return LICENCE_NOTE
 
 
-def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None):
+def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None, origin=None):
     """A reference STARFlow .pth plus its config -> an MLX model folder.
 
     config is the reference YAML file or its arguments as a dict; dtype None keeps
-    the checkpoint's own precision."""
+    the checkpoint's own precision; origin (e.g. the Hugging Face repo and revision)
+    is recorded in config.json with the file names."""
     mx_dtype = _parse_dtype(dtype)
     args = dict(config) if isinstance(config, dict) else read_reference_yaml(config)
     sd = load_pth(checkpoint)
@@ -138,7 +139,7 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
     name = "(built-in)" if isinstance(config, dict) else Path(config).name
     return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, quantize,
                     source={"checkpoint": Path(checkpoint).name, "config": name,
-                            "sampling_cfg": args.get("cfg")})
+                            "sampling_cfg": args.get("cfg"), **(origin or {})})
 
 
 def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3, noise_std=None, head_dim=64):
