@@ -236,3 +236,45 @@ def test_tiled_decoding_and_precision_options(release, cache, pipe):
         Pipeline.from_pretrained(str(release), vae_tile=1)
     with pytest.raises(ValueError, match="text_quantize must be 4 or 8"):
         Pipeline.from_pretrained(str(release), text_quantize=3)
+
+
+def _hf_cache(home, repo, files, rev="0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face cache entry as huggingface-hub lays it out."""
+    import shutil
+
+    base = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+    for src, name in files:
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, snap / name)
+    return snap
+
+
+def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
+    home = tmp_path / "hf"
+    _hf_cache(home, "apple/starflow", [(release / "tiny_t2i.pth", "tiny_t2i.pth"),
+                                       (release / "tiny_t2i.yaml", "tiny_t2i.yaml")])
+    t5 = _hf_cache(home, "google/flan-t5-xl", [])
+    for f in (release / "text_encoder").iterdir():
+        (t5 / f.name).write_bytes(f.read_bytes())
+    vae = _hf_cache(home, "stabilityai/sd-vae-ft-ema", [])
+    for f in (release / "vae").iterdir():
+        (vae / f.name).write_bytes(f.read_bytes())
+    # huggingface-hub reads HF_HOME and HF_HUB_OFFLINE when imported: a fresh process
+    code = (
+        "import json\n"
+        "from mlx_starflow.hub import resolve\n"
+        "from mlx_starflow import Pipeline\n"
+        "w = resolve('apple/starflow', checkpoint='tiny_t2i.pth')\n"
+        "meta = json.loads((w.flow / 'config.json').read_text())\n"
+        "print(w.text_encoder, w.vae, meta['source']['repo'], meta['source']['revision'][:4])\n"
+        "r = Pipeline.from_pretrained('apple/starflow', checkpoint='tiny_t2i.pth').generate('a cat', seed=1)\n"
+        "print(r.images[0].size)\n"
+    )
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1", MLX_STARFLOW_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "google/flan-t5-xl stabilityai/sd-vae-ft-ema apple/starflow 0123" in run.stdout
+    assert "(32, 32)" in run.stdout
