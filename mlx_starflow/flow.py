@@ -300,18 +300,27 @@ class FlowBlock(nn.Module):
             z = z[:, ::-1]
         B, N, D = z.shape
         n_txt = text.shape[1] if text is not None else 0
-        dtype = self.proj_in.weight.dtype
-        caches = [KVCache(B, self.kv_heads, n_txt + N, self.head_dim, dtype) for _ in self.attn_blocks]
-        if text is not None:  # the prefix is fed once; only its keys and values are kept
-            h = self.text_prefix(text)
-            r = _rows(rope, 0, n_txt)
-            for layer, cache in zip(self.attn_blocks, caches):
-                h = layer(h, r, cache)
+        caches = self.new_caches(B, n_txt + N)
+        if text is not None:
+            self.prefill(text, rope, caches)
         if jacobi is None:
             x = self._sample_sequential(z, caches, rope, cond, guidance, progress)
         else:
             x = self._sample_jacobi(z, caches, rope, cond, guidance, jacobi, progress)
         return x[:, ::-1] if self.flip else x
+
+    def new_caches(self, batch, length):
+        """One preallocated KV cache per layer for `length` positions."""
+        dtype = self.proj_in.weight.dtype
+        return [KVCache(batch, self.kv_heads, length, self.head_dim, dtype) for _ in self.attn_blocks]
+
+    def prefill(self, text, rope, caches):
+        """Feed the text prefix once; only its keys and values are kept."""
+        h = self.text_prefix(text)
+        r = _rows(rope, 0, text.shape[1])
+        for layer, cache in zip(self.attn_blocks, caches):
+            h = layer(h, r, cache)
+        mx.eval([c.state for c in caches])
 
     def _sos(self, B):
         return mx.broadcast_to(self.sos_embed, (B, 1, self.sos_embed.shape[-1]))
