@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .config import RELEASED, starflow_config_from_args
-from .flow import Flow, IdentityBlock, Jacobi
+from .flow import Flow, FlowBlock, IdentityBlock, Jacobi
 from .t5 import T5Config, T5Encoder, quantize_linear
 from .vae import VAE, VAEConfig
 from .weights import DTYPES, load_flow
@@ -481,6 +481,10 @@ def run_benchmark(args, log=print):
             log(_line("deep", st["deep"]))
         del caches
 
+    if args.compare_loop and "deep" in stages:
+        results["loop"] = compare_loop(deep, z2, rope, args.cfg if guided else 0.0, B2, n_txt, N,
+                                       min(args.tokens or 16, N), args.repeats, log)
+
     shallow = [b for b in model.blocks[:-1] if not isinstance(b, IdentityBlock)]
     if "shallow" in stages and shallow:
         with Stage(st, "shallow") as s:
@@ -538,6 +542,26 @@ def run_benchmark(args, log=print):
         results["precision"] = precision_report(args.precision_arch or ("tiny" if args.arch == "tiny" else "small"),
                                                 args.q_group_size, args.seed, log)
     return results
+
+
+def compare_loop(block, z, rope, guidance, batch, n_txt, N, tokens, repeats, log=print):
+    """Per-token time of the sequential loop with and without overlap and compile,
+    measured in this run (tokens at both ends, as the deep stage)."""
+    default = (FlowBlock.overlap, FlowBlock.compile_step)
+    caches = block.new_caches(batch, n_txt + N)
+    out = {}
+    try:
+        for overlap in (False, True):
+            for comp in (False, True):
+                FlowBlock.overlap, FlowBlock.compile_step = overlap, comp
+                r = time_block(block, z, rope, None, guidance, caches, n_txt, tokens, repeats)
+                out[f"overlap={int(overlap)} compile={int(comp)}"] = r["per_token"]
+    finally:
+        FlowBlock.overlap, FlowBlock.compile_step = default
+    base = out["overlap=0 compile=0"]
+    log("token loop (ms/token, ratio to neither): " +
+        ", ".join(f"{k} {v * 1e3:.2f} ({base / v:.2f}x)" for k, v in out.items()))
+    return out
 
 
 def _prefill_time(block, text, rope, caches, repeats):
@@ -721,6 +745,8 @@ def parser():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated, from {','.join(STAGES)} (load always runs)")
+    p.add_argument("--compare-loop", action="store_true",
+                   help="time the deep block's token loop with and without overlap and mx.compile")
     p.add_argument("--precision", action="store_true",
                    help="also compare each component's precisions with float32 on a small architecture")
     p.add_argument("--precision-arch", choices=list(ARCHS))

@@ -123,9 +123,9 @@ class Layer(nn.Module):
         self.attention = Attention(cfg, channels, heads, kv_heads, causal)
         self.mlp = MLP(cfg, channels)
 
-    def __call__(self, x, rope=None, cache=None):
+    def __call__(self, x, rope=None, cache=None, mlp=None):
         x = x + self.attention(x, rope, cache)
-        return x + self.mlp(x)
+        return x + self.mlp(x) if mlp is None else mlp(x)
 
 
 def _rows(rope, start, end):
@@ -280,15 +280,15 @@ class FlowBlock(nn.Module):
 
     # -- sampling -----------------------------------------------------------------
 
-    def step(self, inputs, start, caches, rope, cond):
+    def step(self, inputs, start, caches, rope, cond, mlps=None):
         """Run inputs at positions start.. through the layers with the caches."""
         h = self.embed(inputs, start, cond)
         n = inputs.shape[1]
         pos = caches[0].offset
         r = _rows(rope, pos, pos + n)
-        for layer, cache in zip(self.attn_blocks, caches):
-            h = layer(h, r, cache)
-        return self.head(h)
+        for i, (layer, cache) in enumerate(zip(self.attn_blocks, caches)):
+            h = layer(h, r, cache, None if mlps is None else mlps[i])
+        return h if mlps is not None else self.head(h)
 
     def sample(self, z, rope=None, text=None, cond=None, guidance=0.0,
                jacobi: Optional[Jacobi] = None, progress: Optional[Callable] = None):
@@ -325,21 +325,57 @@ class FlowBlock(nn.Module):
     def _sos(self, B):
         return mx.broadcast_to(self.sos_embed, (B, 1, self.sos_embed.shape[-1]))
 
+    # Token loop options, measured by `python -m mlx_starflow.benchmark --compare-loop`
+    # (BENCHMARKS.md). compile_step fuses the fixed-shape parts of a step (the MLPs, the
+    # head and the guided update): faster on the CPU, and traced once per block, so
+    # only for blocks long enough to repay the trace. overlap builds token t+1's graph
+    # while token t computes: slower on a 2-core CPU, where both compete for the cores.
+    overlap = False
+    compile_step = True
+    compile_min_tokens = 64
+
+    def _compiled(self, guidance):
+        # Built per call: the weights are baked in, so a later load or quantize is seen.
+        mlps = [mx.compile(lambda x, m=layer.mlp: x + m(x)) for layer in self.attn_blocks]
+
+        def finish(h, zt):
+            s, mu = self.guided(*self.head(h), guidance)
+            return zt * s + mu
+
+        return mlps, mx.compile(finish)
+
     def _sample_sequential(self, z, caches, rope, cond, guidance, progress):
         B, N, _ = z.shape
         if self.sos:
             prev, tokens, first = self._sos(B), [], 0
         else:  # token 0 is its own noise; input t produces token t+1
             prev, tokens, first = z[:, :1], [z[:, :1]], 1
+        compiled = self.compile_step and N >= self.compile_min_tokens
+        mlps, finish = self._compiled(guidance) if compiled else (None, None)
+        pending = None
         for t in range(N - first):
-            a, b = self.step(prev, t, caches, rope, cond)
-            s, mu = self.guided(a, b, guidance)
             i = t + first
-            prev = z[:, i : i + 1] * s + mu
-            mx.eval(prev)  # one sync per token
+            if mlps is None:
+                s, mu = self.guided(*self.step(prev, t, caches, rope, cond), guidance)
+                prev = z[:, i : i + 1] * s + mu
+            else:
+                prev = finish(self.step(prev, t, caches, rope, cond, mlps), z[:, i : i + 1])
             tokens.append(prev)
+            if not self.overlap:
+                mx.eval(prev)  # one sync per token
+                pending = i + 1
+            else:
+                mx.async_eval(prev)
+                if pending is None:
+                    pending = i + 1
+                    continue
+                mx.eval(tokens[-2])  # one sync per token, one token in flight
             if progress is not None:
-                progress(i + 1, N)
+                progress(pending, N)
+            pending = i + 1
+        mx.eval(prev)
+        if progress is not None and self.overlap and pending is not None:
+            progress(pending, N)
         return mx.concatenate(tokens, axis=1)
 
     def _sample_jacobi(self, z, caches, rope, cond, guidance, jac: Jacobi, progress):
