@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import RELEASED, starflow_config_from_args
 from .flow import Flow, FlowBlock, IdentityBlock, Jacobi
@@ -89,6 +89,26 @@ def _cast(module, dtype):
                            module.parameters()))
 
 
+def _randomize(module, dtype, rng, keep=None):
+    """Uniform weights of the initialisers' scale (+-1/sqrt(fan in)), drawn with
+    numpy (several times faster than MLX's generator on a CPU), in `dtype`; norms
+    keep their initial values. One tensor at a time is ever in float32."""
+
+    def fill(path, p):
+        if (keep and keep in f".{path}") or not mx.issubdtype(p.dtype, mx.floating):
+            return p
+        if path.endswith("norm.weight") or path.endswith("norm.bias"):
+            return p.astype(dtype)
+        fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 64
+        a = rng.random(p.shape, dtype=np.float32)
+        a -= 0.5
+        a *= 2 / np.sqrt(fan_in)
+        return mx.array(a).astype(dtype)
+
+    flat = [(k, fill(k, v)) for k, v in tree_flatten(module.parameters())]
+    module.update(tree_unflatten(flat))
+
+
 def _quantize_linears(module, bits, group_size, path, skipped):
     """Quantize the linears of one transformer layer (as weights.quantize_model does)."""
     for name, m in module.named_modules():
@@ -104,19 +124,19 @@ def _quantize_linears(module, bits, group_size, path, skipped):
 def random_flow(cfg, dtype=mx.float32, quantize=None, seed=0):
     """A Flow with random weights in `dtype`, its transformer linears quantized
     ({"bits", "group_size"}) as each layer is made. Returns (model, unquantized paths)."""
-    mx.random.seed(seed)
-    model = Flow(cfg)  # lazy: the initialisers run only when a layer is evaluated below
+    rng = np.random.default_rng(seed)
+    model = Flow(cfg)  # lazy: its initialisers never run, every tensor is replaced below
     skipped = []
     for i, block in enumerate(model.blocks):
         if isinstance(block, IdentityBlock):
             continue
         for j, layer in enumerate(block.attn_blocks):
-            _cast(layer, dtype)
+            _randomize(layer, dtype, rng)
             if quantize:
                 _quantize_linears(layer, quantize["bits"], quantize["group_size"],
                                   f"blocks.{i}.attn_blocks.{j}", skipped)
             mx.eval(layer.parameters())
-    _cast(model, dtype)  # the rest: projections, norms, embeddings (small)
+    _randomize(model, dtype, rng, keep=".attn_blocks.")  # the rest: projections, norms, embeddings
     mx.eval(model.parameters())
     if quantize:
         cfg.quantization = dict(quantize)
@@ -124,23 +144,22 @@ def random_flow(cfg, dtype=mx.float32, quantize=None, seed=0):
 
 
 def random_t5(arch, dtype=mx.float32, bits=None, group_size=64, seed=0):
-    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
     model = T5Encoder(T5Config(**ARCHS[arch]["t5"]))
     for block in model.blocks:
-        _cast(block, dtype)
+        _randomize(block, dtype, rng)
         if bits:
             quantize_linear(block, bits=bits, group_size=group_size)
         mx.eval(block.parameters())
-    _cast(model, dtype)  # as load_t5: embeddings and norms stay unquantized
+    _randomize(model, dtype, rng, keep="blocks.")  # as load_t5: embeddings and norms stay unquantized
     mx.eval(model.parameters())
     return model
 
 
 def random_vae(arch, dtype=mx.float32, seed=0):
-    mx.random.seed(seed)
     vae = VAE(VAEConfig(**ARCHS[arch]["vae"]))
-    vae.encoder = None  # decoding only; its lazy initialisers are never run
-    _cast(vae, dtype)
+    vae.encoder = None  # decoding only
+    _randomize(vae, dtype, np.random.default_rng(seed))
     mx.eval(vae.parameters())
     return vae
 
@@ -275,6 +294,8 @@ def machine_info():
     except OSError:
         pass
     info["chip"] = chip
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every timing
+        info["load_average"] = os.getloadavg()
     info["cpus"] = os.cpu_count()
     try:
         info["memory"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -682,7 +703,8 @@ def _header(m):
     mem = _gb(m["memory"]) if m["memory"] else "?"
     v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
     pre = f", LD_PRELOAD={m['LD_PRELOAD']}" if m["LD_PRELOAD"] else ""
-    return f"{m['chip']} ({m['cpus']} cpus, {mem}), {m['os']}, {m['device']}\n{v}{pre}"
+    load = f", load average {m['load_average'][0]:.1f}" if "load_average" in m else ""
+    return f"{m['chip']} ({m['cpus']} cpus, {mem}{load}), {m['os']}, {m['device']}\n{v}{pre}"
 
 
 def _limits_text(lim):
@@ -720,6 +742,8 @@ def _line(name, info):
 
 
 def print_summary(results, log=print):
+    if "load_average" in results["machine"]:
+        log(f"load average at the end: {os.getloadavg()[0]:.1f} (above the cpu count, timings are skewed)")
     if "sampling_peak_memory" in results:
         log(f"peak MLX memory while sampling: {_gb(results['sampling_peak_memory'])}")
     est = " (extrapolated)" if results["image_time_extrapolated"] else ""

@@ -299,33 +299,46 @@ def load_weights_strict(model: nn.Module, weights: dict, source) -> None:
     model.load_weights(list(weights.items()), strict=True)
 
 
-def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = 64, embeddings=False) -> None:
+def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = 64, embeddings=False) -> list:
     """Quantize the linear layers (and embeddings if asked) whose input width is
-    a multiple of `group_size`; the others stay as they are."""
+    a multiple of `group_size`; the others stay as they are and are returned."""
+
+    def candidate(module):
+        return isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding))
+
+    skipped = [p for p, m in model.named_modules() if candidate(m) and m.weight.shape[-1] % group_size]
 
     def predicate(path, module):
-        if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
-            return module.weight.shape[-1] % group_size == 0
-        return False
+        return candidate(module) and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return skipped
+
+
+def quant_args(quantize) -> dict:
+    """`quantize` as bits (4 or 8, group size 64) or {"bits", "group_size"} -> keyword arguments."""
+    q = {"bits": quantize, "group_size": 64} if isinstance(quantize, int) else dict(quantize)
+    if q.get("bits") not in (4, 8) or q.get("group_size", 64) not in (32, 64, 128):
+        raise ValueError(f"quantize must be 4 or 8 bits with group size 32, 64 or 128, got {quantize!r}")
+    return {"bits": q["bits"], "group_size": q.get("group_size", 64)}
 
 
 def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
     """Load the T5 encoder of a Hugging Face folder.
 
     dtype: mx.float32 or mx.bfloat16 (float16 is refused: T5 overflows in it).
-    quantize: None, or the bits (8 or 4) for the linear layers.
+    quantize: None, the bits (8 or 4) for the linear layers, or {"bits", "group_size"}.
     """
     check_dtype(dtype)
+    q = quant_args(quantize) if quantize else None
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
     model = T5Encoder(T5Config.from_dict(config))
     weights = sanitize(read_weights(folder))
     weights = {k: v.astype(dtype) for k, v in weights.items()}
     load_weights_strict(model, weights, folder)
-    if quantize:
-        quantize_linear(model, bits=quantize)
+    if q:
+        quantize_linear(model, **q)
     model.eval()
     mx.eval(model.parameters())
     return model

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .hub import download, is_repo_id
-from .t5 import check_dtype, load_t5, load_weights_strict, quantize_linear, read_weights
+from .t5 import check_dtype, load_t5, load_weights_strict, quant_args, quantize_linear, read_weights
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -266,7 +266,7 @@ def _load_gemma(folder: Path, config: dict, dtype, quantize):
     load_weights_strict(model, _cast(weights, dtype), folder)
     if quantize:
         # Gemma's token embedding is a large share of its weights (256k rows).
-        quantize_linear(model, bits=quantize, embeddings=True)
+        quantize_linear(model, **quant_args(quantize), embeddings=True)
     model.eval()
     mx.eval(model.parameters())
     return model, text, types
@@ -292,7 +292,7 @@ def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
     _prequantize(model, config, weights)
     load_weights_strict(model, _cast(weights, dtype), folder)
     if quantize:
-        quantize_linear(model, bits=quantize, embeddings=True)
+        quantize_linear(model, **quant_args(quantize), embeddings=True)
     mx.eval(model.parameters())
     return model, text
 
@@ -386,7 +386,8 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
     txt_size: tokens per prompt (128 for the 3B STARFlow model).
     dtype: mx.float32 or mx.bfloat16 (T5 refuses float16).
     quantize: None, or 8 (or 4) bits for the linear layers (and Gemma's token
-        embedding); layers whose input width is not a multiple of 64 stay as they are.
+        embedding), or {"bits", "group_size"} (group size 64 by default); layers whose
+        input width is not a multiple of the group size stay as they are.
     mode: None (final hidden states) or "embed" (Gemma only: STARFlow's
         token-embedding conditioning, `embed(ids) * sqrt(hidden)` after its chat template).
     """
@@ -394,8 +395,8 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
         raise ValueError(f"txt_size must be a positive int, got {txt_size!r}")
     if mode not in (None, "hidden", "embed"):
         raise ValueError(f"mode must be None or 'embed', got {mode!r}")
-    if quantize not in (None, False, 4, 8):
-        raise ValueError(f"quantize must be None, 4 or 8 (bits), got {quantize!r}")
+    if quantize:
+        quant_args(quantize)  # 4 or 8 bits, or {"bits", "group_size"}: refuse others before loading
     folder, tok_folder = _resolve(path)
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
