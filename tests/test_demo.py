@@ -1,0 +1,93 @@
+"""The shipped demo model: it loads, its samples pass the shape checker, its
+likelihood is sane, and the training code it came from trains."""
+
+import json
+import math
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_starflow import demo, shapes
+from mlx_starflow.weights import load_flow
+
+PER_CLASS = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_flow(demo.DEMO_DIR)
+
+
+def test_shipped_config(model):
+    cfg = model.config
+    assert cfg.class_names == list(shapes.PROMPTS)
+    assert cfg.vae is None and cfg.in_channels == 3 and cfg.patch_size == 4 and cfg.image_size == 32
+    assert cfg.txt_size == 1 and cfg.txt_dim == len(shapes.PROMPTS) + 1
+    assert cfg.cond_top_only and cfg.sos and cfg.use_softplus and cfg.rope
+    s = cfg.sampling
+    assert s["sampler"] in ("sequential", "jacobi") and s["denoise"] == "score" and s["guidance"] > 0
+    raw = json.loads((demo.DEMO_DIR / "config.json").read_text())
+    assert raw["sampling"] == s
+
+
+def test_samples_pass_the_checker(model):
+    d = model.config.sampling
+    tic = time.perf_counter()
+    r = demo.checker_accuracy(model, PER_CLASS, guidance=d["guidance"], sampler=d["sampler"])
+    elapsed = time.perf_counter() - tic
+    print(f"\n{PER_CLASS} samples per class in {elapsed:.1f} s\n" + shapes.format_report(r))
+    assert r["images"].shape == (12 * PER_CLASS, 32, 32, 3) and r["images"].dtype == np.uint8
+    assert r["colour_accuracy"] >= 0.9, shapes.format_report(r)
+    assert r["shape_accuracy"] >= 0.6, shapes.format_report(r)
+    # Every prompt is actually followed, not just most of them on average.
+    for prompt, row in r["per_class"].items():
+        assert row["colour_accuracy"] >= 0.5, f"{prompt}: {row}"
+
+
+def test_sampling_is_reproducible(model):
+    a = demo.sample(model, [0, 7], guidance=1.0, seed=5)
+    b = demo.sample(model, [0, 7], guidance=1.0, seed=5)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_held_out_bits_per_dim(model):
+    bpd = demo.held_out_bpd(model, n=200)
+    print(f"\nheld-out bits/dim: {bpd:.3f}")
+    assert math.isfinite(bpd)
+    # Below the 8 bits of raw pixels, above the floor set by the augmentation noise
+    # alone (a Gaussian of noise_std in [-1, 1], in 8-bit units).
+    sigma = model.config.noise_std * 127.5
+    floor = 0.5 * math.log2(2 * math.pi * math.e * sigma**2)
+    assert floor < bpd < 8.0
+
+
+def test_bpd_definition():
+    # A standard normal density on [-1, 1] data costs 0.5*log(2*pi*e) nats/dim
+    # in expectation; in 8-bit units that is that over ln 2 plus log2(127.5).
+    nats = 0.5 * math.log(2 * math.pi * math.e)
+    assert demo.bpd_8bit(nats) == pytest.approx(nats / math.log(2) + math.log2(127.5))
+
+
+def test_training_smoke(tmp_path):
+    cfg = demo.demo_config(channels=32, head_dim=32, layers=(1, 1), expansion=1)
+    model, losses = demo.train(cfg, steps=30, batch_size=16, lr=2e-3, warmup=5, seed=3, log=None)
+    assert len(losses) == 30 and all(math.isfinite(l) for l in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    # Same seed, same run (the first 5 steps are warmup in both, so the same rates).
+    _, again = demo.train(cfg, steps=6, batch_size=16, lr=2e-3, warmup=5, seed=3, log=None)
+    assert again[:5] == pytest.approx(losses[:5], rel=1e-5)
+
+    from mlx.utils import tree_flatten
+    from mlx_starflow.weights import save_model
+
+    cfg.sampling = {"guidance": 1.0, "sampler": "sequential", "denoise": "score"}
+    save_model(tmp_path / "m", cfg, dict(tree_flatten(model.parameters())))
+    loaded = load_flow(tmp_path / "m")
+    assert loaded.config.sampling == cfg.sampling
+    x = mx.array(shapes.to_model(shapes.make_dataset(4, 9)[0]))
+    y = demo.class_text(mx.array([0, 1, 2, 12]), cfg)
+    np.testing.assert_allclose(np.array(loaded.log_prob(x, y)), np.array(model.log_prob(x, y)), rtol=1e-5)
+    images = demo.sample(loaded, [0, 5], guidance=2.0, sampler="jacobi")
+    assert images.shape == (2, 32, 32, 3)
