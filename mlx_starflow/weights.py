@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -174,7 +175,7 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
         mx.eval(weights[k])
     if quantize:
         model.load_weights(list(weights.items()))
-        quantize_model(model, **quantize)
+        _warn_unquantized(quantize_model(model, **quantize), quantize["group_size"])
         cfg.quantization = dict(quantize)
         weights = dict(tree_flatten(model.parameters()))
     licence = _model_licence(checkpoint) if cfg.model_type == "starflow" else None
@@ -202,6 +203,12 @@ def quantize_model(model, bits=4, group_size=64):
     return skipped
 
 
+def _warn_unquantized(paths, group_size):
+    if paths:
+        warnings.warn(f"{len(paths)} linear layers left unquantized (input width not a multiple of "
+                      f"{group_size}): {_names(paths, 16)}", stacklevel=3)
+
+
 def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:
     """Load a converted model folder. dtype casts float weights; quantize
     ({"bits", "group_size"}) quantizes on the fly unless already quantized."""
@@ -227,7 +234,7 @@ def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None
         weights = {k: _to_mx(v, mx_dtype) for k, v in weights.items()}
     model.load_weights(list(weights.items()))
     if quantize and not cfg.quantization:
-        quantize_model(model, **quantize)
+        _warn_unquantized(quantize_model(model, **quantize), quantize["group_size"])
         cfg.quantization = dict(quantize)
     mx.eval(model.parameters())
     return model

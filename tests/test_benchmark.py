@@ -128,3 +128,12 @@ def test_t5_quantization_options():
     # 96 wide inputs do not fit groups of 64; the 128 wide input of wo does.
     assert "blocks.0.attention.q" in skipped and "blocks.0.mlp.wo" not in skipped
     assert isinstance(model.blocks[0].mlp.wo, nn.QuantizedLinear)
+
+
+def test_loading_warns_about_layers_left_unquantized(tmp_path):
+    args = {**benchmark.ARCHS["tiny"]["flow"], "channels": 192}
+    cfg = starflow_config_from_args(args, txt_dim=64)
+    model, _ = benchmark.random_flow(cfg, mx.float32)
+    save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
+    with pytest.warns(UserWarning, match="left unquantized.*attention.qkv"):
+        load_flow(tmp_path / "f", quantize={"bits": 8, "group_size": 128})
