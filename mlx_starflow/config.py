@@ -118,7 +118,8 @@ class FlowConfig:
                 raise ConfigError(f"{heads} query heads cannot share {kv} key/value heads")
         if self.rope and self.head_dim % 4:
             raise ConfigError(f"head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
-        if self.rope and self.txt_size > 0 and (self.head_dim // 2 - 8 <= 0 or (self.head_dim // 2 - 8) % 2):
+        # (head_dim/2 - 8 may be 0: the reference then rotates by the text position only)
+        if self.rope and self.txt_size > 0 and (self.head_dim // 2 - 8 < 0 or (self.head_dim // 2 - 8) % 2):
             raise ConfigError(f"head_dim {self.head_dim} is too small for RoPE with text positions")
         if self.cond_top_only and self.txt_size == 0:
             raise ConfigError("cond_top_only needs txt_size > 0")
@@ -141,13 +142,17 @@ _DEFAULTS = {
 }
 # Architectural options this engine does not implement: allowed only at these values.
 _UNSUPPORTED = {
-    "adaln": 0, "nvp": 1, "use_pretrained_lm": None, "use_mm_attn": 0, "noise_embed_denoiser": 0,
+    "use_pretrained_lm": None, "use_mm_attn": 0,
     "temporal_causal": 0, "shallow_block_local": 0, "denoiser_window": None,
     "local_attn_window": None, "vid_size": None, "fps_cond": 0, "noise_type": "gaussian",
     "cond_noise_level": 0, "last_frame_cond": 0, "video_to_video": 0, "vae_decoder_factor": 1,
     "model_type": None, "vae_adapter": None,
 }
 _TRAINING_ONLY = {
+    # Parsed by the reference but never reach its model: setup_transformer does not pass
+    # adaln or nvp (its STARFlow blocks are always affine, without adaLN), and Model
+    # swallows noise_embed_denoiser in **unused_kwargs.
+    "adaln", "nvp", "noise_embed_denoiser",
     "model_config_path", "train_seed", "data", "logdir", "dataset", "wds", "no_flip",
     "caption_column", "secondary_dataset", "secondary_img_size", "secondary_vid_size",
     "secondary_batch_size", "secondary_ratio", "batch_size", "acc", "fp8", "use_8bit_adam",

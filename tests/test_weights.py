@@ -126,7 +126,7 @@ def test_key_mismatches_are_named(reference, tmp_path, edit, match):
 
 @pytest.mark.parametrize("line,match", [
     ("- wobble: 3\n", "unknown config option 'wobble'"),
-    ("- adaln: 1\n", "'adaln: 1' is not supported"),
+    ("- temporal_causal: 1\n", "'temporal_causal: 1' is not supported"),
     ("- use_mm_attn: 1\n", "'use_mm_attn: 1' is not supported"),
     ("- vid_size: '81:16'\n", "'vid_size: 81:16' is not supported"),
 ])
@@ -141,6 +141,14 @@ def test_config_options(reference, tmp_path, line, match):
 def test_training_options_ignored_and_unsupported_at_default_accepted(reference, tmp_path):
     _, ckpt, cfg = reference
     cfg.write_text(cfg.read_text() + "- fsdp: 1\n- adaln: 0\n- grad_clip: 1\n- wds: 1\n")
+    assert convert_starflow(ckpt, cfg, tmp_path / "out").is_dir()
+
+
+def test_options_the_reference_model_ignores_are_accepted(reference, tmp_path):
+    # The reference's setup_transformer never passes adaln or nvp to its Model, and the
+    # Model swallows noise_embed_denoiser: the checkpoint is the same whatever they say.
+    _, ckpt, cfg = reference
+    cfg.write_text(cfg.read_text() + "- adaln: 1\n- nvp: 0\n- noise_embed_denoiser: 1\n")
     assert convert_starflow(ckpt, cfg, tmp_path / "out").is_dir()
 
 
