@@ -215,15 +215,20 @@ class FlowBlock(nn.Module):
     def log_scale(self, a):
         return mx.log(nn.softplus(a + INV_SOFTPLUS_1)) if self.softplus else a
 
-    def class_rows(self, labels, batch, unconditional=False):
+    def class_rows(self, labels, batch, unconditional=False, sampling=False):
         """Class embedding rows (B, 1, width): the mean embedding where there is no
-        label (unconditional pass, or a negative label)."""
+        label (unconditional pass, or a negative label in the density).
+
+        When sampling, apple/ml-tarflow indexes `class_embed[y]` as is, so a negative
+        label counts from the end (-1 is the last class), as reproduced here."""
         if "class_embed" not in self:
             return None
         mean = self.class_embed.mean(axis=0)
         if labels is None or unconditional:
             return mx.broadcast_to(mean[None], (batch, 1, mean.shape[-1]))
         labels = labels.astype(mx.int32)
+        if sampling:
+            return self.class_embed[labels % self.class_embed.shape[0]]
         rows = self.class_embed[mx.maximum(labels, 0)]
         return mx.where((labels < 0)[:, None, None], mean[None], rows)
 
@@ -584,7 +589,7 @@ class Flow(nn.Module):
             rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
             cond = None
             if "class_embed" in block:
-                cond = block.class_rows(y, B)
+                cond = block.class_rows(y, B, sampling=True)
                 if g > 0:
                     cond = mx.concatenate([cond, block.class_rows(None, B, unconditional=True)])
             z = mx.concatenate([tokens, tokens]) if g > 0 else tokens
