@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .config import RELEASED, starflow_config_from_args
+from .config import RELEASED, FlowConfig, starflow_config_from_args
 from .flow import Flow, FlowBlock, IdentityBlock, Jacobi
 from .t5 import T5Config, T5Encoder, quantize_linear
 from .vae import VAE, VAEConfig
@@ -73,6 +73,13 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 def flow_config(arch):
     a = ARCHS[arch]
     return starflow_config_from_args(a["flow"], txt_dim=a["txt_dim"])
+
+
+def folder_config(path):
+    raw = json.loads((Path(path) / "config.json").read_text())
+    for k in ("converted_with", "source"):
+        raw.pop(k, None)
+    return FlowConfig.from_dict(raw)
 
 
 def flow_spec(arch="3b"):
@@ -396,7 +403,7 @@ def run_benchmark(args, log=print):
     stages = set(args.stages)
     results = {"machine": machine_info(), "args": vars(args), "stages": {}}
     st = results["stages"]
-    cfg = flow_config(args.arch)
+    cfg = folder_config(args.model) if args.model else flow_config(args.arch)
     B = args.batch
     guided = args.cfg > 0
     B2 = 2 * B if guided else B
@@ -671,8 +678,10 @@ def precision_report(arch, group_size, seed, log=print):
     ref_x = flow.sample(noise, y, guidance=2.0)
     ref_z, _ = flow(ref_x, y[:1])
     mx.eval(ref_x, ref_z)
+    # Quantized from bf16 weights, scales and biases are bf16 too; from float32 they stay float32.
     variants = (("bfloat16", mx.bfloat16, None), ("float16", mx.float16, None), ("8-bit", mx.bfloat16, 8),
-                ("4-bit", mx.bfloat16, 4))
+                ("4-bit", mx.bfloat16, 4), ("8-bit, fp32 scales", mx.float32, 8),
+                ("4-bit, fp32 scales", mx.float32, 4))
     for name, dt, q in variants:
         m = _variant(flow, dt, {"bits": q, "group_size": group_size} if q else None)
         x = m.sample(noise, y, guidance=2.0)

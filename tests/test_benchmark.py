@@ -47,7 +47,8 @@ def test_command_on_tiny(tmp_path):
     assert deep["kv_cache_bytes"] > 0 and deep["peak_memory"] >= deep["kv_cache_bytes"]
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_peak_GFLOPs"] > 0
     assert len(r["loop"]) == 4
-    assert set(r["precision"]["flow"]) == {"bfloat16", "float16", "8-bit", "4-bit"}
+    assert set(r["precision"]["flow"]) == {"bfloat16", "float16", "8-bit", "4-bit", "8-bit, fp32 scales",
+                                                "4-bit, fp32 scales"}
     assert all(np.isfinite(v["sample"]) for v in r["precision"]["flow"].values())
     assert r["machine"]["versions"]["mlx"]
 
@@ -137,3 +138,16 @@ def test_loading_warns_about_layers_left_unquantized(tmp_path):
     save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
     with pytest.warns(UserWarning, match="left unquantized.*attention.qkv"):
         load_flow(tmp_path / "f", quantize={"bits": 8, "group_size": 128})
+
+
+def test_command_with_a_converted_folder(tmp_path):
+    cfg = benchmark.flow_config("tiny")
+    model, _ = benchmark.random_flow(cfg, mx.float32)
+    save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
+    out = tmp_path / "r.json"
+    assert benchmark.main(["--model", str(tmp_path / "f"), "--quantize", "8", "--repeats", "1", "--tokens", "2",
+                           "--stages", "prefill,deep", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    float32_bytes = 4 * sum(int(np.prod(s)) for s in benchmark.flow_spec("tiny").values())
+    assert r["stages"]["load"]["weight_bytes"] < float32_bytes / 2  # quantized on the fly
+    assert r["stages"]["deep"]["extrapolated"] == pytest.approx(64 * r["stages"]["deep"]["per_token"])
