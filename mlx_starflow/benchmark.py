@@ -475,7 +475,8 @@ def run_benchmark(args, log=print):
     tokens = min(args.tokens or N, N)
     full = tokens >= N
 
-    results["limits"] = machine_limits((B2, cfg.top_channels), deep.proj_in.weight.dtype, quant, args.repeats)
+    results["limits"] = machine_limits((B2, cfg.top_channels), deep.proj_in.weight.dtype,
+                                       cfg.quantization or quant, args.repeats)
     log(_limits_text(results["limits"]))
 
     caches = None
