@@ -48,8 +48,9 @@ def parser():
     p.add_argument("--denoise", choices=["auto", "score", "learned", "none"], default="auto")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="flow weights precision (default: as stored)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="flow weights precision (auto: bfloat16 for float32 models above 1B parameters, "
+                        "else as stored)")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the flow's linear layers")
     p.add_argument("--text-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="text encoder precision (T5 overflows in float16)")

@@ -68,6 +68,18 @@ class ClassEncoder:
         pass
 
 
+def _auto_dtype(folder) -> Optional[str]:
+    """The precision policy: float32 models of more than a billion parameters run in
+    bfloat16 (half the memory and weight traffic); others as stored."""
+    import json
+
+    path = folder / "model.safetensors"
+    with open(path, "rb") as f:  # the safetensors header: names, dtypes, offsets
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    f32 = sum(4 * int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    return "bfloat16" if f32 > 4e9 else None
+
+
 def _check_prompts(prompt) -> List[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts:
@@ -94,15 +106,17 @@ class Pipeline:
     # -- loading ---------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str] = None, quantize: Optional[int] = None,
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str] = "auto", quantize: Optional[int] = None,
                         q_group_size: int = 64, text_encoder: Optional[str] = None, vae: Optional[str] = None,
                         text_dtype: str = "float32", text_quantize: Optional[int] = None, vae_dtype: str = "float32",
                         keep_text_encoder: bool = False, checkpoint: Optional[str] = None, config=None,
                         vae_tile: Optional[int] = None):
-        """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored),
+        """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored;
+        "auto": bfloat16 for float32 models of more than a billion parameters, as stored otherwise),
         optionally quantized to `quantize` bits; the text encoder is loaded when first
         needed and freed after encoding unless keep_text_encoder."""
-        for name, value in (("dtype", dtype), ("text_dtype", text_dtype), ("vae_dtype", vae_dtype)):
+        for name, value in (("dtype", None if dtype == "auto" else dtype), ("text_dtype", text_dtype),
+                            ("vae_dtype", vae_dtype)):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
         for name, value in (("quantize", quantize), ("text_quantize", text_quantize)):
@@ -112,6 +126,8 @@ class Pipeline:
             raise ValueError(f"vae_tile must be at least 2 latents, not {vae_tile}")
         q = {"bits": quantize, "group_size": q_group_size} if quantize else None
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
+        if dtype == "auto":
+            dtype = _auto_dtype(where.flow)
         flow = load_flow(where.flow, dtype=dtype, quantize=q)
         loader = None
         if where.text_encoder is not None:

@@ -278,3 +278,15 @@ def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "google/flan-t5-xl stabilityai/sd-vae-ft-ema apple/starflow 0123" in run.stdout
     assert "(32, 32)" in run.stdout
+
+
+def test_auto_precision_policy(tmp_path):
+    from mlx_starflow.pipeline import _auto_dtype
+    import mlx.core as mx
+
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((8, 8))})
+    assert _auto_dtype(tmp_path) is None  # small float32: as stored
+    # a header claiming more than a billion float32 parameters asks for bfloat16
+    header = json.dumps({"w": {"dtype": "F32", "shape": [40000, 30000], "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert _auto_dtype(tmp_path) == "bfloat16"
