@@ -753,7 +753,9 @@ def _line(name, info):
 
 def print_summary(results, log=print):
     if "load_average" in results["machine"]:
-        log(f"load average at the end: {os.getloadavg()[0]:.1f} (above the cpu count, timings are skewed)")
+        load = os.getloadavg()[0]
+        busy = " (above the cpu count: other work skews the timings)" if load > (os.cpu_count() or 1) else ""
+        log(f"load average at the end: {load:.1f}{busy}")
     if "sampling_peak_memory" in results:
         log(f"peak MLX memory while sampling: {_gb(results['sampling_peak_memory'])}")
     est = " (extrapolated)" if results["image_time_extrapolated"] else ""
