@@ -116,15 +116,20 @@ def init_for_training(model: Flow):
 
 
 def train(cfg: FlowConfig, steps=1300, batch_size=64, lr=5e-4, warmup=100, min_lr_ratio=0.02,
-          weight_decay=1e-4, label_drop=0.1, grad_clip=1.0, seed=0, log_every=100, log=print):
-    """Train a Flow from scratch on freshly drawn shapes; returns (model, losses in nats/dim).
+          weight_decay=1e-4, label_drop=0.1, grad_clip=1.0, seed=0, log_every=100, log=print,
+          init: Optional[Flow] = None):
+    """Train a Flow on freshly drawn shapes, from scratch or continuing `init`;
+    returns (model, losses in nats/dim).
 
     Every batch is new data (make_dataset with seeds from one generator), so the
     run is reproducible from `seed` and cannot overfit a fixed set."""
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
-    model = Flow(cfg)
-    init_for_training(model)
+    if init is None:
+        model = Flow(cfg)
+        init_for_training(model)
+    else:
+        model = init
     warm = min(warmup, max(steps - 1, 1))
     schedule = optim.join_schedules(
         [optim.linear_schedule(lr / warm, lr, warm),
@@ -285,15 +290,22 @@ def _cmd_train(args):
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SystemExit(f"{out} already exists; pass --force to overwrite it")
-    cfg = demo_config(args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion,
-                      args.noise_std)
-    model = Flow(cfg)
+    if args.init:  # continue training a saved model (fresh optimizer and schedule)
+        init = load_flow(args.init)
+        cfg = init.config
+        cfg.sampling = None
+    else:
+        init = None
+        cfg = demo_config(args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion,
+                          args.noise_std)
+    model = init or Flow(cfg)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"demo model: {n_params / 1e6:.2f}M parameters, layers {cfg.layers_per_block}, "
           f"width {cfg.channels}, head_dim {cfg.head_dim}, noise_std {cfg.noise_std}")
     tic = time.perf_counter()
     model, losses = train(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                          weight_decay=args.weight_decay, label_drop=args.label_drop, seed=args.seed)
+                          weight_decay=args.weight_decay, label_drop=args.label_drop, seed=args.seed,
+                          init=init)
     minutes = (time.perf_counter() - tic) / 60
     print(f"trained {args.steps} steps in {minutes:.1f} min")
     if args.dtype != "float32":
@@ -303,11 +315,12 @@ def _cmd_train(args):
     cfg.sampling = select_sampling(model, guidances, per_class=args.select_per_class)
     print(f"sampling defaults: {cfg.sampling}")
     weights = dict(tree_flatten(model.parameters()))
-    extra = {"training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+    # Training settings go beside the config: FlowConfig accepts architecture keys only.
+    training = {"training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                           "warmup": args.warmup, "weight_decay": args.weight_decay,
-                          "label_drop": args.label_drop, "seed": args.seed, "minutes": round(minutes, 1),
+                          "label_drop": args.label_drop, "seed": args.seed, "init": args.init, "minutes": round(minutes, 1),
                           "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4)}}
-    save_model(out, cfg, weights, force=args.force, extra=extra)
+    save_model(out, cfg, weights, force=args.force, files={"training.json": json.dumps(training, indent=2) + "\n"})
     print(f"saved {out}")
 
 
@@ -365,6 +378,7 @@ def main(argv=None):
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--label-drop", type=float, default=0.1, help="share of labels replaced by the unconditional one")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", help="continue training this model folder instead of starting from scratch")
     t.add_argument("--channels", type=int, default=128)
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--layers", default="1 1 1 4", help="layers per flow block, top (class-conditioned) block last")

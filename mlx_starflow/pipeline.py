@@ -200,8 +200,14 @@ class Pipeline:
     def decode(self, latents) -> list:
         from .vae import decode_latents, to_pil
 
-        images = decode_latents(self.vae, latents, tile=self.vae_tile) if self.vae is not None else latents
-        return to_pil(mx.clip(images, -1.0, 1.0))
+        if self.vae is None:
+            return to_pil(mx.clip(latents, -1.0, 1.0))
+        out = []
+        for i in range(latents.shape[0]):  # one image at a time: decode activations dominate memory
+            image = mx.clip(decode_latents(self.vae, latents[i : i + 1], tile=self.vae_tile), -1.0, 1.0)
+            mx.eval(image)
+            out += to_pil(image)
+        return out
 
     # -- generate -----------------------------------------------------------------
 
