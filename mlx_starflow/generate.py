@@ -210,7 +210,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     for p in paths:
-        print(p)
+        print(p, flush=True)
     if args.verbose:
         for stage, sec in result.timings.items():
             print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
