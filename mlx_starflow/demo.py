@@ -229,12 +229,12 @@ def held_out_bpd(model: Flow, n=1200, seed=HELD_OUT_SEED, batch_size=100) -> flo
     """Bits/dim (8-bit units) of freshly drawn, noise-augmented images of every class."""
     cfg = model.config
     images, labels = shapes.make_dataset(n, seed)
-    key = mx.random.key(seed)
+    keys = mx.random.split(mx.random.key(seed), -(-n // batch_size))
     D = cfg.in_channels * cfg.input_size**2
     total = 0.0
-    for i in range(0, n, batch_size):
+    for k, i in enumerate(range(0, n, batch_size)):
         x = mx.array(shapes.to_model(images[i : i + batch_size]))
-        x = x + cfg.noise_std * mx.random.normal(x.shape, key=mx.random.fold_in(key, i))
+        x = x + cfg.noise_std * mx.random.normal(x.shape, key=keys[k])
         y = class_text(mx.array(labels[i : i + batch_size].astype(np.int32)), cfg)
         total += (-model.log_prob(x, y)).sum().item()
     return bpd_8bit(total / (n * D))

@@ -53,7 +53,7 @@ def test_sampling_is_reproducible(model):
 
 
 def test_held_out_bits_per_dim(model):
-    bpd = demo.held_out_bpd(model, n=200)
+    bpd = demo.held_out_bpd(model, n=100)
     print(f"\nheld-out bits/dim: {bpd:.3f}")
     assert math.isfinite(bpd)
     # Below the 8 bits of raw pixels, above the floor set by the augmentation noise
