@@ -67,7 +67,8 @@ ARCHS = {
     },
 }
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+# Debian/Ubuntu's libopenblas0-pthread puts a drop-in libblas here.
+OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def flow_config(arch):
@@ -318,10 +319,10 @@ def machine_info():
 def blas_advice():
     if sys.platform == "darwin":
         return "MLX's float32 matmul is far below numpy's: check that MLX uses Accelerate (pip install -U mlx)."
-    path = OPENBLAS if Path(OPENBLAS).exists() else "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+    install = "" if Path(OPENBLAS).exists() else "sudo apt-get install libopenblas0-pthread, then "
     return ("MLX's float32 matmul is far below numpy's: MLX's Linux CPU wheel links the reference BLAS.\n"
-            "  Fix: sudo apt-get install libopenblas0-pthread, then run with\n"
-            f"  LD_PRELOAD={path} python -m mlx_starflow.benchmark ...")
+            f"  Fix: {install}run with (also for generate)\n"
+            f"  LD_PRELOAD={OPENBLAS} python -m mlx_starflow.benchmark ...")
 
 
 # -- the stages ------------------------------------------------------------------------------
