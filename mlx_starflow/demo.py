@@ -316,10 +316,14 @@ def _cmd_train(args):
     print(f"sampling defaults: {cfg.sampling}")
     weights = dict(tree_flatten(model.parameters()))
     # Training settings go beside the config: FlowConfig accepts architecture keys only.
-    training = {"training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                          "warmup": args.warmup, "weight_decay": args.weight_decay,
-                          "label_drop": args.label_drop, "seed": args.seed, "init": args.init, "minutes": round(minutes, 1),
-                          "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4)}}
+    stage = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+             "weight_decay": args.weight_decay, "label_drop": args.label_drop, "seed": args.seed,
+             "init": args.init, "minutes": round(minutes, 1),
+             "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4)}
+    # A continued run keeps the record of the runs it started from.
+    previous = Path(args.init or "", "training.json")
+    stages = json.loads(previous.read_text())["stages"] if args.init and previous.is_file() else []
+    training = {"stages": stages + [stage]}
     save_model(out, cfg, weights, force=args.force, files={"training.json": json.dumps(training, indent=2) + "\n"})
     print(f"saved {out}")
 
