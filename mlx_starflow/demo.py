@@ -11,7 +11,10 @@ MLX's Linux wheel uses the reference BLAS; train with OpenBLAS preloaded (about
 30x faster float32 matmuls on this 2-core CPU):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python -m mlx_starflow.demo train --out mlx_starflow/demo --force
+        python -m mlx_starflow.demo train --out /tmp/demo/run1 --force
+
+(the shipped weights continued that run twice with --init; docs/demo.md has the
+exact commands, times and measured quality)
 
     python -m mlx_starflow.demo evaluate            # checker accuracy, held-out bits/dim
     python -m mlx_starflow.demo grid --out docs/demo_grid.png
