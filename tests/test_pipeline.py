@@ -290,3 +290,15 @@ def test_auto_precision_policy(tmp_path):
     header = json.dumps({"w": {"dtype": "F32", "shape": [40000, 30000], "data_offsets": [0, 0]}}).encode()
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     assert _auto_dtype(tmp_path) == "bfloat16"
+
+
+def test_demo_model_from_the_command_line(tmp_path):
+    out = tmp_path / "demo.png"
+    r = cli("--model", "demo", "--prompt", "red circle", "--seed", "1", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    meta = read_metadata(out)
+    assert meta["prompt"] == "red circle" and meta["model"] == "demo" and meta["denoise"] == "score"
+    assert Image.open(out).size == (32, 32)
+    bad = cli("--model", "demo", "--prompt", "purple hexagon", "--output", str(tmp_path / "x.png"))
+    assert bad.returncode == 1 and '"red circle"' in bad.stderr and '"yellow triangle"' in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x.png").exists()
