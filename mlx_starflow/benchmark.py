@@ -205,19 +205,14 @@ class Stage:
             self.results[self.name] = self.info
 
     def time(self, fn, repeats, warmup=1):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        self.info["time"] = summary(times)
+        self.info["time"] = summary(_times(fn, repeats, warmup))
         return self.info["time"]
 
 
-def _median_time(fn, repeats=3, budget=5.0):
-    fn()
+def _times(fn, repeats, warmup=1, budget=float("inf")):
+    """Wall times of `repeats` calls after `warmup` calls, stopping once over budget seconds."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -225,7 +220,11 @@ def _median_time(fn, repeats=3, budget=5.0):
         times.append(time.perf_counter() - t)
         if sum(times) > budget:
             break
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, repeats=3, budget=5.0):
+    return statistics.median(_times(fn, repeats, budget=budget))
 
 
 def machine_limits(step_shape, dtype, quantize, repeats=3):
