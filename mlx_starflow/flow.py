@@ -357,7 +357,6 @@ class FlowBlock(nn.Module):
             prev, tokens, first = z[:, :1], [z[:, :1]], 1
         compiled = self.compile_step and N >= self.compile_min_tokens
         mlps, finish = self._compiled(guidance) if compiled else (None, None)
-        pending = None
         for t in range(N - first):
             i = t + first
             if mlps is None:
@@ -366,21 +365,20 @@ class FlowBlock(nn.Module):
             else:
                 prev = finish(self.step(prev, t, caches, rope, cond, mlps), z[:, i : i + 1])
             tokens.append(prev)
-            if not self.overlap:
-                mx.eval(prev)  # one sync per token
-                pending = i + 1
-            else:
+            if self.overlap:  # queue this token, then wait for the previous one: one sync per token
                 mx.async_eval(prev)
-                if pending is None:
-                    pending = i + 1
-                    continue
-                mx.eval(tokens[-2])  # one sync per token, one token in flight
+                if len(tokens) > 1:
+                    mx.eval(tokens[-2])
+                done = i
+            else:
+                mx.eval(prev)  # one sync per token
+                done = i + 1
+            if progress is not None and done > 0:
+                progress(done, N)
+        if self.overlap:
+            mx.eval(prev)
             if progress is not None:
-                progress(pending, N)
-            pending = i + 1
-        mx.eval(prev)
-        if progress is not None and self.overlap and pending is not None:
-            progress(pending, N)
+                progress(N, N)
         return mx.concatenate(tokens, axis=1)
 
     def _sample_jacobi(self, z, caches, rope, cond, guidance, jac: Jacobi, progress):
