@@ -302,3 +302,26 @@ def test_demo_model_from_the_command_line(tmp_path):
     bad = cli("--model", "demo", "--prompt", "purple hexagon", "--output", str(tmp_path / "x.png"))
     assert bad.returncode == 1 and '"red circle"' in bad.stderr and '"yellow triangle"' in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt",
+                             "red circle", "--num-images", "64", "--output", str(tmp_path / "x-{index}.png")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen = b""
+    deadline = time.time() + 60
+    while b"Deep block" not in seen and time.time() < deadline:  # wait until sampling runs
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"Deep block" in seen, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = (seen + err).decode(errors="replace")
+    assert proc.returncode == 130 and "interrupted: no image was written" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
