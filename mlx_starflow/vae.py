@@ -160,37 +160,25 @@ class Upsample(nn.Module):
         return self.conv(x.reshape(B, 2 * H, 2 * W, C))
 
 
-class DownBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, layers, groups, downsample):
+class ResnetStage(nn.Module):
+    """Resnet blocks, then an optional resampler, under diffusers' key names
+    (`downsamplers.0` in the encoder, `upsamplers.0` in the decoder)."""
+
+    def __init__(self, in_channels, out_channels, layers, groups, resampler=None):
         super().__init__()
         self.resnets = [
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
         ]
-        if downsample:
-            self.downsamplers = [Downsample(out_channels)]
+        self.resample_key = None
+        if resampler is not None:
+            self.resample_key = "downsamplers" if resampler is Downsample else "upsamplers"
+            setattr(self, self.resample_key, [resampler(out_channels)])
 
     def __call__(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        if "downsamplers" in self:
-            x = self.downsamplers[0](x)
-        return x
-
-
-class UpBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, layers, groups, upsample):
-        super().__init__()
-        self.resnets = [
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
-        ]
-        if upsample:
-            self.upsamplers = [Upsample(out_channels)]
-
-    def __call__(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if "upsamplers" in self:
-            x = self.upsamplers[0](x)
+        if self.resample_key is not None:
+            x = self[self.resample_key][0](x)
         return x
 
 
@@ -200,7 +188,8 @@ class Encoder(nn.Module):
         ch, g = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
-            DownBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g, downsample=i < len(ch) - 1)
+            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g,
+                        Downsample if i < len(ch) - 1 else None)
             for i in range(len(ch))
         ]
         self.mid_block = MidBlock(ch[-1], g, config.mid_block_add_attention)
@@ -224,7 +213,8 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(ch[0], g, config.mid_block_add_attention)
         # The decoder has one more resnet per level than the encoder.
         self.up_blocks = [
-            UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, g, upsample=i < len(ch) - 1)
+            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, g,
+                        Upsample if i < len(ch) - 1 else None)
             for i in range(len(ch))
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
