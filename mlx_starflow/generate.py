@@ -166,23 +166,14 @@ class Bars:
 def main(argv=None):
     args = parser().parse_args(argv)
     from .flow import Cancelled
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, expand_seeds
 
     bars = Bars(not args.no_progress)
     try:
         count = len(args.prompt) * args.num_images
         if args.num_images < 1:
             raise ValueError(f"--num-images must be at least 1, not {args.num_images}")
-        seeds = args.seed
-        if seeds is not None and len(seeds) not in (1, count):
-            raise ValueError(f"{len(seeds)} seeds for {count} images: give one seed, or one per image")
-        if seeds is not None and len(seeds) == 1:
-            seeds = [seeds[0] + i for i in range(count)]
-        if seeds is None:
-            import numpy as np
-
-            base = int(np.random.SeedSequence().entropy % (2**31))
-            seeds = [base + i for i in range(count)]
+        seeds = expand_seeds(args.seed, count)
         paths = output_paths(args.output, seeds, count)
         check_writable(paths, args.overwrite)
         pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,

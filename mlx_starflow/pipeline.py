@@ -80,6 +80,22 @@ def _auto_dtype(folder) -> Optional[str]:
     return "bfloat16" if f32 > 4e9 else None
 
 
+def expand_seeds(seed, count: int) -> List[int]:
+    """One seed per image: None draws a random base, one int n gives n, n+1, ..., or
+    a list with one seed per image (a single-element list counts as one int)."""
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    if not isinstance(seed, (int, np.integer)):
+        seeds = [int(s) for s in seed]
+        if len(seeds) == 1 and count > 1:
+            seed = seeds[0]
+        elif len(seeds) != count:
+            raise ValueError(f"{len(seeds)} seeds for {count} images: give one seed, or one per image")
+        else:
+            return seeds
+    return [int(seed) + i for i in range(count)]
+
+
 def _check_prompts(prompt) -> List[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts:
@@ -253,7 +269,7 @@ class Pipeline:
                                  f"got {tuple(latents.shape)}")
             seeds = []
         else:
-            seeds = self._seeds(seed, B)
+            seeds = expand_seeds(seed, B)
         if cfg.model_type == "tarflow":
             for p in prompts:
                 self._class_id(p)
@@ -266,17 +282,6 @@ class Pipeline:
         with self._lock:
             return self._generate(batch_prompts, negative_prompt, seeds, latents, shape, guidance, jacobi,
                                   sampler, denoise, progress)
-
-    def _seeds(self, seed, B) -> List[int]:
-        if seed is None:
-            base = int(np.random.SeedSequence().entropy % (2**31))
-            return [base + i for i in range(B)]
-        if isinstance(seed, (int, np.integer)):
-            return [int(seed) + i for i in range(B)]
-        seeds = [int(s) for s in seed]
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} images: give one seed, or one per image")
-        return seeds
 
     def _generate(self, prompts, negative, seeds, latents, shape, guidance, jacobi, sampler, denoise, progress):
         cfg = self.config
