@@ -67,6 +67,39 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+# Elements of one convolution's unfolded input (64 MB in float32); a larger input
+# is convolved in strips of rows (see Conv2d).
+UNFOLD_BUDGET = 2**24
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that convolves a large input in strips of rows, evaluating each.
+
+    MLX unfolds a convolution's input (k*k times its size) before the matrix
+    product, and allocates an operation's buffers when it is scheduled rather than
+    when it runs; decoding 256x256 images in one graph therefore held 2.25 GB of
+    activations, mostly unfolded inputs. Strips with their k // 2 rows of context
+    give the same output while only one strip's buffer exists at a time."""
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        k = self.weight.shape[1]
+        p = self.padding[0]
+        rows = max(1, UNFOLD_BUDGET // (B * W * C * k * k))
+        same_size = self.stride == (1, 1) and self.dilation in (1, (1, 1)) and 2 * p == k - 1
+        if k == 1 or rows >= H or not same_size:
+            return super().__call__(x)
+        strips = []
+        for top in range(0, H, rows):
+            bottom = min(top + rows, H)
+            lo, hi = max(top - p, 0), min(bottom + p, H)
+            strip = mx.pad(x[:, lo:hi], [(0, 0), (p - (top - lo), p - (hi - bottom)), (0, 0), (0, 0)])
+            strips.append(mx.conv2d(strip, self.weight, padding=(0, self.padding[1]), groups=self.groups))
+            mx.eval(strips[-1])
+        y = mx.concatenate(strips, axis=1)
+        return y + self.bias if "bias" in self else y
+
+
 class GroupNorm(nn.Module):
     """PyTorch-layout group norm (channel c is in group c // (C / G)); statistics
     in float32 so bfloat16 decoding stays stable."""
@@ -92,11 +125,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = GroupNorm(groups, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x):
         h = self.conv1(nn.silu(self.norm1(x)))
@@ -142,7 +175,7 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, dims: int):
         super().__init__()
-        self.conv = nn.Conv2d(dims, dims, 3, stride=2)
+        self.conv = Conv2d(dims, dims, 3, stride=2)
 
     def __call__(self, x):
         # diffusers pads only bottom and right before the stride-2 conv.
@@ -152,7 +185,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, dims: int):
         super().__init__()
-        self.conv = nn.Conv2d(dims, dims, 3, padding=1)
+        self.conv = Conv2d(dims, dims, 3, padding=1)
 
     def __call__(self, x):
         B, H, W, C = x.shape
@@ -186,7 +219,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, g = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g,
                         Downsample if i < len(ch) - 1 else None)
@@ -195,7 +228,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], g, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(g, ch[-1])
         # Mean and log-variance, hence twice the latent channels.
-        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -209,7 +242,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, g = list(reversed(config.block_out_channels)), config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, config.mid_block_add_attention)
         # The decoder has one more resnet per level than the encoder.
         self.up_blocks = [
@@ -218,7 +251,7 @@ class Decoder(nn.Module):
             for i in range(len(ch))
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, z):
         x = self.mid_block(self.conv_in(z))
@@ -256,9 +289,9 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
         c = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+            self.quant_conv = Conv2d(2 * c, 2 * c, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(c, c, 1)
+            self.post_quant_conv = Conv2d(c, c, 1)
 
     @property
     def dtype(self):
