@@ -253,9 +253,11 @@ class FlowBlock(nn.Module):
 
     # -- density -----------------------------------------------------------------
 
-    def affine(self, x, rope=None, text=None, cond=None):
+    def affine(self, x, rope=None, text=None, cond=None, recompute=False):
         """(a, b) for every token of x (B, N, D), already in this block's order,
-        from one causal pass over the whole sequence: token t's from tokens < t."""
+        from one causal pass over the whole sequence: token t's from tokens < t.
+        With `recompute`, a gradient through it keeps only each layer's input and
+        recomputes the layer's activations (mx.checkpoint)."""
         inp = x
         if self.sos:
             sos = mx.broadcast_to(self.sos_embed, (x.shape[0], 1, x.shape[2])).astype(x.dtype)
@@ -267,18 +269,18 @@ class FlowBlock(nn.Module):
             n_txt = t.shape[1]
             h = mx.concatenate([t, h], axis=1)
         for layer in self.attn_blocks:
-            h = layer(h, rope)
+            h = mx.checkpoint(layer)(h, rope) if recompute else layer(h, rope)
         a, b = self.head(h[:, n_txt:])
         if not self.sos:  # output t predicts token t+1; token 0 passes unchanged
             a = mx.pad(a[:, :-1], [(0, 0), (1, 0), (0, 0)])
             b = mx.pad(b[:, :-1], [(0, 0), (1, 0), (0, 0)])
         return a, b
 
-    def __call__(self, x, rope=None, text=None, cond=None):
+    def __call__(self, x, rope=None, text=None, cond=None, recompute=False):
         """Data -> noise for tokens x (B, N, D): returns z and the per-sample log-det."""
         if self.flip:
             x = x[:, ::-1]
-        a, b = self.affine(x, rope, text, cond)
+        a, b = self.affine(x, rope, text, cond, recompute)
         z = (x.astype(mx.float32) - b) / self.scale(a)
         logdet = -self.log_scale(a).sum(axis=(1, 2))
         return (z[:, ::-1] if self.flip else z), logdet
@@ -518,9 +520,9 @@ class Flow(nn.Module):
 
     # -- density -------------------------------------------------------------------
 
-    def __call__(self, x, y=None):
+    def __call__(self, x, y=None, recompute=False):
         """Data -> noise. x (B, H, W, C); returns z (same shape, float32) and the
-        total log-determinant per sample (B,)."""
+        total log-determinant per sample (B,). `recompute`: see FlowBlock.affine."""
         self._check_input(x, "x")
         B = x.shape[0]
         h, w = self.grid(x)
@@ -532,15 +534,15 @@ class Flow(nn.Module):
                 continue
             t = text if block.has_text else None
             rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
-            tokens, ld = block(tokens, rope, t, block.class_rows(y if text is None else None, B))
+            tokens, ld = block(tokens, rope, t, block.class_rows(y if text is None else None, B), recompute)
             logdet = logdet + ld
         return self.unpatchify(tokens, h, w), logdet
 
     forward = __call__
 
-    def log_prob(self, x, y=None):
+    def log_prob(self, x, y=None, recompute=False):
         """Exact log p(x | y) per sample, in nats, of the flow's input space."""
-        z, logdet = self(x, y)
+        z, logdet = self(x, y, recompute)
         D = math.prod(z.shape[1:])
         return -0.5 * mx.sum(mx.square(z), axis=(1, 2, 3)) - 0.5 * D * math.log(2 * math.pi) + logdet
 
@@ -598,9 +600,12 @@ class Flow(nn.Module):
     # -- denoising -------------------------------------------------------------------
 
     def denoise(self, x, y=None, noise_std: Optional[float] = None):
-        """Score step: x + noise_std^2 * d/dx log p(x | y), y the conditional rows."""
+        """Score step: x + noise_std^2 * d/dx log p(x | y), y the conditional rows.
+
+        The gradient recomputes each layer's activations instead of keeping them
+        all: at 3B they would be several times the memory of the weights."""
         s = self.config.noise_std if noise_std is None else noise_std
-        grad = mx.grad(lambda v: self.log_prob(v, y).sum())(x.astype(mx.float32))
+        grad = mx.grad(lambda v: self.log_prob(v, y, recompute=True).sum())(x.astype(mx.float32))
         return x + (s * s) * grad
 
     def learned_denoise(self, x, y=None):

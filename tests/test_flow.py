@@ -147,6 +147,9 @@ def test_log_prob_and_score_step_match_finite_differences():
     fd = (model.log_prob(x + eps * d, y).sum() - model.log_prob(x - eps * d, y).sum()) / (2 * eps)
     analytic = mx.sum((out - x) / (s * s) * d)
     np.testing.assert_allclose(float(analytic), float(fd), rtol=2e-2)
+    # The score step recomputes layer activations in its backward pass: same gradient.
+    kept = mx.grad(lambda v: model.log_prob(v, y).sum())(x)
+    np.testing.assert_allclose(np.array(out), np.array(x + (s * s) * kept), rtol=1e-6, atol=1e-6)
 
 
 def test_learned_denoiser_uses_the_text():
