@@ -8,13 +8,12 @@ one-hot row for classifier-free guidance. Training uses the same `Flow` code as
 inference and its exact log-likelihood as the loss.
 
 MLX's Linux wheel uses the reference BLAS; train with OpenBLAS preloaded (about
-30x faster float32 matmuls on this 2-core CPU):
+30x faster float32 matmuls on this 2-core CPU). The shipped weights come from this
+one command (about 45 minutes here; docs/demo.md has the times and the measured
+quality):
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python -m mlx_starflow.demo train --out /tmp/demo/run1 --force
-
-(the shipped weights continued that run twice with --init; docs/demo.md has the
-exact commands, times and measured quality)
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 OPENBLAS_NUM_THREADS=1 \\
+        python -m mlx_starflow.demo train --out /tmp/demo/run --force
 
     python -m mlx_starflow.demo evaluate            # checker accuracy, held-out bits/dim
     python -m mlx_starflow.demo grid --out docs/demo_grid.png
@@ -118,7 +117,7 @@ def init_for_training(model: Flow):
     mx.eval(model.parameters())
 
 
-def train(cfg: FlowConfig, steps=1300, batch_size=64, lr=5e-4, warmup=100, min_lr_ratio=0.02,
+def train(cfg: FlowConfig, steps=5200, batch_size=32, lr=7e-4, warmup=300, min_lr_ratio=0.02,
           weight_decay=1e-4, label_drop=0.1, grad_clip=1.0, seed=0, log_every=100, log=print,
           init: Optional[Flow] = None):
     """Train a Flow on freshly drawn shapes, from scratch or continuing `init`;
@@ -378,10 +377,10 @@ def main(argv=None):
     t = sub.add_parser("train", help="train the demo model from scratch")
     t.add_argument("--out", required=True, help="model folder to write (config.json + model.safetensors)")
     t.add_argument("--force", action="store_true", help="overwrite --out")
-    t.add_argument("--steps", type=int, default=1300)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--steps", type=int, default=5200)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=7e-4, help="peak learning rate (linear warmup, then cosine decay)")
+    t.add_argument("--warmup", type=int, default=300)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--label-drop", type=float, default=0.1, help="share of labels replaced by the unconditional one")
     t.add_argument("--seed", type=int, default=0)

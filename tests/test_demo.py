@@ -41,22 +41,16 @@ def checked(model):
     return r
 
 
-# The issue's bar. The shipped model (~1M parameters, ~70 min of CPU training) does
-# not reach it yet: its squares come out ragged or fill the frame (about 52% shape
-# and 89-93% colour overall, docs/demo.md). strict: a model that passes must drop this mark.
-@pytest.mark.xfail(strict=False, reason="issue 7 bar not met yet: shape accuracy ~58% < 60% (squares fail)")
 def test_samples_pass_the_checker(checked):
-    assert checked["colour_accuracy"] >= 0.9, shapes.format_report(checked)
-    assert checked["shape_accuracy"] >= 0.6, shapes.format_report(checked)
-
-
-def test_samples_follow_the_prompt(checked):
-    # What the shipped model does reach, as a regression floor: colours are
-    # mostly right, and shapes well above the 1/3 of guessing.
+    # The issue's bar: the colour right for at least 90% of the samples and the shape
+    # for at least 60% (the shipped model measures 98.7% and 88.5% on 384, docs/demo.md).
     r = checked
     assert r["images"].shape == (12 * PER_CLASS, 32, 32, 3) and r["images"].dtype == np.uint8
-    assert r["colour_accuracy"] >= 0.8, shapes.format_report(r)
-    assert r["shape_accuracy"] >= 0.4, shapes.format_report(r)
+    assert r["colour_accuracy"] >= 0.9, shapes.format_report(r)
+    assert r["shape_accuracy"] >= 0.6, shapes.format_report(r)
+    # Every prompt is drawn better than a guess of the shape, not only most on average.
+    for prompt, row in r["per_class"].items():
+        assert row["accuracy"] > 1 / 3, f"{prompt}: {row}\n" + shapes.format_report(r)
 
 
 def test_sampling_is_reproducible(model):
