@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import RELEASED, FlowConfig, starflow_config_from_args
-from .flow import Flow, FlowBlock, IdentityBlock, Jacobi
+from .flow import Flow, FlowBlock, IdentityBlock, Jacobi, input_major
 from .t5 import T5Config, T5Encoder, quantize_linear
 from .vae import VAE, VAEConfig
 from .weights import DTYPES, load_flow
@@ -227,9 +227,10 @@ def _median_time(fn, repeats=3, budget=5.0):
     return statistics.median(_times(fn, repeats, budget=budget))
 
 
-def machine_limits(step_shape, dtype, quantize, repeats=3):
-    """Copy bandwidth (MLX and numpy), matmul throughput at the model's shapes, and
-    whether MLX's float32 matmul is far below numpy's (a reference BLAS)."""
+def machine_limits(step_shape, dtype, quantize, repeats=3, in_out=False):
+    """Copy bandwidth (MLX and numpy), matmul throughput at the model's shapes (in
+    the model's weight layout), and whether MLX's float32 matmul is far below
+    numpy's (a reference BLAS)."""
     out = {}
     n = 64 * 1024 * 1024  # 256 MB of float32, far above any cache
     a = mx.random.uniform(shape=(n,))
@@ -254,6 +255,8 @@ def machine_limits(step_shape, dtype, quantize, repeats=3):
     # many rows (compute bound, as the text prefix and the denoiser) and the step's rows.
     rows, width = step_shape
     w = mx.random.normal((4 * width, width)).astype(dtype)
+    if in_out:
+        w = mx.contiguous(w.T).T  # stored (in, out), as flow.input_major leaves it
     q = mx.quantize(w, quantize["group_size"], quantize["bits"]) if quantize else None
     fast = mx.default_device() == mx.gpu or dtype == mx.float32
     m = 256 if fast and not quantize else 32
@@ -273,6 +276,7 @@ def machine_limits(step_shape, dtype, quantize, repeats=3):
         out[f"matmul_{name}_rows"] = r
         out[f"matmul_{name}_GFLOPs"] = 2 * r * w.size / dt / GB
         out[f"matmul_{name}_GBps"] = weight_bytes / dt / GB
+    out["in_out"] = in_out
     return out
 
 
@@ -388,7 +392,7 @@ def block_weight_bytes(block):
 
 def block_flops_per_token(block, batch, n_txt, N):
     params = sum(v.size for k, v in tree_flatten(block.parameters())
-                 if k.startswith("attn_blocks") and k.endswith("weight") and v.ndim == 2)
+                 if k.startswith("attn_blocks") and k.endswith(("weight", "weight_t")) and v.ndim == 2)
     if any(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()):
         params = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
                      for _, m in block.named_modules() if isinstance(m, nn.QuantizedLinear))
@@ -457,6 +461,11 @@ def run_benchmark(args, log=print):
         s.info["parameters"] = sum(v.size for _, v in params)
         s.info["weight_bytes"] = sum(v.nbytes for _, v in params)
         s.info["unquantized"] = unquantized
+        in_out = args.layout == "in-out" or (
+            args.layout == "auto" and mx.default_device() == mx.cpu and not cfg.quantization and not quant
+            and model.blocks[-1].proj_in.weight.dtype == mx.float32)
+        if in_out:
+            s.info["input_major_linears"] = input_major(model)
     cfg = model.config
     log(_line("load", st["load"]))
     if unquantized:
@@ -476,7 +485,7 @@ def run_benchmark(args, log=print):
     full = tokens >= N
 
     results["limits"] = machine_limits((B2, cfg.top_channels), deep.proj_in.weight.dtype,
-                                       cfg.quantization or quant, args.repeats)
+                                       cfg.quantization or quant, args.repeats, in_out)
     log(_limits_text(results["limits"]))
 
     caches = None
@@ -722,7 +731,8 @@ def _limits_text(lim):
          f"{lim['numpy_copy_GBps']:.1f}); float32 matmul mlx {lim['mlx_f32_matmul_GFLOPs']:.1f} vs numpy "
          f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s\n"
          f"model's linear: {lim['matmul_peak_GFLOPs']:.1f} GFLOP/s at {lim['matmul_peak_rows']} rows, "
-         f"{lim['matmul_step_GBps']:.1f} GB/s of weights at {lim['matmul_step_rows']} rows (the step)")
+         f"{lim['matmul_step_GBps']:.1f} GB/s of weights at {lim['matmul_step_rows']} rows (the step)"
+         f"{', weights (in, out)' if lim.get('in_out') else ''}")
     if lim["slow_blas"]:
         s += "\nwarning: " + blas_advice()
     return s
@@ -781,6 +791,8 @@ def parser():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated, from {','.join(STAGES)} (load always runs)")
+    p.add_argument("--layout", default="auto", choices=["auto", "out-in", "in-out"],
+                   help="flow linears' weight layout; auto: (in, out) for float32 on the CPU (flow.input_major)")
     p.add_argument("--compare-loop", action="store_true",
                    help="time the deep block's token loop with and without overlap and mx.compile")
     p.add_argument("--precision", action="store_true",
