@@ -460,6 +460,7 @@ def run_benchmark(args, log=print):
         params = tree_flatten(model.parameters())
         s.info["parameters"] = sum(v.size for _, v in params)
         s.info["weight_bytes"] = sum(v.nbytes for _, v in params)
+        del params  # input_major below frees each weight as it goes: no other reference
         s.info["unquantized"] = unquantized
         in_out = args.layout == "in-out" or (
             args.layout == "auto" and mx.default_device() == mx.cpu and not cfg.quantization and not quant
