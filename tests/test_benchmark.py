@@ -46,6 +46,9 @@ def test_command_on_tiny(tmp_path):
     assert deep["tokens_timed"] == 2 and deep["weight_bytes_per_token"] > 0
     assert deep["kv_cache_bytes"] > 0 and deep["peak_memory"] >= deep["kv_cache_bytes"]
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_peak_GFLOPs"] > 0
+    # float32 on the CPU: the linears are held input-major, and the limits measured so
+    n_linears = 4 * sum(int(n) for n in benchmark.ARCHS["tiny"]["flow"]["layers_per_block"].split())
+    assert r["stages"]["load"]["input_major_linears"] == n_linears and r["limits"]["in_out"]
     assert len(r["loop"]) == 4
     assert set(r["precision"]["flow"]) == {"bfloat16", "float16", "8-bit", "4-bit", "8-bit, fp32 scales",
                                                 "4-bit, fp32 scales"}
@@ -60,6 +63,7 @@ def test_command_quantized_jacobi(tmp_path):
                            "--stages", "text,deep,shallow", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["args"]["quantize"] == 4 and "denoise" not in r["stages"]
+    assert "input_major_linears" not in r["stages"]["load"] and not r["limits"]["in_out"]
 
 
 def test_random_flow_is_built_in_the_target_precision():
