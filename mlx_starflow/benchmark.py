@@ -31,11 +31,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .config import RELEASED, FlowConfig, starflow_config_from_args
+from .config import RELEASED, starflow_config_from_args
 from .flow import Flow, FlowBlock, IdentityBlock, Jacobi, input_major
 from .t5 import T5Config, T5Encoder, quantize_linear
 from .vae import VAE, VAEConfig
-from .weights import DTYPES, load_flow
+from .weights import DTYPES, load_flow, read_config
 
 STAGES = ("text", "load", "prefill", "deep", "shallow", "denoise", "vae")
 GB = 1e9
@@ -74,13 +74,6 @@ OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so
 def flow_config(arch):
     a = ARCHS[arch]
     return starflow_config_from_args(a["flow"], txt_dim=a["txt_dim"])
-
-
-def folder_config(path):
-    raw = json.loads((Path(path) / "config.json").read_text())
-    for k in ("converted_with", "source"):
-        raw.pop(k, None)
-    return FlowConfig.from_dict(raw)
 
 
 def flow_spec(arch="3b"):
@@ -407,7 +400,7 @@ def run_benchmark(args, log=print):
     stages = set(args.stages)
     results = {"machine": machine_info(), "args": vars(args), "stages": {}}
     st = results["stages"]
-    cfg = folder_config(args.model) if args.model else flow_config(args.arch)
+    cfg = read_config(args.model) if args.model else flow_config(args.arch)
     B = args.batch
     guided = args.cfg > 0
     B2 = 2 * B if guided else B
@@ -462,11 +455,12 @@ def run_benchmark(args, log=print):
         s.info["weight_bytes"] = sum(v.nbytes for _, v in params)
         del params  # input_major below frees each weight as it goes: no other reference
         s.info["unquantized"] = unquantized
-        in_out = args.layout == "in-out" or (
-            args.layout == "auto" and mx.default_device() == mx.cpu and not cfg.quantization and not quant
-            and model.blocks[-1].proj_in.weight.dtype == mx.float32)
-        if in_out:
-            s.info["input_major_linears"] = input_major(model)
+        # input_major changes float32 linears only: quantized and bf16 models keep their layout.
+        on_cpu = mx.default_device() == mx.cpu
+        n = input_major(model) if args.layout == "in-out" or (args.layout == "auto" and on_cpu) else 0
+        if n:
+            s.info["input_major_linears"] = n
+        in_out = n > 0
     cfg = model.config
     log(_line("load", st["load"]))
     if unquantized:

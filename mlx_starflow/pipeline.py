@@ -145,7 +145,7 @@ class Pipeline:
         if dtype == "auto":
             dtype = _auto_dtype(where.flow)
         flow = load_flow(where.flow, dtype=dtype, quantize=q)
-        if mx.default_device() == mx.cpu and not flow.config.quantization:
+        if mx.default_device() == mx.cpu:
             input_major(flow)  # float32 linears only; faster products on a CPU BLAS
         loader = None
         if where.text_encoder is not None:

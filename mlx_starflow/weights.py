@@ -217,6 +217,14 @@ def _warn_unquantized(paths, group_size):
                       f"{group_size}): {_names(paths, 16)}", stacklevel=3)
 
 
+def read_config(path) -> FlowConfig:
+    """The FlowConfig of a converted model folder (its provenance keys dropped)."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    for k in ("converted_with", "source"):
+        raw.pop(k, None)
+    return FlowConfig.from_dict(raw)
+
+
 def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:
     """Load a converted model folder. dtype casts float weights; quantize
     ({"bits", "group_size"}) quantizes on the fly unless already quantized."""
@@ -225,10 +233,7 @@ def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors); "
                                 "convert a checkpoint with convert/starflow.py or convert/tarflow.py")
-    raw = json.loads(cfg_path.read_text())
-    for k in ("converted_with", "source"):
-        raw.pop(k, None)
-    cfg = FlowConfig.from_dict(raw)
+    cfg = read_config(path)
     model = Flow(cfg)
     if cfg.quantization:
         quantize_model(model, **cfg.quantization)
