@@ -430,7 +430,7 @@ def run_benchmark(args, log=print):
                 mx.eval(out)
                 return out
 
-            s.time(encode, args.repeats)
+            s.time(encode, args.repeats, args.warmup)
             y = encode().astype(mx.float32)
             del t5
         if y.shape[-1] != cfg.txt_dim:
@@ -548,16 +548,16 @@ def run_benchmark(args, log=print):
         x = mx.random.normal((B, side, side, cfg.in_channels), key=k_x)
         with Stage(st, "denoise") as s:
             if cfg.learnable_self_denoiser:
-                s.time(lambda: mx.eval(model.learned_denoise(x, y[:B])), args.repeats)
+                s.time(lambda: mx.eval(model.learned_denoise(x, y[:B])), args.repeats, args.warmup)
             elif not cfg.finetuned_vae:
-                s.time(lambda: mx.eval(model.denoise(x, y[:B])), args.repeats)
+                s.time(lambda: mx.eval(model.denoise(x, y[:B])), args.repeats, args.warmup)
         log(_line("denoise", st["denoise"]))
 
     if vae is not None:
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         lat = mx.random.normal((B, side, side, vae.config.latent_channels), key=k_x) / vae.config.scaling_factor
         with Stage(st, "vae") as s:
-            s.time(lambda: mx.eval(vae.decode(lat, tile=args.vae_tile)), args.repeats)
+            s.time(lambda: mx.eval(vae.decode(lat, tile=args.vae_tile)), args.repeats, args.warmup)
             s.info["image"] = [side * f, side * f]
         log(_line("vae", st["vae"]))
         del vae
@@ -784,6 +784,8 @@ def parser():
     p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"])
     p.add_argument("--tokens", type=int, help="time this many tokens at each end of a block and extrapolate")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of the text, denoise and VAE stages first (0: a slow stage measured once)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated, from {','.join(STAGES)} (load always runs)")
     p.add_argument("--layout", default="auto", choices=["auto", "out-in", "in-out"],
@@ -804,6 +806,8 @@ def main(argv=None):
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
         parser().error(f"unknown stages {bad}; choose from {','.join(STAGES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser().error("--repeats must be at least 1 and --warmup at least 0")
     if args.model and not Path(args.model).is_dir():
         parser().error(f"{args.model} is not a folder")
     results = run_benchmark(args)

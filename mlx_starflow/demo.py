@@ -1,6 +1,6 @@
 """The demo model: a small class-conditional STARFlow trained on procedural shapes.
 
-It is a toy that ships inside the package (mlx_starflow/demo/) so that the engine
+It is a toy that ships inside the package (mlx_starflow/demo-model/) so that the engine
 can make a picture offline in seconds; it is not Apple's text-to-image model.
 The prompt is one of the twelve classes of `shapes.PROMPTS` ("red circle", ...),
 embedded as a one-hot text prefix of one token, with an extra unconditional
@@ -47,9 +47,9 @@ from mlx.utils import tree_flatten, tree_map
 from . import shapes
 from .config import FlowConfig
 from .flow import Flow, Jacobi
+from .hub import DEMO as DEMO_DIR
 from .weights import load_flow, save_model
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
 LOG2_SCALE = math.log2(127.5)  # [-1, 1] -> 8-bit levels, per dimension
 HELD_OUT_SEED = 1_000_003  # held-out images for bits/dim: never a training seed
 SELECT_SEED = 2_000_003  # noise for choosing the sampling defaults
