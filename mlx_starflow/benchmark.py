@@ -318,7 +318,8 @@ def blas_advice():
     install = "" if Path(OPENBLAS).exists() else "sudo apt-get install libopenblas0-pthread, then "
     return ("MLX's float32 matmul is far below numpy's: MLX's Linux CPU wheel links the reference BLAS.\n"
             f"  Fix: {install}run with (also for generate)\n"
-            f"  LD_PRELOAD={OPENBLAS} python -m mlx_starflow.benchmark ...")
+            f"  LD_PRELOAD={OPENBLAS} python -m mlx_starflow.benchmark ...\n"
+            "  Intel's MKL streams the token loop's weights ~1.5x faster still (README, Linux).")
 
 
 # -- the stages ------------------------------------------------------------------------------
