@@ -33,7 +33,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import RELEASED, starflow_config_from_args
 from .flow import Flow, FlowBlock, IdentityBlock, Jacobi, input_major
-from .t5 import T5Config, T5Encoder, quantize_linear
+from .quant import QuantizedLinear, quantize, quantize_linear
+from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 from .weights import DTYPES, load_flow, read_config
 
@@ -119,7 +120,7 @@ def _quantize_linears(module, bits, group_size, path, skipped):
     def pred(_, m):
         return isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0
 
-    nn.quantize(module, group_size=group_size, bits=bits, class_predicate=pred)
+    quantize(module, bits, group_size, pred)
 
 
 def random_flow(cfg, dtype=mx.float32, quantize=None, seed=0):
@@ -250,15 +251,18 @@ def machine_limits(step_shape, dtype, quantize, repeats=3, in_out=False):
     w = mx.random.normal((4 * width, width)).astype(dtype)
     if in_out:
         w = mx.contiguous(w.T).T  # stored (in, out), as flow.input_major leaves it
-    q = mx.quantize(w, quantize["group_size"], quantize["bits"]) if quantize else None
     fast = mx.default_device() == mx.gpu or dtype == mx.float32
     m = 256 if fast and not quantize else 32
+    if quantize:  # as the model computes it (quant.QuantizedLinear)
+        layer = nn.Linear(width, 4 * width, bias=False)
+        layer.weight = w
+        linear = QuantizedLinear.from_linear(layer, quantize["group_size"], quantize["bits"])
+        q = [linear.weight, linear.scales, linear.biases]
+    else:
+        q = None
 
-    def linear(inp):
-        if q is None:
+        def linear(inp):
             return inp @ w.T
-        return mx.quantized_matmul(inp, *q, transpose=True, group_size=quantize["group_size"],
-                                   bits=quantize["bits"])
 
     weight_bytes = w.nbytes if q is None else sum(t.nbytes for t in q)
     mx.eval(w, *(q or ()))

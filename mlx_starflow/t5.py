@@ -18,6 +18,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .quant import quant_args, quantize_linear
+
 
 class WeightsError(ValueError):
     """Weights that do not fit the model: says which file or key and why."""
@@ -297,30 +299,6 @@ def load_weights_strict(model: nn.Module, weights: dict, source) -> None:
                 f"{source}: weight {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}"
             )
     model.load_weights(list(weights.items()), strict=True)
-
-
-def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = 64, embeddings=False) -> list:
-    """Quantize the linear layers (and embeddings if asked) whose input width is
-    a multiple of `group_size`; the others stay as they are and are returned."""
-
-    def candidate(module):
-        return isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding))
-
-    skipped = [p for p, m in model.named_modules() if candidate(m) and m.weight.shape[-1] % group_size]
-
-    def predicate(path, module):
-        return candidate(module) and module.weight.shape[-1] % group_size == 0
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    return skipped
-
-
-def quant_args(quantize) -> dict:
-    """`quantize` as bits (4 or 8, group size 64) or {"bits", "group_size"} -> keyword arguments."""
-    q = {"bits": quantize, "group_size": 64} if isinstance(quantize, int) else dict(quantize)
-    if q.get("bits") not in (4, 8) or q.get("group_size", 64) not in (32, 64, 128):
-        raise ValueError(f"quantize must be 4 or 8 bits with group size 32, 64 or 128, got {quantize!r}")
-    return {"bits": q["bits"], "group_size": q.get("group_size", 64)}
 
 
 def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:

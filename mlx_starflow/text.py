@@ -21,7 +21,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .hub import download, is_repo_id
-from .t5 import check_dtype, load_t5, load_weights_strict, quant_args, quantize_linear, read_weights
+from .quant import quant_args, quantize, quantize_linear
+from .t5 import check_dtype, load_t5, load_weights_strict, read_weights
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -215,12 +216,8 @@ def _prequantize(model, config, weights):
     # mlx-community checkpoints come quantized: mirror their layout before loading.
     q = config.get("quantization")
     if q:
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
+        quantize(model, q["bits"], q["group_size"],
+                 lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
 
 
 def _load_gemma(folder: Path, config: dict, dtype, quantize):

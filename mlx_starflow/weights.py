@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .config import FlowConfig, read_reference_yaml, starflow_config_from_args, tarflow_config_from_shapes
 from .flow import Flow
+from .quant import quantize
 from .torch_reader import CheckpointError, load_pth
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -205,8 +206,7 @@ def quantize_model(model, bits=4, group_size=64):
     # the fly to 4 bits peaks at 9.9 GB otherwise, at about 3 GB this way).
     layers = [(p, m) for p, m in model.named_modules() if re.fullmatch(r"(.+\.)?attn_blocks\.\d+", p)]
     for path, layer in layers:
-        nn.quantize(layer, group_size=group_size, bits=bits,
-                    class_predicate=lambda p, m, path=path: fits(f"{path}.{p}", m))
+        quantize(layer, bits, group_size, lambda p, m, path=path: fits(f"{path}.{p}", m))
         mx.eval(layer.parameters())
     return skipped
 

@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten
 from mlx_starflow import benchmark
 from mlx_starflow.config import starflow_config_from_args
 from mlx_starflow.flow import FlowBlock
-from mlx_starflow.t5 import T5Config, T5Encoder, quant_args, quantize_linear
+from mlx_starflow.quant import QuantizedLinear, quant_args, quantize_linear
+from mlx_starflow.t5 import T5Config, T5Encoder
 from mlx_starflow.weights import IGNORED, load_flow, save_model
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "starflow_3B_t2i_keys.tsv"
@@ -85,7 +86,7 @@ def test_layers_that_do_not_fit_the_group_are_listed():
     # 192 wide inputs do not split into groups of 128; the MLP's 768 wide input does.
     assert "blocks.2.attn_blocks.0.attention.qkv" in skipped
     assert "blocks.2.attn_blocks.0.mlp.main.2" not in skipped
-    assert isinstance(model.blocks[2].attn_blocks[0].mlp.main[2], nn.QuantizedLinear)
+    assert isinstance(model.blocks[2].attn_blocks[0].mlp.main[2], QuantizedLinear)
     assert not isinstance(model.blocks[2].attn_blocks[0].attention.qkv, nn.QuantizedLinear)
 
 
@@ -97,7 +98,7 @@ def test_quantized_folder_round_trip(tmp_path):
     # Asking for 4 bits at load time does not re-quantize an 8-bit folder.
     loaded = load_flow(tmp_path / "q", quantize={"bits": 4, "group_size": 64})
     qkv = loaded.blocks[-1].attn_blocks[0].attention.qkv
-    assert isinstance(qkv, nn.QuantizedLinear) and qkv.bits == 8
+    assert isinstance(qkv, QuantizedLinear) and qkv.bits == 8
     x = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
     y = mx.random.normal((1, cfg.txt_size, cfg.txt_dim), key=mx.random.key(2))
     np.testing.assert_array_equal(np.array(model(x, y)[0]), np.array(loaded(x, y)[0]))

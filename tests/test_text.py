@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mlx_starflow.quant import QuantizedLinear
 from mlx_starflow.text import EMBED_TEMPLATE, load_text_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +254,7 @@ def test_gemma_quantized_layers(tmp_path):
     ref.save_pretrained(tmp_path)
     enc = load_text_encoder(tmp_path, txt_size=10, quantize=8)
     layer = enc.model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear)  # float32 products on the CPU
     assert isinstance(enc.model.model.embed_tokens, nn.QuantizedEmbedding)
     assert not isinstance(layer.mlp.down_proj, nn.QuantizedLinear)  # input 96
     ids, mask = padded_inputs("right")
@@ -268,7 +269,7 @@ def test_gemma_quantized_layers(tmp_path):
     config["quantization"] = {"group_size": 64, "bits": 8}
     (saved / "config.json").write_text(json.dumps(config))
     again = load_text_encoder(saved, txt_size=10)
-    assert isinstance(again.model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(again.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
     assert np.array_equal(np.array(again.encode_ids(ids, mask)), np.array(y))
 
 
