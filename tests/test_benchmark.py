@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from mlx_starflow import benchmark
 from mlx_starflow.config import starflow_config_from_args
-from mlx_starflow.flow import FlowBlock
+from mlx_starflow.flow import Flow, FlowBlock
 from mlx_starflow.quant import QuantizedLinear, quant_args, quantize_linear
 from mlx_starflow.t5 import T5Config, T5Encoder
 from mlx_starflow.weights import IGNORED, load_flow, save_model
@@ -156,3 +156,20 @@ def test_command_with_a_converted_folder(tmp_path):
     float32_bytes = 4 * sum(int(np.prod(s)) for s in benchmark.flow_spec("tiny").values())
     assert r["stages"]["load"]["weight_bytes"] < float32_bytes / 2  # quantized on the fly
     assert r["stages"]["deep"]["extrapolated"] == pytest.approx(64 * r["stages"]["deep"]["per_token"])
+
+
+def test_warmup_runs_and_bad_counts(tmp_path, monkeypatch):
+    calls = []
+    denoise = Flow.denoise
+    monkeypatch.setattr(Flow, "denoise", lambda self, *a, **k: calls.append(1) or denoise(self, *a, **k))
+    out = tmp_path / "r.json"
+    for warmup in (0, 2):
+        calls.clear()
+        assert benchmark.main(["--arch", "tiny", "--dtype", "float32", "--stages", "denoise", "--repeats", "1",
+                               "--warmup", str(warmup), "--json", str(out)]) == 0
+        assert len(calls) == 1 + warmup  # a slow stage can be measured once
+        assert json.loads(out.read_text())["stages"]["denoise"]["time"]["n"] == 1
+    for bad in (["--repeats", "0"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(["--arch", "tiny", *bad])
+        assert e.value.code == 2
