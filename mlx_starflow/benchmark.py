@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import RELEASED, starflow_config_from_args
 from .flow import Flow, FlowBlock, IdentityBlock, Jacobi, input_major
-from .quant import QuantizedLinear, quantize, quantize_linear
+from .quant import QuantizedLinear, quantize_linear
 from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 from .weights import DTYPES, load_flow, read_config
@@ -113,14 +113,7 @@ def _randomize(module, dtype, rng, keep=None):
 
 def _quantize_linears(module, bits, group_size, path, skipped):
     """Quantize the linears of one transformer layer (as weights.quantize_model does)."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size:
-            skipped.append(f"{path}.{name}")
-
-    def pred(_, m):
-        return isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0
-
-    quantize(module, bits, group_size, pred)
+    skipped.extend(f"{path}.{p}" for p in quantize_linear(module, bits, group_size))
 
 
 def random_flow(cfg, dtype=mx.float32, quantize=None, seed=0):
@@ -257,15 +250,15 @@ def machine_limits(step_shape, dtype, quantize, repeats=3, in_out=False):
         layer = nn.Linear(width, 4 * width, bias=False)
         layer.weight = w
         linear = QuantizedLinear.from_linear(layer, quantize["group_size"], quantize["bits"])
-        q = [linear.weight, linear.scales, linear.biases]
+        weights = [linear.weight, linear.scales, linear.biases]
     else:
-        q = None
+        weights = [w]
 
         def linear(inp):
             return inp @ w.T
 
-    weight_bytes = w.nbytes if q is None else sum(t.nbytes for t in q)
-    mx.eval(w, *(q or ()))
+    weight_bytes = sum(t.nbytes for t in weights)
+    mx.eval(*weights)
     for name, r in (("peak", m), ("step", rows)):
         inp = mx.random.normal((r, width)).astype(dtype)
         mx.eval(inp)
