@@ -357,6 +357,8 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """Images (B, H, W, in_channels) in [-1, 1] -> latent mean (B, H/f, W/f, C), without scaling."""
+        if self.encoder is None:
+            raise ValueError("this VAE was loaded without its encoder (load_vae(..., encoder=True))")
         x = mx.array(x) if not isinstance(x, mx.array) else x
         c, f = self.config.in_channels, self.downsample_factor
         if x.ndim != 4 or x.shape[-1] != c:
@@ -473,9 +475,10 @@ def load_weights(weights_path: Path) -> dict:
     return load_pth(weights_path)
 
 
-def load_vae(path, dtype=mx.float32) -> VAE:
+def load_vae(path, dtype=mx.float32, encoder: bool = True) -> VAE:
     """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.*)
-    or a Hugging Face repo id. Decoding in float16 is allowed but the SD-VAE
+    or a Hugging Face repo id; without `encoder`, the decoder only (what generation
+    needs: the encoder's weights are never loaded). Decoding in float16 is allowed but the SD-VAE
     overflows in it (black images): prefer float32 or bfloat16."""
     if dtype == mx.float16:
         warnings.warn(
@@ -491,6 +494,11 @@ def load_vae(path, dtype=mx.float32) -> VAE:
     weights = sanitize(load_weights(weights_path))
 
     vae = VAE(config)
+    if not encoder:
+        vae.encoder = None
+        if "quant_conv" in vae:
+            del vae.quant_conv
+        weights = {k: v for k, v in weights.items() if not k.startswith(("encoder.", "quant_conv."))}
     expected = dict(nn.utils.tree_flatten(vae.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
