@@ -1,7 +1,7 @@
 """Convert a reference STARFlow checkpoint to an MLX model folder.
 
 python convert/starflow.py --checkpoint starflow_3B_t2i_256x256.pth \
-    --config starflow_3B_t2i_256x256.yaml --out mlx-starflow-3b [--dtype bfloat16] [-q] [--force]
+    --config starflow_3B_t2i_256x256.yaml --out mlx-starflow-3b [--vae FOLDER] [--dtype bfloat16] [-q] [--force]
 """
 import sys
 

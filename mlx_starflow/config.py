@@ -61,6 +61,7 @@ class FlowConfig:
     class_names: Optional[list] = None
     sampling: Optional[dict] = None  # recommended sampling defaults, e.g. {"guidance", "sampler", "denoise"}
     image_size: int = 0  # pixels of the generated image
+    vae_downsample: int = 8  # pixels per latent along a side: 2 ** (VAE levels - 1); unused without a VAE
     quantization: Optional[dict] = None
 
     @property
@@ -78,6 +79,11 @@ class FlowConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size**2
+
+    @property
+    def pixels_per_latent(self) -> int:
+        """Image pixels per flow grid cell along a side: the VAE's downsampling, 1 for pixel models."""
+        return self.vae_downsample if self.vae else 1
 
     def flipped(self, i: int) -> bool:
         """Whether block i reverses the token order (identity and flip alternate)."""
@@ -127,6 +133,8 @@ class FlowConfig:
             raise ConfigError("a class-conditional model needs txt_size 1 and txt_dim = number of classes + 1")
         if self.layers_per_block[-1] == 0:
             raise ConfigError("the top (deep) block cannot have 0 layers")
+        if self.vae_downsample < 1 or self.vae_downsample & (self.vae_downsample - 1):
+            raise ConfigError(f"vae_downsample must be a power of two (2 ** (VAE levels - 1)), not {self.vae_downsample}")
 
 
 # Options of the reference training parser. Architectural ones are read; the
@@ -163,7 +171,16 @@ _TRAINING_ONLY = {
     "num_samples", "sample_batch_size",
 }
 
-VAE_DOWNSAMPLE = 8  # SD-VAE
+# Pixels per latent of the VAEs known by name. The reference loads any VAE named
+# *sd-vae* or *sdxl-vae* as a plain SD AutoencoderKL (4 levels: 2 ** (4 - 1) = 8) and
+# takes every other one's factor from its config; a converter given no VAE folder
+# can only trust the name.
+SD_VAE_DOWNSAMPLE = 8
+
+
+def vae_downsample_by_name(name: str) -> Optional[int]:
+    """The downsampling of a VAE known by its name (the SD-VAE family), else None."""
+    return SD_VAE_DOWNSAMPLE if "sd-vae" in name or "sdxl-vae" in name else None
 
 
 def read_reference_yaml(path) -> dict:
@@ -197,11 +214,13 @@ def _is_default(value, default) -> bool:
         return False
 
 
-def starflow_config_from_args(args: dict, txt_dim: int = 0) -> FlowConfig:
+def starflow_config_from_args(args: dict, txt_dim: int = 0, vae_downsample: Optional[int] = None) -> FlowConfig:
     """Build a FlowConfig from reference training arguments (as read from the YAML).
 
     `txt_dim` is the text width, which the reference takes from the text encoder
-    and the converter reads from `proj_txt` in the weights.
+    and the converter reads from `proj_txt` in the weights. `vae_downsample` is the
+    VAE's pixels per latent, 2 ** (levels - 1), read from its config; without it the
+    VAE must be one known by name (vae_downsample_by_name).
     """
     for key, value in args.items():
         if key in _UNSUPPORTED:
@@ -220,7 +239,10 @@ def starflow_config_from_args(args: dict, txt_dim: int = 0) -> FlowConfig:
         layers = layers * int(a["blocks"])
     vae = a["vae"] if a["vae"] not in (None, "none", "") else None
     image_size = int(a["img_size"])
-    input_size = image_size // VAE_DOWNSAMPLE if vae else image_size
+    factor = _vae_downsample(vae, vae_downsample)
+    if image_size % factor:
+        raise ConfigError(f"img_size {image_size} is not a multiple of the VAE's downsampling {factor}")
+    input_size = image_size // factor
     patch = int(a["patch_size"])
     channels = int(a["channels"])
     head_dim = int(a["head_dim"])
@@ -265,9 +287,27 @@ def starflow_config_from_args(args: dict, txt_dim: int = 0) -> FlowConfig:
         vae=vae,
         text_encoder=a["text"],
         image_size=image_size,
+        vae_downsample=factor if vae else FlowConfig.vae_downsample,
     )
     cfg.validate()
     return cfg
+
+
+def _vae_downsample(vae: Optional[str], given: Optional[int]) -> int:
+    """Pixels per latent: the VAE config's factor when given, else the one known by name."""
+    if vae is None:
+        if given is not None:
+            raise ConfigError("a VAE was given but the config has no vae: this model works in pixels")
+        return 1
+    if given is not None:
+        return given
+    known = vae_downsample_by_name(vae)
+    if known is None:
+        raise ConfigError(
+            f"the downsampling of the VAE '{vae}' is not known by name: pass its diffusers folder "
+            "(config.json) with --vae FOLDER, or put it in the release folder as vae/"
+        )
+    return known
 
 
 def tarflow_config_from_shapes(shapes: dict, in_channels: int = 3, noise_std: float = 0.05,

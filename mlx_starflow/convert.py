@@ -20,6 +20,9 @@ def starflow_parser():
     p.add_argument("--checkpoint", required=True, help="the reference .pth state dict")
     p.add_argument("--config", required=True, help="the reference YAML config (arguments: list)")
     p.add_argument("--out", required=True, help="the MLX model folder to write")
+    p.add_argument("--vae", metavar="FOLDER", default=None,
+                   help="the VAE's diffusers folder: its config sets the latent grid (needed unless the "
+                        "config's VAE is an SD-VAE, 8 pixels per latent)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the transformer linear layers")
     p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
@@ -57,7 +60,8 @@ def _run(fn, *args, **kwargs):
 
 def starflow_main(argv=None):
     a = starflow_parser().parse_args(argv)
-    return _run(convert_starflow, a.checkpoint, a.config, a.out, dtype=a.dtype, force=a.force, quantize=_quant(a))
+    return _run(convert_starflow, a.checkpoint, a.config, a.out, dtype=a.dtype, force=a.force, quantize=_quant(a),
+                vae=a.vae)
 
 
 def tarflow_main(argv=None):

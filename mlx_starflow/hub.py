@@ -95,20 +95,24 @@ def _find_config(checkpoint: Path, config):
     )
 
 
-def convert_cached(checkpoint: Path, config=None, quantize=None, origin=None) -> Path:
+def convert_cached(checkpoint: Path, config=None, quantize=None, origin=None, vae=None) -> Path:
     """Convert a reference checkpoint once into the cache; later calls reuse it.
-    The folder is written atomically, so a half-done conversion never counts."""
+    The folder is written atomically, so a half-done conversion never counts.
+    vae: a local VAE folder whose config sets the latent grid (see convert_starflow)."""
+    from .vae import VAEConfig
     from .weights import convert_starflow
 
     checkpoint = Path(checkpoint).resolve()
     cfg = _find_config(checkpoint, config)
     cfg_text = json.dumps(cfg, sort_keys=True) if isinstance(cfg, dict) else Path(cfg).read_text()
+    factor = VAEConfig.from_folder(vae).downsample_factor if vae else None  # None: known by the VAE's name
     st = checkpoint.stat()
-    out = cache_dir() / f"{checkpoint.stem}-{_key(checkpoint, st.st_size, st.st_mtime_ns, cfg_text, quantize)}"
+    key = _key(checkpoint, st.st_size, st.st_mtime_ns, cfg_text, quantize, factor)
+    out = cache_dir() / f"{checkpoint.stem}-{key}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     print(f"Converting {checkpoint.name} to MLX once, into {out} ...", flush=True)
-    return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize, origin=origin)
+    return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize, origin=origin, vae=vae)
 
 
 def _subfolder(folder: Path, names) -> Optional[str]:
@@ -116,6 +120,14 @@ def _subfolder(folder: Path, names) -> Optional[str]:
         if (folder / n / "config.json").is_file():
             return str(folder / n)
     return None
+
+
+def _local_vae(vae, origin: Optional[Path]) -> Optional[str]:
+    """The local VAE folder whose config sets the latent grid when converting: --vae if
+    it is a folder, else the release folder's vae/ (a VAE named by repo id goes by its name)."""
+    if vae is not None:
+        return str(Path(vae).expanduser()) if Path(vae).expanduser().is_dir() else None
+    return origin and _subfolder(origin, VAE_SUBFOLDERS)
 
 
 def _with_components(flow: Path, origin: Optional[Path], text_encoder, vae) -> Resolved:
@@ -144,11 +156,13 @@ def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config
             found = ", ".join(p.name for p in pths) or "none"
             raise ModelNotFound(f"{path}: expected one converted model (config.json + model.safetensors) or "
                                 f"one .pth checkpoint (found: {found}); name it with --checkpoint")
-        return _with_components(convert_cached(pths[0], config, quantize), path, text_encoder, vae)
+        flow = convert_cached(pths[0], config, quantize, vae=_local_vae(vae, path))
+        return _with_components(flow, path, text_encoder, vae)
     if path.suffix == ".pth":
         if not path.is_file():
             raise ModelNotFound(f"{path}: no such checkpoint")
-        return _with_components(convert_cached(path, config, quantize), path.parent, text_encoder, vae)
+        flow = convert_cached(path, config, quantize, vae=_local_vae(vae, path.parent))
+        return _with_components(flow, path.parent, text_encoder, vae)
     if is_repo_id(model):
         name = checkpoint or DEFAULT_CHECKPOINT
         folder = download(model, [name, "LICENSE*"], "model")
@@ -157,5 +171,6 @@ def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config
             raise ModelNotFound(f"the repo '{model}' has no file '{name}'; name the checkpoint with --checkpoint")
         # snapshot folders are named by the commit they hold
         origin = {"repo": model, "revision": folder.name}
-        return _with_components(convert_cached(ckpt, config, quantize, origin), None, text_encoder, vae)
+        flow = convert_cached(ckpt, config, quantize, origin, vae=_local_vae(vae, None))
+        return _with_components(flow, None, text_encoder, vae)
     raise ModelNotFound(f"'{model}' is neither 'demo', a local folder or checkpoint, nor a Hugging Face repo id")

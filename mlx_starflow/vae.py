@@ -43,6 +43,15 @@ class VAEConfig:
         config.validate()
         return config
 
+    @classmethod
+    def from_folder(cls, path) -> "VAEConfig":
+        """The config of a local diffusers AutoencoderKL folder (or of a pipeline folder's vae/)."""
+        path = _local(Path(path))
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKL")
+        return cls.from_dict(raw)
+
     def validate(self):
         if self.act_fn != "silu":
             raise ValueError(f"unsupported VAE act_fn {self.act_fn!r}: only 'silu' is implemented")
@@ -64,6 +73,7 @@ class VAEConfig:
 
     @property
     def downsample_factor(self) -> int:
+        # As the reference: 2 ** (len(down_block_types) - 1), one block per level.
         return 2 ** (len(self.block_out_channels) - 1)
 
 
@@ -453,18 +463,22 @@ def _download(repo_id: str) -> Path:
     return p
 
 
-def _resolve(path) -> Path:
-    p = Path(path)
+def _local(p: Path) -> Path:
+    """The folder holding the VAE's config.json: p itself or its vae/."""
     if not p.exists():
-        if is_repo_id(str(path)):
-            p = _download(path)
-        else:
-            raise ValueError(f"{path}: no such VAE folder")
+        raise ValueError(f"{p}: no such VAE folder")
     if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
         p = p / "vae"  # a full diffusers pipeline folder
     if not (p / "config.json").is_file():
         raise ValueError(f"{p}: not a diffusers AutoencoderKL folder (no config.json)")
     return p
+
+
+def _resolve(path) -> Path:
+    p = Path(path)
+    if not p.exists() and is_repo_id(str(path)):
+        p = _download(path)
+    return _local(p)
 
 
 def load_weights(weights_path: Path) -> dict:
@@ -486,10 +500,7 @@ def load_vae(path, dtype=mx.float32, encoder: bool = True) -> VAE:
             stacklevel=2,
         )
     path = _resolve(path)
-    raw = json.loads((path / "config.json").read_text())
-    if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKL")
-    config = VAEConfig.from_dict(raw)
+    config = VAEConfig.from_folder(path)
     weights_path = _find_weights(path)
     weights = sanitize(load_weights(weights_path))
 

@@ -124,18 +124,26 @@ def _model_licence(checkpoint):
     return LICENCE_NOTE
 
 
-def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None, origin=None):
+def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quantize=None, origin=None, vae=None):
     """A reference STARFlow .pth plus its config -> an MLX model folder.
 
     config is the reference YAML file or its arguments as a dict; dtype None keeps
     the checkpoint's own precision; origin (e.g. the Hugging Face repo and revision)
-    is recorded in config.json with the file names."""
+    is recorded in config.json with the file names. vae is the local diffusers folder
+    of the model's VAE: its config sets the latent grid (pixels per latent); without
+    it the config's VAE must be one known by name (the SD-VAE family, 8)."""
     mx_dtype = _parse_dtype(dtype)
     args = dict(config) if isinstance(config, dict) else read_reference_yaml(config)
+    factor = None
+    if vae is not None:
+        from .vae import VAEConfig  # only converting needs the VAE module
+
+        factor = VAEConfig.from_folder(vae).downsample_factor
+    starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
     sd = load_pth(checkpoint)
     txt_keys = [k for k in sd if k.endswith("proj_txt.weight")]
     txt_dim = int(sd[txt_keys[0]].shape[1]) if txt_keys else 0
-    cfg = starflow_config_from_args(args, txt_dim=txt_dim)
+    cfg = starflow_config_from_args(args, txt_dim=txt_dim, vae_downsample=factor)
     if cfg.txt_size > 0 and not txt_keys:
         raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
     name = "(built-in)" if isinstance(config, dict) else Path(config).name

@@ -12,9 +12,12 @@ import torch
 
 from helpers import rand, save_reference, tiny_flow
 from mlx_starflow.config import ConfigError
+from mlx_starflow.convert import starflow_main
+from mlx_starflow.hub import resolve
 from mlx_starflow.quant import QuantizedLinear
 from mlx_starflow.torch_reader import CheckpointError, load_pth
-from mlx_starflow.weights import WeightsError, convert_starflow, convert_tarflow, load_flow
+from mlx_starflow.weights import WeightsError, convert_starflow, convert_tarflow, load_flow, read_config
+from tiny_release import T5_WIDTH, make_release
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,3 +209,53 @@ def test_command_line_reports_one_line(reference, tmp_path):
     assert again.returncode == 1
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_latent_grid_from_the_vae(tmp_path, monkeypatch):
+    # A release whose VAE has two levels: its 16x16 images are 8x8 latents (the reference's
+    # 2 ** (len(down_block_types) - 1)), not the 2x2 an assumed factor of 8 would give.
+    monkeypatch.setenv("MLX_STARFLOW_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "release"
+    root.mkdir()
+    model, args = make_release(root, text_encoder=False)
+    where = resolve(str(root))  # converts once, with the release's vae/ config
+    meta = json.loads((where.flow / "config.json").read_text())
+    assert (meta["input_size"], meta["pt_seq_len"], meta["vae_downsample"]) == (8, 8, 2)
+    flow = load_flow(where.flow)
+    assert flow.config.pixels_per_latent == 2
+    x, y = rand((2, 8, 8, 4)), rand((2, 6, T5_WIDTH), 2)
+    z, logdet = flow(x, y)
+    want_z, want_logdet = model(x, y)
+    np.testing.assert_allclose(np.array(z), np.array(want_z), atol=1e-5)
+    np.testing.assert_allclose(np.array(logdet), np.array(want_logdet), rtol=1e-5, atol=1e-5)
+    # sampling walks the same 8x8 grid back: noise z -> x
+    np.testing.assert_allclose(np.array(flow.sample(z, y)), np.array(x), atol=1e-3)
+
+    # An explicit local VAE folder wins over the release's vae/, and is part of the cache key.
+    from test_vae import make_reference
+
+    make_reference(tmp_path / "vae3", block_out_channels=(8, 8, 8), norm_num_groups=4)
+    other = resolve(str(root), vae=str(tmp_path / "vae3"))
+    assert other.flow != where.flow and read_config(other.flow).input_size == 4
+    assert read_config(other.flow).vae_downsample == 4 and other.vae == str(tmp_path / "vae3")
+
+    # The converter on its own: --vae FOLDER; without it the config's VAE must be known by name.
+    ckpt, cfg = root / "tiny_t2i.pth", root / "tiny_t2i.yaml"
+    assert starflow_main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "cli"),
+                          "--vae", str(root / "vae")]) == 0
+    assert read_config(tmp_path / "cli").input_size == 8
+    sd_vae = read_config(convert_starflow(ckpt, cfg, tmp_path / "by_name"))  # stabilityai/sd-vae-ft-ema
+    assert (sd_vae.input_size, sd_vae.vae_downsample) == (2, 8)
+    cfg.write_text(cfg.read_text().replace("stabilityai/sd-vae-ft-ema", "someone/two-level-vae"))
+    with pytest.raises(ConfigError, match="not known by name.*--vae FOLDER"):
+        convert_starflow(ckpt, cfg, tmp_path / "unknown")
+    assert not (tmp_path / "unknown").exists()
+    assert read_config(convert_starflow(ckpt, cfg, tmp_path / "known", vae=root / "vae")).input_size == 8
+    with pytest.raises(ValueError, match="no such VAE folder"):
+        convert_starflow(ckpt, cfg, tmp_path / "bad", vae=tmp_path / "missing")
+
+    # Folders converted before the field existed read as the SD-VAE's 8.
+    old = json.loads((tmp_path / "by_name" / "config.json").read_text())
+    del old["vae_downsample"]
+    (tmp_path / "by_name" / "config.json").write_text(json.dumps(old))
+    assert read_config(tmp_path / "by_name").pixels_per_latent == 8
