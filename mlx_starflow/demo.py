@@ -46,7 +46,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import shapes
 from .config import FlowConfig
-from .flow import Flow, Jacobi
+from .flow import Flow
+from .sample import Jacobi
 from .hub import DEMO as DEMO_DIR
 from .weights import load_flow, save_model
 

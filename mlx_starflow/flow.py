@@ -1,13 +1,14 @@
 """The flow: STARFlow and TarFlow transformer autoregressive flows.
 
-`forward` maps data to noise (density, exact log-likelihood); `sample` inverts it
-token by token with a KV cache, or in Jacobi blocks. Arrays are channels-last:
-images and latents are (B, H, W, C); tokens are (B, N, D) in natural order.
+The model only: layers, the density direction (data -> noise with its exact
+log-determinant), one decoding step over a KV cache, cache creation. Sampling
+(the guidance rule, the token and Jacobi loops) is in sample.py. Arrays are
+channels-last: images and latents are (B, H, W, C); tokens are (B, N, D) in
+natural order.
 """
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,10 +18,6 @@ from .config import FlowConfig
 from .rope import apply_rope, rope_table
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(0 + this) == 1: a zero output means unit scale
-
-
-class Cancelled(Exception):
-    """Raised inside sampling when a progress callback asks to stop."""
 
 
 class RMSNorm(nn.Module):
@@ -51,33 +48,6 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose weight may be held input-major, (in, out), as `weight_t`:
-    a CPU BLAS streams that layout faster in the sampling step's 2-row products
-    (see input_major)."""
-
-    def __call__(self, x):
-        if "weight_t" not in self:
-            return super().__call__(x)
-        return mx.addmm(self.bias, x, self.weight_t) if "bias" in self else x @ self.weight_t
-
-
-def input_major(model: nn.Module) -> int:
-    """Hold the float32 transformer linears' weights as (in, out), one layer at a
-    time; returns how many changed. For sampling on the CPU: with MKL the deep
-    block's 2-row products stream 20-23 GB/s of weights this way against 13 GB/s
-    (BENCHMARKS.md). The weights' names change, so such a model is not to be
-    saved or quantized; Metal keeps the usual layout."""
-    n = 0
-    for _, m in model.named_modules():
-        if isinstance(m, Linear) and "weight" in m and m.weight.dtype == mx.float32:
-            m.weight_t = mx.contiguous(m.weight.T)
-            m.pop("weight")
-            mx.eval(m.weight_t)
-            n += 1
-    return n
-
-
 def make_norm(cfg: FlowConfig, dims: int):
     return RMSNorm(dims) if cfg.norm_type == "rms_norm" else LayerNorm(dims)
 
@@ -87,8 +57,8 @@ class Attention(nn.Module):
         super().__init__()
         hd = cfg.head_dim
         self.norm = make_norm(cfg, channels)
-        self.qkv = Linear(channels, (heads + 2 * kv_heads) * hd, bias=cfg.use_bias)
-        self.proj = Linear(heads * hd, channels, bias=cfg.use_bias)
+        self.qkv = nn.Linear(channels, (heads + 2 * kv_heads) * hd, bias=cfg.use_bias)
+        self.proj = nn.Linear(heads * hd, channels, bias=cfg.use_bias)
         if cfg.use_qk_norm:
             self.query_norm = RMSNorm(hd)
             self.key_norm = RMSNorm(hd)
@@ -126,12 +96,12 @@ class MLP(nn.Module):
         self.norm = make_norm(cfg, channels)
         self.swiglu = cfg.use_swiglu
         if cfg.use_swiglu:
-            self.gate_proj = Linear(channels, hidden, bias=cfg.use_bias)
-            self.up_proj = Linear(channels, hidden, bias=cfg.use_bias)
-            self.down_proj = Linear(hidden, channels, bias=cfg.use_bias)
+            self.gate_proj = nn.Linear(channels, hidden, bias=cfg.use_bias)
+            self.up_proj = nn.Linear(channels, hidden, bias=cfg.use_bias)
+            self.down_proj = nn.Linear(hidden, channels, bias=cfg.use_bias)
         else:
-            self.main = [Linear(channels, hidden, bias=cfg.use_bias), nn.GELU(),
-                         Linear(hidden, channels, bias=cfg.use_bias)]
+            self.main = [nn.Linear(channels, hidden, bias=cfg.use_bias), nn.GELU(),
+                         nn.Linear(hidden, channels, bias=cfg.use_bias)]
         if cfg.use_post_norm:
             self.post_norm = RMSNorm(channels)
 
@@ -157,22 +127,6 @@ class Layer(nn.Module):
 
 def _rows(rope, start, end):
     return None if rope is None else (rope[0][start:end], rope[1][start:end])
-
-
-@dataclass
-class Jacobi:
-    """Block-wise Jacobi sampling: chunks of `block_size` tokens, each iterated to
-    a relative change below `threshold` or `max_iter` times."""
-
-    block_size: int = 16
-    threshold: float = 1e-3
-    max_iter: int = 32
-
-    def __post_init__(self):
-        if self.block_size < 1:
-            raise ValueError(f"Jacobi block size must be at least 1, not {self.block_size}")
-        if self.max_iter < 1:
-            raise ValueError(f"Jacobi max_iter must be at least 1, not {self.max_iter}")
 
 
 class FlowBlock(nn.Module):
@@ -259,25 +213,6 @@ class FlowBlock(nn.Module):
         rows = self.class_embed[mx.maximum(labels, 0)]
         return mx.where((labels < 0)[:, None, None], mean[None], rows)
 
-    def guided(self, a, b, w):
-        """Scale and shift for the next tokens, combining the conditional and
-        unconditional halves of the batch when guiding with weight w."""
-        if w <= 0:
-            return self.scale(a), b
-        n = a.shape[0] // 2
-        if self.linear_guidance:  # TarFlow guides a and b linearly
-            a = a[:n] + w * (a[:n] - a[n:])
-            b = b[:n] + w * (b[:n] - b[n:])
-            s, mu = mx.exp(a), b
-        else:
-            s_all = self.scale(a)
-            sc, su, bc, bu = s_all[:n], s_all[n:], b[:n], b[n:]
-            r = mx.square(mx.minimum(sc / su, 1.0))
-            denom = 1 + w - w * r
-            s = sc / mx.sqrt(denom)
-            mu = ((1 + w) * bc - (w * r) * bu) / denom
-        return mx.concatenate([s, s]), mx.concatenate([mu, mu])
-
     # -- density -----------------------------------------------------------------
 
     def affine(self, x, rope=None, text=None, cond=None, recompute=False):
@@ -324,25 +259,6 @@ class FlowBlock(nn.Module):
             h = layer(h, r, cache, None if mlps is None else mlps[i])
         return h if mlps is not None else self.head(h)
 
-    def sample(self, z, rope=None, text=None, cond=None, guidance=0.0,
-               jacobi: Optional[Jacobi] = None, progress: Optional[Callable] = None):
-        """Noise -> data for z (B', N, D) float32, B' already doubled when guiding.
-
-        progress(done, total) is called after each token (or Jacobi chunk); it
-        may raise Cancelled."""
-        if self.flip:
-            z = z[:, ::-1]
-        B, N, D = z.shape
-        n_txt = text.shape[1] if text is not None else 0
-        caches = self.new_caches(B, n_txt + N)
-        if text is not None:
-            self.prefill(text, rope, caches)
-        if jacobi is None:
-            x = self._sample_sequential(z, caches, rope, cond, guidance, progress)
-        else:
-            x = self._sample_jacobi(z, caches, rope, cond, guidance, jacobi, progress)
-        return x[:, ::-1] if self.flip else x
-
     def new_caches(self, batch, length):
         """One preallocated KV cache per layer for `length` positions."""
         dtype = self.proj_in.weight.dtype
@@ -356,87 +272,9 @@ class FlowBlock(nn.Module):
             h = layer(h, r, cache)
         mx.eval([c.state for c in caches])
 
-    def _sos(self, B):
+    def sos_tokens(self, B):
+        """The start-of-sequence input for a batch of B: (B, 1, D)."""
         return mx.broadcast_to(self.sos_embed, (B, 1, self.sos_embed.shape[-1]))
-
-    # Token loop options, measured by `python -m mlx_starflow.benchmark --compare-loop`
-    # (BENCHMARKS.md). compile_step fuses the fixed-shape parts of a step (the MLPs, the
-    # head and the guided update): faster on the CPU, and traced once per block, so
-    # only for blocks long enough to repay the trace. overlap builds token t+1's graph
-    # while token t computes: slower on a 2-core CPU, where both compete for the cores.
-    overlap = False
-    compile_step = True
-    compile_min_tokens = 64
-
-    def _compiled(self, guidance):
-        # Built per call: the weights are baked in, so a later load or quantize is seen.
-        mlps = [mx.compile(lambda x, m=layer.mlp: x + m(x)) for layer in self.attn_blocks]
-
-        def finish(h, zt):
-            s, mu = self.guided(*self.head(h), guidance)
-            return zt * s + mu
-
-        return mlps, mx.compile(finish)
-
-    def _sample_sequential(self, z, caches, rope, cond, guidance, progress):
-        B, N, _ = z.shape
-        if self.sos:
-            prev, tokens, first = self._sos(B), [], 0
-        else:  # token 0 is its own noise; input t produces token t+1
-            prev, tokens, first = z[:, :1], [z[:, :1]], 1
-        compiled = self.compile_step and N >= self.compile_min_tokens
-        mlps, finish = self._compiled(guidance) if compiled else (None, None)
-        for t in range(N - first):
-            i = t + first
-            if mlps is None:
-                s, mu = self.guided(*self.step(prev, t, caches, rope, cond), guidance)
-                prev = z[:, i : i + 1] * s + mu
-            else:
-                prev = finish(self.step(prev, t, caches, rope, cond, mlps), z[:, i : i + 1])
-            tokens.append(prev)
-            if self.overlap:  # queue this token, then wait for the previous one: one sync per token
-                mx.async_eval(prev)
-                if len(tokens) > 1:
-                    mx.eval(tokens[-2])
-                done = i
-            else:
-                mx.eval(prev)  # one sync per token
-                done = i + 1
-            if progress is not None and done > 0:
-                progress(done, N)
-        if self.overlap:
-            mx.eval(prev)
-            if progress is not None:
-                progress(N, N)
-        return mx.concatenate(tokens, axis=1)
-
-    def _sample_jacobi(self, z, caches, rope, cond, guidance, jac: Jacobi, progress):
-        if not self.sos or "pos_embed" in self:
-            raise ValueError("Jacobi sampling needs a model with an SOS token and RoPE; use sequential sampling")
-        B, N, _ = z.shape
-        # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
-        x_full = mx.concatenate([self._sos(B).astype(mx.float32), z], axis=1)
-        start = 0
-        while start < N:
-            size = jac.block_size
-            for i in range(jac.max_iter):
-                if start + size >= N:
-                    size = N - start
-                a, b = self.step(x_full[:, start : start + size], start, caches, rope, cond)
-                s, mu = self.guided(a, b, guidance)
-                new = mu + s * z[:, start : start + size]
-                old = x_full[:, start + 1 : start + 1 + size]
-                diff = mx.mean(mx.square(new - old)) / mx.mean(mx.square(new))
-                x_full[:, start + 1 : start + 1 + size] = new
-                mx.eval(x_full, diff)  # one sync per iteration
-                if diff.item() < jac.threshold or i == jac.max_iter - 1:
-                    break  # keep this iteration's cache entries
-                for cache in caches:
-                    cache.rewind(size)
-            start += size
-            if progress is not None:
-                progress(start, N)
-        return x_full[:, 1:]
 
 
 class IdentityBlock(nn.Module):
@@ -525,7 +363,7 @@ class Flow(nn.Module):
             return None
         return rope_table(cfg.head_dim, h, w, txt_len if has_text else 0, cfg.txt_size > 0, cfg.pt_seq_len)
 
-    def _check_input(self, x, name):
+    def check_input(self, x, name):
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
             raise ValueError(f"{name} must be (batch, height, width, {cfg.in_channels}), got shape {tuple(x.shape)}")
@@ -534,7 +372,7 @@ class Flow(nn.Module):
             raise ValueError(f"{name} must be {cfg.input_size}x{cfg.input_size} for this model "
                              f"(learned positions), got {x.shape[1]}x{x.shape[2]}")
 
-    def _text(self, y, batch):
+    def check_text(self, y, batch):
         cfg = self.config
         if cfg.txt_dim == 0:
             return None
@@ -550,10 +388,10 @@ class Flow(nn.Module):
     def __call__(self, x, y=None, recompute=False):
         """Data -> noise. x (B, H, W, C); returns z (same shape, float32) and the
         total log-determinant per sample (B,). `recompute`: see FlowBlock.affine."""
-        self._check_input(x, "x")
+        self.check_input(x, "x")
         B = x.shape[0]
         h, w = self.grid(x)
-        text = self._text(y, B)
+        text = self.check_text(y, B)
         tokens = self.patchify(x).astype(mx.float32)
         logdet = mx.zeros((B,), dtype=mx.float32)
         for block in self.blocks:
@@ -579,50 +417,11 @@ class Flow(nn.Module):
 
     # -- sampling -------------------------------------------------------------------
 
-    def sample(self, noise, y=None, guidance: float = 0.0, jacobi: Optional[Jacobi] = None,
-               progress: Optional[Callable] = None):
-        """Noise -> data. noise (B, H, W, C). For STARFlow, y is the text embeddings:
-        B rows, or 2B rows [conditional; unconditional] when guidance > 0. For
-        TarFlow, y is the class labels (B,) and the unconditional pass uses the
-        mean class embedding.
+    def sample(self, noise, y=None, guidance: float = 0.0, jacobi=None):
+        """Noise -> data: sample.sample(self, ...), run to the end (see sample.py)."""
+        from .sample import sample
 
-        progress(block_index, done, total) after each token or Jacobi chunk; it
-        may raise Cancelled."""
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, not {guidance}")
-        self._check_input(noise, "noise")
-        cfg = self.config
-        B = noise.shape[0]
-        h, w = self.grid(noise)
-        if cfg.txt_dim:
-            text = self._text(y, 2 * B if guidance > 0 else y.shape[0] if y is not None else B)
-            if guidance == 0 and text.shape[0] == 2 * B:
-                text = text[:B]
-            elif guidance == 0 and text.shape[0] != B:
-                raise ValueError(f"{text.shape[0]} rows of text embeddings for a batch of {B}")
-        else:
-            text = None
-        tokens = self.patchify(noise).astype(mx.float32)
-        order = [len(self.blocks) - 1] + list(range(len(self.blocks) - 2, -1, -1))
-        for i in order:
-            block = self.blocks[i]
-            if isinstance(block, IdentityBlock):
-                continue
-            conditioned = block.has_text or "class_embed" in block
-            g = guidance if conditioned else 0.0
-            t = None
-            if block.has_text:
-                t = text if g > 0 else text[:B]
-            rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
-            cond = None
-            if "class_embed" in block:
-                cond = block.class_rows(y, B, sampling=True)
-                if g > 0:
-                    cond = mx.concatenate([cond, block.class_rows(None, B, unconditional=True)])
-            z = mx.concatenate([tokens, tokens]) if g > 0 else tokens
-            cb = None if progress is None else (lambda done, total, i=i: progress(i, done, total))
-            tokens = block.sample(z, rope, t, cond, g, jacobi, cb)[:B]
-        return self.unpatchify(tokens, h, w)
+        return sample(self, noise, y, guidance, jacobi=jacobi)
 
     # -- denoising -------------------------------------------------------------------
 
@@ -639,10 +438,10 @@ class Flow(nn.Module):
         """The learnable self-denoiser: x - 0.3 * denoiser(x, y)."""
         if "learnable_self_denoiser" not in self:
             raise ValueError("this model has no learnable self-denoiser; use the score step")
-        self._check_input(x, "x")
+        self.check_input(x, "x")
         den = self.learnable_self_denoiser
         h, w = self.grid(x)
-        text = self._text(y, x.shape[0]) if den.has_text else None
+        text = self.check_text(y, x.shape[0]) if den.has_text else None
         rope = self.rope(den.has_text, h, w, 0 if text is None else text.shape[1])
         out = den(self.patchify(x), rope, text)
         return x - 0.3 * self.unpatchify(out, h, w)

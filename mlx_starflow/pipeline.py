@@ -12,23 +12,29 @@ run one after another.
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .flow import Cancelled, Flow, Jacobi, input_major
+from . import device
+from .flow import Flow
 from .hub import DEFAULT_MODEL, resolve
+from .sample import Jacobi, Step, check_guidance, sample_steps
 from .weights import DTYPES, load_flow
 
-__all__ = ["Pipeline", "Result", "Cancelled", "ClassEncoder"]
+__all__ = ["Pipeline", "Result", "Cancelled", "ClassEncoder", "GenerateOptions", "Event"]
 
 SAMPLERS = ("jacobi", "sequential")
 DENOISE = ("auto", "score", "learned", "none")
 # The reference image scripts' sampling settings.
 DEFAULT_GUIDANCE = 3.6
 DEFAULT_JACOBI = Jacobi(block_size=16, threshold=1e-3, max_iter=32)
+
+
+class Cancelled(Exception):
+    """A call stopped by its progress callback (the pipeline stays usable)."""
 
 
 @dataclass
@@ -42,42 +48,18 @@ class Result:
     params: dict = field(default_factory=dict)  # everything needed to reproduce it
 
 
-class ClassEncoder:
-    """Prompts of a class-conditional model -> one-hot label prefixes (B, 1, classes + 1),
-    the reference's label embedder; the last row is the unconditional label ("")."""
+@dataclass
+class Event:
+    """One report of `Pipeline.generate_steps`: `done` of `total` of a stage
+    ("text", "deep", "shallow", "denoise", "decode"). `step` is the sampler's Step
+    during "deep" and "shallow" (step.preview() shows the current sample); `result`
+    is set on the last event only."""
 
-    def __init__(self, class_names: Sequence[str]):
-        self.class_names = list(class_names)
-        self.txt_size, self.width = 1, len(self.class_names) + 1
-
-    def index(self, prompt: str) -> int:
-        p = " ".join(str(prompt).lower().split())
-        if p == "":
-            return len(self.class_names)
-        names = [" ".join(n.lower().split()) for n in self.class_names]
-        if p not in names:
-            valid = ", ".join(f'"{n}"' for n in self.class_names)
-            raise ValueError(f'unknown prompt "{prompt}": this model knows only these {len(names)}: {valid}')
-        return names.index(p)
-
-    def encode(self, prompts) -> mx.array:
-        idx = mx.array([self.index(p) for p in prompts])
-        return (idx[:, None, None] == mx.arange(self.width)[None, None, :]).astype(mx.float32)
-
-    def release(self):
-        pass
-
-
-def _auto_dtype(folder) -> Optional[str]:
-    """The precision policy: float32 models of more than a billion parameters run in
-    bfloat16 (half the memory and weight traffic); others as stored."""
-    import json
-
-    path = folder / "model.safetensors"
-    with open(path, "rb") as f:  # the safetensors header: names, dtypes, offsets
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    f32 = sum(4 * int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
-    return "bfloat16" if f32 > 4e9 else None
+    stage: str
+    done: int
+    total: int
+    step: Optional[Step] = None
+    result: Optional[Result] = None
 
 
 def expand_seeds(seed, count: int) -> List[int]:
@@ -96,7 +78,7 @@ def expand_seeds(seed, count: int) -> List[int]:
     return [int(seed) + i for i in range(count)]
 
 
-def _check_prompts(prompt) -> List[str]:
+def check_prompts(prompt) -> List[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts:
         raise ValueError("give at least one prompt (a string or a non-empty list of strings)")
@@ -106,17 +88,141 @@ def _check_prompts(prompt) -> List[str]:
     return prompts
 
 
+@dataclass
+class GenerateOptions:
+    """Everything a generation call can be asked, shared by the API and the command
+    line. `validate()` checks what needs no model; `Pipeline.resolve_options` fills
+    the model's own defaults (guidance, sampler) and checks the rest against it."""
+
+    prompts: Union[str, Sequence[str]]
+    negative_prompt: str = ""
+    num_images: int = 1
+    seed: Union[None, int, Sequence[int]] = None
+    guidance: Optional[float] = None  # None: the model's own default, else 3.6
+    sampler: Optional[str] = None  # None: the model's own default, else "jacobi"
+    jacobi_block_size: int = 16
+    jacobi_threshold: float = 1e-3
+    jacobi_max_iter: int = 32
+    denoise: str = "auto"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    latents: Optional[object] = None  # the initial noise (B, H, W, C) instead of seeds
+
+    def validate(self) -> "GenerateOptions":
+        self.prompts = check_prompts(self.prompts)
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, not {self.num_images!r}")
+        if self.guidance is not None:
+            self.guidance = check_guidance(self.guidance)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
+        if self.denoise not in DENOISE:
+            raise ValueError(f"denoise must be one of {', '.join(DENOISE)}, not {self.denoise!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError("negative_prompt must be a string")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        return self
+
+    @property
+    def batch_prompts(self) -> List[str]:
+        return [p for p in self.prompts for _ in range(self.num_images)]
+
+    @property
+    def jacobi(self) -> Optional[Jacobi]:
+        if self.sampler != "jacobi":
+            return None
+        return Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+
+class ClassEncoder:
+    """Prompts of a class-conditional model -> its conditioning, the one path from a
+    prompt to a class. A prompt is a class name (case and spaces ignored) or a class
+    id. Models with class names (the demo) take a one-hot text prefix
+    (B, 1, classes + 1), the reference's label embedder, whose last row is the
+    unconditional label (""); TarFlow models take the class ids (B,)."""
+
+    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None, one_hot: bool = True):
+        self.class_names = list(class_names) if class_names else None
+        self.num_classes = num_classes
+        self.one_hot = one_hot
+        self.txt_size, self.width = 1, num_classes + 1
+
+    @classmethod
+    def for_config(cls, cfg) -> Optional["ClassEncoder"]:
+        if cfg.class_names:
+            return cls(len(cfg.class_names), cfg.class_names, one_hot=True)
+        if cfg.model_type == "tarflow" and cfg.num_classes:
+            return cls(cfg.num_classes, None, one_hot=False)
+        return None
+
+    @property
+    def labels(self) -> List[str]:
+        """Every class as a prompt."""
+        return list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
+
+    def index(self, prompt) -> int:
+        p = " ".join(str(prompt).lower().split())
+        if p == "" and self.one_hot:
+            return self.num_classes
+        if self.class_names:
+            names = [" ".join(n.lower().split()) for n in self.class_names]
+            if p in names:
+                return names.index(p)
+        try:
+            i = int(p)
+        except ValueError:
+            i = -1
+        if 0 <= i < self.num_classes:
+            return i
+        if self.class_names:
+            valid = ", ".join(f'"{n}"' for n in self.class_names)
+            raise ValueError(f'unknown prompt "{prompt}": this model knows only these {self.num_classes}: {valid}')
+        raise ValueError(f'unknown class "{prompt}": this model is class-conditional; '
+                         f"the prompt must be a class id 0..{self.num_classes - 1}")
+
+    def encode(self, prompts) -> mx.array:
+        idx = mx.array([self.index(p) for p in prompts])
+        if not self.one_hot:
+            return idx
+        return (idx[:, None, None] == mx.arange(self.width)[None, None, :]).astype(mx.float32)
+
+    def release(self):
+        pass
+
+
+def _auto_dtype(folder) -> Optional[str]:
+    """The precision policy: float32 models of more than a billion parameters run in
+    bfloat16 (half the memory and weight traffic); others as stored."""
+    import json
+
+    path = folder / "model.safetensors"
+    with open(path, "rb") as f:  # the safetensors header: names, dtypes, offsets
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    f32 = sum(4 * int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    return "bfloat16" if f32 > 4e9 else None
+
+
 class Pipeline:
     def __init__(self, flow: Flow, text_loader: Optional[Callable] = None, vae=None,
-                 keep_text_encoder: bool = False, info: Optional[dict] = None):
+                 keep_text_encoder: bool = False, info: Optional[dict] = None, vae_loader: Optional[Callable] = None):
         self.flow = flow
         self.config = flow.config
-        self.vae = vae
+        self.vae = vae  # the decoder (and the encoder once an image was encoded)
         self.info = info or {}
         self.keep_text_encoder = keep_text_encoder
         self._text_loader = text_loader
-        self._text = ClassEncoder(self.config.class_names) if self.config.class_names else None
-        self._lock = threading.Lock()
+        self._vae_loader = vae_loader  # (encoder: bool) -> VAE
+        self.classes = ClassEncoder.for_config(self.config)
+        self._text = None
+        self._lock = threading.RLock()
         self.vae_tile = None  # decode in tiles of this many latents
 
     # -- loading ---------------------------------------------------------------
@@ -144,9 +250,7 @@ class Pipeline:
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
         if dtype == "auto":
             dtype = _auto_dtype(where.flow)
-        flow = load_flow(where.flow, dtype=dtype, quantize=q)
-        if mx.default_device() == mx.cpu:
-            input_major(flow)  # float32 linears only; faster products on a CPU BLAS
+        flow = device.prepare(load_flow(where.flow, dtype=dtype, quantize=q))
         loader = None
         if where.text_encoder is not None:
             from .text import load_text_encoder
@@ -156,20 +260,23 @@ class Pipeline:
 
             def loader():
                 return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
-        vae_model = None
+        vae_loader = None
         if where.vae is not None:
             from .vae import load_vae
 
-            vae_model = load_vae(where.vae, dtype=DTYPES[vae_dtype])
+            def vae_loader(encoder: bool):
+                return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
         info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder,
                 "vae": where.vae, "dtype": dtype, "quantize": quantize}
-        pipe = cls(flow, loader, vae_model, keep_text_encoder, info)
+        pipe = cls(flow, loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info, vae_loader)
         pipe.vae_tile = vae_tile
         return pipe
 
     # -- the stages ---------------------------------------------------------------
 
     def _encoder(self):
+        if self.classes is not None:
+            return self.classes
         if self._text is None:
             if self._text_loader is None:
                 raise ValueError("this model has no text encoder")
@@ -177,32 +284,48 @@ class Pipeline:
         return self._text
 
     def _release_text(self):
-        if self._text is not None and not isinstance(self._text, ClassEncoder) and not self.keep_text_encoder:
+        if self._text is not None and not self.keep_text_encoder:
             self._text.release()
             self._text = None
 
-    def encode(self, prompts: List[str]) -> mx.array:
-        """Prompts -> the flow's conditioning rows (text embeddings or one-hot labels)."""
-        if self.config.model_type == "tarflow":
-            return mx.array([self._class_id(p) for p in prompts])
-        unique = list(dict.fromkeys(prompts))
-        y = self._encoder().encode(unique)
-        return y[mx.array([unique.index(p) for p in prompts])]
+    def check_prompts(self, prompts: Sequence[str]):
+        """For class-conditional models, every prompt must name a class."""
+        if self.classes is not None:
+            for p in prompts:
+                self.classes.index(p)
 
-    def _class_id(self, prompt) -> int:
-        k = self.config.num_classes
-        try:
-            i = int(str(prompt).strip())
-        except ValueError:
-            i = -1
-        if not 0 <= i < k:
-            raise ValueError(f"this TarFlow model is class-conditional: the prompt must be a class id 0..{k - 1}")
-        return i
+    def encode(self, prompts: List[str]) -> mx.array:
+        """Prompts -> the flow's conditioning rows (text embeddings, one-hot labels or
+        class ids). Each distinct prompt is encoded once."""
+        with self._lock:
+            unique = list(dict.fromkeys(prompts))
+            y = self._encoder().encode(unique)
+            return y[mx.array([unique.index(p) for p in prompts])]
+
+    def conditioning(self, prompts: List[str], negative_prompt: str = "", guided: bool = False):
+        """(y for sampling, y_cond): the conditional rows, followed when guiding by the
+        rows of the negative prompt (STARFlow: [cond; uncond]; TarFlow takes the
+        unconditional rows from its mean class embedding). Frees the text encoder
+        unless keep_text_encoder."""
+        with self._lock:
+            try:
+                y_cond = self.encode(prompts)
+                y = y_cond
+                if guided and self.config.txt_dim:
+                    y = mx.concatenate([y_cond, self.encode([negative_prompt] * len(prompts))])
+                mx.eval(y)
+            finally:
+                self._release_text()
+            return y, y_cond
+
+    def image_size(self) -> int:
+        cfg = self.config
+        return cfg.image_size or cfg.input_size * cfg.pixels_per_latent
 
     def latent_shape(self, height=None, width=None):
         cfg = self.config
-        f = 8 if cfg.vae else 1
-        size = cfg.image_size or cfg.input_size * f
+        f = cfg.pixels_per_latent
+        size = self.image_size()
         h, w = height or size, width or size
         m = f * cfg.patch_size
         if h % m or w % m:
@@ -227,134 +350,145 @@ class Pipeline:
             out += to_pil(image)
         return out
 
-    # -- generate -----------------------------------------------------------------
-
-    def generate(self, prompt: Union[str, Sequence[str]], *, negative_prompt: str = "", num_images: int = 1,
-                 seed: Union[None, int, Sequence[int]] = None, guidance: Optional[float] = None,
-                 sampler: Optional[str] = None, jacobi_block_size: int = 16, jacobi_threshold: float = 1e-3,
-                 jacobi_max_iter: int = 32, denoise: str = "auto", latents=None, height: Optional[int] = None,
-                 width: Optional[int] = None, progress: Optional[Callable] = None) -> Result:
-        """Generate num_images images per prompt.
-
-        seed: one int (image i gets seed + i), one per image, or None (random).
-        latents: the initial noise (B, H, W, C) instead of seeds (B = prompts x num_images).
-        progress(stage, done, total) is called during each stage; returning False
-        cancels the call (raises Cancelled) and leaves the pipeline usable."""
-        cfg = self.config
-        defaults = getattr(cfg, "sampling", None) or {}  # a model may record its own defaults
-        guidance = defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else float(guidance)
-        sampler = sampler or defaults.get("sampler", "jacobi")
-        # Everything the user can get wrong is checked before any heavy work.
-        prompts = _check_prompts(prompt)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, not {num_images!r}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, not {guidance}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-        jacobi = Jacobi(jacobi_block_size, jacobi_threshold, jacobi_max_iter) if sampler == "jacobi" else None
-        if jacobi is not None and (not cfg.sos or not cfg.rope):
-            raise ValueError("this model cannot use Jacobi sampling (it needs SOS and RoPE); use sampler='sequential'")
-        if denoise not in DENOISE:
-            raise ValueError(f"denoise must be one of {', '.join(DENOISE)}, not {denoise!r}")
-        if denoise == "learned" and not cfg.learnable_self_denoiser:
-            raise ValueError("this model has no learnable denoiser: use denoise='score' or 'none'")
-        if not isinstance(negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
-        batch_prompts = [p for p in prompts for _ in range(num_images)]
-        B = len(batch_prompts)
-        shape = self.latent_shape(height, width)
-        if latents is not None:
-            latents = mx.array(latents) if not isinstance(latents, mx.array) else latents
-            if tuple(latents.shape) != (B, *shape):
-                raise ValueError(f"latents must have shape {(B, *shape)} (batch, height, width, channels), "
-                                 f"got {tuple(latents.shape)}")
-            seeds = []
-        else:
-            seeds = expand_seeds(seed, B)
-        if cfg.model_type == "tarflow":
-            for p in prompts:
-                self._class_id(p)
-        elif self._text is not None and isinstance(self._text, ClassEncoder):
-            for p in prompts + [negative_prompt]:
-                self._text.index(p)
-        if denoise == "auto":
-            denoise = "none" if cfg.finetuned_vae else "learned" if cfg.learnable_self_denoiser else "score"
+    def encode_images(self, images: mx.array) -> mx.array:
+        """Images (B, H, W, 3) in [-1, 1] -> what the flow models: the VAE's scaled
+        posterior mean for STARFlow (the encoder is loaded on first use), the pixels
+        themselves for pixel models."""
+        if self.config.vae is None:
+            return images
+        from .vae import encode_image
 
         with self._lock:
-            return self._generate(batch_prompts, negative_prompt, seeds, latents, shape, guidance, jacobi,
-                                  sampler, denoise, progress)
-
-    def _generate(self, prompts, negative, seeds, latents, shape, guidance, jacobi, sampler, denoise, progress):
-        cfg = self.config
-        B = len(prompts)
-        timings = {}
-        mx.reset_peak_memory()
-
-        def report(stage, done, total):
-            if progress is not None and progress(stage, done, total) is False:
-                raise Cancelled(stage)
-
-        def timed(stage, fn):
-            t = time.perf_counter()
-            out = fn()
+            if self.vae is None or getattr(self.vae, "encoder", None) is None:
+                if self._vae_loader is None:
+                    raise ValueError("this pipeline has no VAE to encode images with")
+                self.vae = self._vae_loader(True)
+            out = encode_image(self.vae, images)
             mx.eval(out)
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
             return out
 
-        report("text", 0, 1)
-        guided = guidance > 0
-        y_cond = timed("text", lambda: self.encode(prompts))
-        y = y_cond
-        if guided and cfg.model_type != "tarflow":
-            y_unc = timed("text", lambda: self.encode([negative] * B))
-            y = mx.concatenate([y_cond, y_unc])
-        self._release_text()
-        report("text", 1, 1)
+    # -- generate -----------------------------------------------------------------
 
-        x = latents if latents is not None else self.noise(seeds, shape)
-        real_blocks = [i for i, n in enumerate(cfg.layers_per_block) if n > 0]
-        top, n_shallow = real_blocks[-1], len(real_blocks) - 1
-        marks = {"start": time.perf_counter()}
+    def resolve_options(self, opts: GenerateOptions) -> GenerateOptions:
+        """A validated copy of opts with the model's defaults filled in, checked
+        against this model (before any heavy work)."""
+        cfg = self.config
+        opts = replace(opts).validate()
+        defaults = getattr(cfg, "sampling", None) or {}  # a model may record its own defaults
+        if opts.guidance is None:
+            opts.guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE))
+        opts.sampler = opts.sampler or defaults.get("sampler", "jacobi")
+        if opts.sampler == "jacobi" and (not cfg.sos or not cfg.rope):
+            raise ValueError("this model cannot use Jacobi sampling (it needs SOS and RoPE); use sampler='sequential'")
+        if opts.denoise == "learned" and not cfg.learnable_self_denoiser:
+            raise ValueError("this model has no learnable denoiser: use denoise='score' or 'none'")
+        if opts.denoise == "auto":
+            opts.denoise = "none" if cfg.finetuned_vae else "learned" if cfg.learnable_self_denoiser else "score"
+        shape = self.latent_shape(opts.height, opts.width)
+        B = len(opts.batch_prompts)
+        if opts.latents is not None:
+            lat = opts.latents if isinstance(opts.latents, mx.array) else mx.array(opts.latents)
+            if tuple(lat.shape) != (B, *shape):
+                raise ValueError(f"latents must have shape {(B, *shape)} (batch, height, width, channels), "
+                                 f"got {tuple(lat.shape)}")
+            opts.latents = lat.astype(mx.float32)
+            opts.seed = []
+        else:
+            opts.seed = expand_seeds(opts.seed, B)
+        self.check_prompts(opts.prompts)
+        if self.classes is not None and self.classes.one_hot and opts.guidance > 0:
+            self.classes.index(opts.negative_prompt)
+        opts.height, opts.width = shape[0] * cfg.pixels_per_latent, shape[1] * cfg.pixels_per_latent
+        return opts
 
-        def flow_progress(block, done, total):
-            if block == top:
-                report("deep", done, total)
-                if done == total:
-                    marks["deep"] = time.perf_counter()
+    def generate(self, prompt: Union[str, Sequence[str], GenerateOptions], *, progress: Optional[Callable] = None,
+                 **options) -> Result:
+        """Generate num_images images per prompt. Options are GenerateOptions' fields:
+        negative_prompt, num_images, seed (one int: image i gets seed + i; one per
+        image; None: random), guidance, sampler, jacobi_block_size, jacobi_threshold,
+        jacobi_max_iter, denoise, height, width, latents (the initial noise
+        (B, H, W, C) instead of seeds, B = prompts x num_images).
+
+        progress(stage, done, total) is called during each stage; returning False
+        cancels the call (raises Cancelled) and leaves the pipeline usable."""
+        steps = self.generate_steps(prompt, **options)
+        for event in steps:
+            if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
+                steps.close()
+                raise Cancelled(event.stage)
+        if progress is not None:
+            progress(event.stage, event.done, event.total)
+        return event.result
+
+    def generate_steps(self, prompt: Union[str, Sequence[str], GenerateOptions], **options) -> Iterator[Event]:
+        """Generation as a generator of Events: one per token or Jacobi chunk while
+        sampling, one per other stage; the last carries the Result. Options are
+        checked before the first event; stop iterating to cancel."""
+        unknown = sorted(set(options) - set(GenerateOptions.names()))
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(GenerateOptions.names()[1:])}")
+        opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
+        opts = self.resolve_options(opts)
+        return self._run(opts)
+
+    def _run(self, opts: GenerateOptions) -> Iterator[Event]:
+        with self._lock:
+            yield from self._stages(opts)
+
+    def _stages(self, opts: GenerateOptions) -> Iterator[Event]:
+        cfg = self.config
+        prompts = opts.batch_prompts
+        timings = {}
+        mx.reset_peak_memory()
+        guided = opts.guidance > 0
+
+        yield Event("text", 0, 1)
+        t0 = time.perf_counter()
+        y, y_cond = self.conditioning(prompts, opts.negative_prompt, guided)
+        timings["text"] = time.perf_counter() - t0
+        yield Event("text", 1, 1)
+
+        x = opts.latents if opts.latents is not None else self.noise(opts.seed, self.latent_shape(opts.height, opts.width))
+        top = cfg.num_blocks - 1
+        shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
+        start = deep_end = time.perf_counter()
+        for step in sample_steps(self.flow, x, y, opts.guidance, jacobi=opts.jacobi):
+            if step.block == top:
+                yield Event("deep", step.done, step.total, step)
+                if step.done == step.total:
+                    deep_end = time.perf_counter()
             else:
-                k = sorted(real_blocks[:-1], reverse=True).index(block)
-                report("shallow", k * total + done, n_shallow * total)
-
-        x = self.flow.sample(x, y, guidance=guidance, jacobi=jacobi, progress=flow_progress)
-        mx.eval(x)
+                k = sorted(shallow, reverse=True).index(step.block)
+                yield Event("shallow", k * step.total + step.done, len(shallow) * step.total, step)
+        x = step.x
         end = time.perf_counter()
-        deep_end = marks.get("deep", end)
-        timings["deep"] = deep_end - marks["start"]
-        if n_shallow:
+        timings["deep"] = deep_end - start
+        if shallow:
             timings["shallow"] = end - deep_end
 
-        if denoise != "none":
-            report("denoise", 0, 1)
-            if denoise == "learned":
-                x = timed("denoise", lambda: self.flow.learned_denoise(x, y_cond))
+        if opts.denoise != "none":
+            yield Event("denoise", 0, 1)
+            t0 = time.perf_counter()
+            if opts.denoise == "learned":
+                x = self.flow.learned_denoise(x, y_cond)
             else:
-                x = timed("denoise", lambda: self.flow.denoise(x, y_cond, cfg.noise_std))
-            report("denoise", 1, 1)
+                x = self.flow.denoise(x, y_cond, cfg.noise_std)
+            mx.eval(x)
+            timings["denoise"] = time.perf_counter() - t0
+            yield Event("denoise", 1, 1)
 
-        report("decode", 0, 1)
-        t = time.perf_counter()
+        yield Event("decode", 0, 1)
+        t0 = time.perf_counter()
         images = self.decode(x)
-        timings["decode"] = time.perf_counter() - t
-        report("decode", 1, 1)
+        timings["decode"] = time.perf_counter() - t0
 
-        params = {
-            "guidance": guidance, "sampler": sampler, "denoise": denoise, "negative_prompt": negative,
-            "model": self.info.get("model"), "height": shape[0] * (8 if cfg.vae else 1),
-            "width": shape[1] * (8 if cfg.vae else 1),
-        }
-        if jacobi is not None:
-            params.update(jacobi_block_size=jacobi.block_size, jacobi_threshold=jacobi.threshold,
-                          jacobi_max_iter=jacobi.max_iter)
-        return Result(images=images, latents=x, seeds=seeds, prompts=list(prompts), timings=timings,
-                      peak_memory=mx.get_peak_memory(), params=params)
+        params = {"guidance": opts.guidance, "sampler": opts.sampler, "denoise": opts.denoise,
+                  "negative_prompt": opts.negative_prompt, "model": self.info.get("model"),
+                  "height": opts.height, "width": opts.width}
+        if opts.jacobi is not None:
+            params.update(jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
+                          jacobi_max_iter=opts.jacobi_max_iter)
+        result = Result(images=images, latents=x, seeds=list(opts.seed), prompts=list(prompts), timings=timings,
+                        peak_memory=mx.get_peak_memory(), params=params)
+        yield Event("decode", 1, 1, result=result)

@@ -6,7 +6,8 @@ import pytest
 
 from helpers import TXT_DIM, rand, randomize, tiny_flow
 from mlx_starflow.config import FlowConfig
-from mlx_starflow.flow import Cancelled, Flow, IdentityBlock, Jacobi
+from mlx_starflow.flow import Flow, IdentityBlock
+from mlx_starflow.sample import Jacobi, guided, sample_block, sample_steps
 
 B = 2
 
@@ -59,7 +60,7 @@ def test_each_block_inverts(name):
         t = y if block.has_text else None
         rope = model.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
         z, _ = block(tokens, rope, t)
-        np.testing.assert_allclose(np.array(block.sample(z, rope, t)), np.array(tokens), atol=1e-4)
+        np.testing.assert_allclose(np.array(sample_block(block, z, rope, t)), np.array(tokens), atol=1e-4)
 
 
 def naive_sample(block, z, rope, text, guidance):
@@ -72,7 +73,9 @@ def naive_sample(block, z, rope, text, guidance):
         x[:, 0] = z[:, 0]
     for t in range(first, z.shape[1]):
         a, b = block.affine(x, rope, text)
-        s, mu = block.guided(a, b, guidance)
+        s, mu = guided(block, a, b, guidance)
+        if guidance > 0:
+            s, mu = mx.concatenate([s, s]), mx.concatenate([mu, mu])
         x[:, t] = z[:, t] * s[:, t] + mu[:, t]
     return x[:, ::-1] if block.flip else x
 
@@ -87,7 +90,7 @@ def test_kv_cached_sampling_equals_recomputation(name, guidance):
     rope = model.rope(True, h, w, y.shape[1])
     z = model.patchify(x)
     z = mx.concatenate([z, z])
-    cached = top.sample(z, rope, text, guidance=guidance)
+    cached = sample_block(top, z, rope, text, guidance=guidance)
     naive = naive_sample(top, z, rope, text, guidance)
     np.testing.assert_allclose(np.array(cached), np.array(naive), atol=1e-4)
 
@@ -123,13 +126,13 @@ def test_guidance_rule():
     a = rand((4, 3, 2), 3)
     b = rand((4, 3, 2), 4)
     w = 1.7
-    s, mu = top.guided(a, b, w)
+    s, mu = guided(top, a, b, w)
+    assert s.shape == (2, 3, 2)
     sc, su = [np.log1p(np.exp(np.array(v) + 0.541324854612918)) for v in (a[:2], a[2:])]
     bc, bu = np.array(b[:2]), np.array(b[2:])
     r = np.minimum(sc / su, 1) ** 2
     np.testing.assert_allclose(np.array(s[:2]), sc / np.sqrt(1 + w - w * r), rtol=1e-5)
     np.testing.assert_allclose(np.array(mu[:2]), ((1 + w) * bc - w * r * bu) / (1 + w - w * r), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.array(s[2:]), np.array(s[:2]))
 
 
 def test_log_prob_and_score_step_match_finite_differences():
@@ -199,19 +202,20 @@ def test_tarflow_roundtrip_guidance_and_mean_embedding():
         model.sample(z, labels, jacobi=Jacobi())
 
 
-def test_progress_and_cancel():
+def test_steps_report_every_token_and_stopping_cancels():
     model = make("t2i")
     x, y = inputs(model)
-    seen = []
-    model.sample(x, y, progress=lambda blk, done, total: seen.append((blk, done, total)))
-    assert seen[0][0] == 3 and seen[-1] == (0, 16, 16)
-
-    def stop(blk, done, total):
-        if done == 3:
-            raise Cancelled
-
-    with pytest.raises(Cancelled):
-        model.sample(x, y, progress=stop)
+    seen = [(st.block, st.done, st.total) for st in sample_steps(model, x, y)]
+    # the deep block (3) first, then the shallow ones; 16 tokens each; block 1 is an identity
+    assert [b for b, done, _ in seen if done == 1] == [3, 2, 0]
+    assert seen[0] == (3, 1, 16) and seen[-1] == (0, 16, 16) and len(seen) == 3 * 16
+    steps = sample_steps(model, x, y)
+    for st in steps:
+        if st.done == 3:
+            preview = st.preview()
+            break
+    steps.close()  # stopping is cancelling: nothing else to call
+    assert preview.shape == x.shape
     np.testing.assert_allclose(np.array(model.sample(x, y)), np.array(model.sample(x, y)))
 
 
@@ -228,30 +232,43 @@ def test_bad_inputs():
         model.sample(x, y, guidance=2.0)  # guidance needs 2B rows
     with pytest.raises(ValueError, match="block size"):
         Jacobi(block_size=0)
+    for bad in (float("nan"), float("inf"), "high"):
+        with pytest.raises(ValueError, match="guidance must be a finite number|guidance must be a number"):
+            model.sample(x, mx.concatenate([y, y]), guidance=bad)
+    with pytest.raises(ValueError, match="threshold"):
+        Jacobi(threshold=-1e-3)
+    with pytest.raises(ValueError, match="threshold"):
+        Jacobi(threshold=float("nan"))
     assert TXT_DIM == y.shape[-1]
 
 
 @pytest.mark.parametrize("name", ["t2i", "gemma_style"])
-def test_input_major_weights_give_the_same_model(name):
-    """flow.input_major stores the transformer linears (in, out) for CPU BLAS:
-    density, guided sampling and the score step are unchanged."""
+def test_input_major_weights_give_the_same_model(name, tmp_path):
+    """device.input_major holds the float32 linears input-major for a CPU BLAS:
+    density, guided sampling and the score step are unchanged, and the parameters
+    keep their names and shapes, so the model still saves and quantizes."""
     from mlx.utils import tree_flatten
 
-    from mlx_starflow.flow import input_major
+    from mlx_starflow.device import input_major
 
     model = make(name)
     x, y = inputs(model)
     y2 = mx.concatenate([y, rand(y.shape, 7)])
     before = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     n_linears = sum(k.endswith(".weight") and ".attn_blocks." in f".{k}" and v.ndim == 2
                     for k, v in tree_flatten(model.parameters()))
     assert input_major(model) == n_linears > 0
-    keys = [k for k, _ in tree_flatten(model.parameters())]
-    assert sum(k.endswith("weight_t") for k in keys) == n_linears
+    assert {k: v.shape for k, v in tree_flatten(model.parameters())} == shapes
     after = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
     for a, b in zip(before, after):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
-    assert input_major(model) == 0  # already done
+    # saved and loaded back: the same numbers in the usual layout
+    path = str(tmp_path / "w.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(model.parameters())))
+    again = make(name, seed=5)
+    again.load_weights(path)
+    np.testing.assert_allclose(np.array(again.log_prob(x, y)), np.array(before[0]), rtol=1e-4, atol=1e-4)
 
     # Other dtypes keep the usual layout.
     half = make(name)

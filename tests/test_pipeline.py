@@ -144,12 +144,48 @@ def test_concurrent_calls_are_serialised(pipe):
     (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
     (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
     (dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32)), "latents must have shape"),
+    (dict(prompt="x", guidance=float("nan")), "guidance must be a finite number"),
+    (dict(prompt="x", guidance=float("inf")), "guidance must be a finite number"),
+    (dict(prompt="x", jacobi_threshold=-0.1), "threshold"),
+    (dict(prompt="x", num_images=True), "num_images"),
 ])
 def test_bad_arguments_fail_before_work(pipe, kwargs, match):
     calls = []
     with pytest.raises(ValueError, match=match):
         pipe.generate(**kwargs, progress=lambda *a: calls.append(a))
     assert calls == []
+
+
+def test_unknown_option_and_options_object(pipe):
+    from mlx_starflow.pipeline import GenerateOptions
+
+    with pytest.raises(TypeError, match="unknown generation option.*guidence"):
+        pipe.generate("x", guidence=2.0)
+    a = pipe.generate(GenerateOptions("a cat", seed=3, sampler="sequential", guidance=1.0))
+    b = pipe.generate("a cat", seed=3, sampler="sequential", guidance=1.0)
+    np.testing.assert_array_equal(np.array(a.latents), np.array(b.latents))
+
+
+def test_generation_never_loads_the_vae_encoder(pipe):
+    from mlx.utils import tree_flatten
+
+    assert pipe.vae.encoder is None
+    assert not any(k.startswith("encoder.") for k, _ in tree_flatten(pipe.vae.parameters()))
+    # Encoding an image loads it on first use; decoding is unchanged.
+    img = mx.zeros((1, 32, 32, 3))
+    before = np.array(pipe.decode(mx.ones((1, 4, 4, 4)))[0])
+    z = pipe.encode_images(img)
+    assert z.shape == (1, 4, 4, 4) and pipe.vae.encoder is not None
+    np.testing.assert_array_equal(np.array(pipe.decode(mx.ones((1, 4, 4, 4)))[0]), before)
+
+
+def test_generate_steps_yield_previews_and_the_result(pipe):
+    steps = list(pipe.generate_steps("a cat", seed=1, sampler="sequential"))
+    stages = [e.stage for e in steps]
+    assert stages[0] == "text" and stages[-1] == "decode" and steps[-1].result is not None
+    deep = [e for e in steps if e.stage == "deep"]
+    assert deep and deep[0].step.preview().shape == (1, 4, 4, 4)
+    assert all(e.result is None for e in steps[:-1])
 
 
 def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
@@ -191,7 +227,7 @@ def test_command_line(release, cache, tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--cfg", "-1"], "guidance must be >= 0"),
+    (["--cfg", "-1"], ">= 0"),
     (["--num-images", "0"], "num-images"),
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--model", "/no/such/model"], "neither"),

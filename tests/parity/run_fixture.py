@@ -32,7 +32,7 @@ def _nchw(a):
 def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     import mlx.core as mx
 
-    from mlx_starflow.flow import Jacobi
+    from mlx_starflow.sample import Jacobi
     from mlx_starflow.weights import convert_starflow, convert_tarflow, load_flow
 
     out = tmp / "model"

@@ -1,0 +1,326 @@
+"""Sampling a flow: noise -> data, and its exact inverse under guidance.
+
+Blocks are sampled deep (top) block first, then the shallow blocks from the
+highest index down, each token by token with a KV cache or in Jacobi chunks.
+`sample_steps` is a generator that yields a `Step` after every token (or Jacobi
+chunk): a caller shows progress, times tokens, previews, or cancels by simply
+no longer iterating. `sample` runs it to the end. `invert` is the guided density
+direction: for any guidance weight, sample(invert(x)) == x.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+
+from .flow import Flow, FlowBlock, IdentityBlock
+
+
+@dataclass
+class Jacobi:
+    """Block-wise Jacobi sampling: chunks of `block_size` tokens, each iterated to
+    a relative change below `threshold` or `max_iter` times."""
+
+    block_size: int = 16
+    threshold: float = 1e-3
+    max_iter: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"Jacobi block size must be an integer >= 1, not {self.block_size!r}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"Jacobi max_iter must be an integer >= 1, not {self.max_iter!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"Jacobi threshold must be a finite number >= 0, not {self.threshold!r}")
+
+
+def check_guidance(guidance) -> float:
+    """The guidance weight as a float, or a ValueError naming what is wrong."""
+    try:
+        w = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be a number >= 0, not {guidance!r}") from None
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, not {guidance!r}")
+    return w
+
+
+def guided(block: FlowBlock, a, b, w: float):
+    """Scale and shift for the next tokens, combining the conditional and
+    unconditional halves of the batch when guiding with weight w; x = z * s + mu.
+    With w > 0 the result has the rows of the conditional half only."""
+    if w <= 0:
+        return block.scale(a), b
+    n = a.shape[0] // 2
+    if block.linear_guidance:  # TarFlow guides a and b linearly
+        a = a[:n] + w * (a[:n] - a[n:])
+        b = b[:n] + w * (b[:n] - b[n:])
+        return mx.exp(a), b
+    s_all = block.scale(a)
+    sc, su, bc, bu = s_all[:n], s_all[n:], b[:n], b[n:]
+    r = mx.square(mx.minimum(sc / su, 1.0))
+    denom = 1 + w - w * r
+    return sc / mx.sqrt(denom), ((1 + w) * bc - (w * r) * bu) / denom
+
+
+def _doubled(s, mu, w):
+    # The sampled tokens feed both halves of the guidance batch.
+    return (mx.concatenate([s, s]), mx.concatenate([mu, mu])) if w > 0 else (s, mu)
+
+
+# -- one block ---------------------------------------------------------------------------
+
+
+def _compiled(block: FlowBlock, guidance: float):
+    """The fixed-shape parts of a sequential step fused by mx.compile: each layer's
+    MLP residual, and the head with the guided update. Built per block sampled, so
+    weights loaded or quantized later are seen."""
+    mlps = [mx.compile(lambda x, m=layer.mlp: x + m(x)) for layer in block.attn_blocks]
+
+    def finish(h, zt):
+        s, mu = _doubled(*guided(block, *block.head(h), guidance), guidance)
+        return zt * s + mu
+
+    return mlps, mx.compile(finish)
+
+
+def _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, compile_min_tokens):
+    B, N, _ = z.shape
+    if block.sos:
+        prev, tokens, first = block.sos_tokens(B), [], 0
+    else:  # token 0 is its own noise; input t produces token t+1
+        prev, tokens, first = z[:, :1], [z[:, :1]], 1
+    mlps, finish = _compiled(block, guidance) if compile_step and N >= compile_min_tokens else (None, None)
+
+    def current():
+        done = mx.concatenate(tokens, axis=1) if tokens else z[:, :0]
+        return mx.concatenate([done, z[:, done.shape[1]:]], axis=1)
+
+    for t in range(N - first):
+        i = t + first
+        if mlps is None:
+            s, mu = _doubled(*guided(block, *block.step(prev, t, caches, rope, cond), guidance), guidance)
+            prev = z[:, i : i + 1] * s + mu
+        else:
+            prev = finish(block.step(prev, t, caches, rope, cond, mlps), z[:, i : i + 1])
+        tokens.append(prev)
+        if overlap:  # queue this token, then wait for the previous one: still one sync per token
+            mx.async_eval(prev)
+            if len(tokens) > 1:
+                mx.eval(tokens[-2])
+            if i > 0:
+                yield i, current
+        else:
+            mx.eval(prev)  # one sync per token
+            yield i + 1, current
+    if overlap:
+        mx.eval(prev)
+        yield N, current
+    return mx.concatenate(tokens, axis=1)
+
+
+def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
+    if not block.sos or "pos_embed" in block:
+        raise ValueError("Jacobi sampling needs a model with an SOS token and RoPE; use sequential sampling")
+    B, N, _ = z.shape
+    # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
+    x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
+
+    def current():
+        return x_full[:, 1:]
+
+    start = 0
+    while start < N:
+        size = jac.block_size
+        for i in range(jac.max_iter):
+            size = min(size, N - start)
+            a, b = block.step(x_full[:, start : start + size], start, caches, rope, cond)
+            s, mu = _doubled(*guided(block, a, b, guidance), guidance)
+            new = mu + s * z[:, start : start + size]
+            old = x_full[:, start + 1 : start + 1 + size]
+            diff = mx.mean(mx.square(new - old)) / mx.mean(mx.square(new))
+            x_full[:, start + 1 : start + 1 + size] = new
+            mx.eval(x_full, diff)  # one sync per iteration
+            if diff.item() < jac.threshold or i == jac.max_iter - 1:
+                break  # keep this iteration's cache entries
+            for cache in caches:
+                cache.rewind(size)
+        start += size
+        yield start, current
+    return x_full[:, 1:]
+
+
+def _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens):
+    if jacobi is None:
+        return _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, compile_min_tokens)
+    return _jacobi(block, z, caches, rope, cond, guidance, jacobi)
+
+
+def block_steps(block: FlowBlock, z, caches, rope=None, cond=None, guidance: float = 0.0, *,
+                jacobi: Optional[Jacobi] = None, compile_step: bool = True, overlap: bool = False,
+                compile_min_tokens: int = 64):
+    """Sample one block: z (B', N, D) float32 in the block's own order (B' doubled
+    when guiding), caches already holding any prefix (their offset is where these
+    tokens start). Yields the number of tokens done after each token or Jacobi chunk
+    (one sync each); returns x (B', N, D).
+
+    compile_step fuses the fixed-shape parts of a sequential step (faster, but traced
+    once per block, so only for blocks of at least compile_min_tokens tokens); overlap
+    builds token t+1's graph while token t computes (pays on a GPU, not on a 2-core
+    CPU where both compete). Measured by `python -m mlx_starflow.benchmark --compare-loop`."""
+    loop = _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens)
+    while True:
+        try:
+            done, _ = next(loop)
+        except StopIteration as stop:
+            return stop.value
+        yield done
+
+
+def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap):
+    """Sample one block from its noise z (B', N, D) in natural token order: its own
+    caches, the text prefix, the loop. Yields (done, current tokens in the block's
+    order); returns x in natural order."""
+    if block.flip:
+        z = z[:, ::-1]
+    n_txt = 0 if text is None else text.shape[1]
+    caches = block.new_caches(z.shape[0], n_txt + z.shape[1])
+    if text is not None:
+        block.prefill(text, rope, caches)
+    x = yield from _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, 64)
+    return x[:, ::-1] if block.flip else x
+
+
+def sample_block(block: FlowBlock, z, rope=None, text=None, cond=None, guidance: float = 0.0, *,
+                 jacobi: Optional[Jacobi] = None, compile_step: bool = True, overlap: bool = False):
+    """Noise -> data through one block: z (B', N, D) in natural order, B' doubled
+    (text and cond rows too) when guiding; returns x (B', N, D)."""
+    loop = _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap)
+    while True:
+        try:
+            next(loop)
+        except StopIteration as stop:
+            return stop.value
+
+
+# -- the whole flow ------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """Where sampling is: `done` of `total` tokens of block `block` are finished.
+    `x` is set on the last step only: the finished sample (B, H, W, C)."""
+
+    block: int
+    done: int
+    total: int
+    x: Optional[mx.array] = None
+    _view: Optional[Callable] = None
+
+    def preview(self) -> mx.array:
+        """(B, H, W, C): the block's finished tokens, the rest still noise (or the
+        current Jacobi guesses), in image layout."""
+        return self.x if self.x is not None else self._view()
+
+
+def _conditioning(flow: Flow, block: FlowBlock, y, text, B: int, w: float):
+    """The text rows and class rows block needs for a batch of B, doubled when guiding."""
+    t = None
+    if block.has_text:
+        t = text if w > 0 else text[:B]
+    cond = None
+    if "class_embed" in block:
+        cond = block.class_rows(y, B, sampling=True)
+        if w > 0:
+            cond = mx.concatenate([cond, block.class_rows(None, B, unconditional=True)])
+    return t, cond
+
+
+def _prepare(flow: Flow, x, y, guidance):
+    """Checks shared by sampling and inversion; returns (B, h, w, text, guidance)."""
+    w = check_guidance(guidance)
+    flow.check_input(x, "noise")
+    cfg = flow.config
+    B = x.shape[0]
+    h, wd = flow.grid(x)
+    text = None
+    if cfg.txt_dim:
+        rows = 2 * B if w > 0 else y.shape[0] if y is not None else B
+        text = flow.check_text(y, rows)
+        if w == 0 and text.shape[0] == 2 * B:
+            text = text[:B]
+        elif w == 0 and text.shape[0] != B:
+            raise ValueError(f"{text.shape[0]} rows of text embeddings for a batch of {B}")
+    return B, h, wd, text, w
+
+
+def sampling_order(flow: Flow):
+    """Indices of the blocks with layers, in the order sampling visits them."""
+    n = len(flow.blocks)
+    return [i for i in [n - 1] + list(range(n - 2, -1, -1)) if not isinstance(flow.blocks[i], IdentityBlock)]
+
+
+def sample_steps(flow: Flow, noise, y=None, guidance: float = 0.0, *, jacobi: Optional[Jacobi] = None,
+                 compile_step: bool = True, overlap: bool = False) -> Iterator[Step]:
+    """Noise -> data, one Step per token or Jacobi chunk. noise (B, H, W, C). For
+    STARFlow, y is the text embeddings: B rows, or 2B rows [conditional;
+    unconditional] when guidance > 0. For TarFlow, y is the class labels (B,), the
+    unconditional pass using the mean class embedding. Stop iterating to cancel."""
+    B, h, w, text, g_all = _prepare(flow, noise, y, guidance)
+    tokens = flow.patchify(noise).astype(mx.float32)
+    order = sampling_order(flow)
+    for k, i in enumerate(order):
+        block = flow.blocks[i]
+        g = g_all if (block.has_text or "class_embed" in block) else 0.0
+        t, cond = _conditioning(flow, block, y, text, B, g)
+        rope = flow.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
+        z = mx.concatenate([tokens, tokens]) if g > 0 else tokens
+        loop = _run_block(block, z, rope, t, cond, g, jacobi, compile_step, overlap)
+
+        def image(seq, block=block):
+            seq = seq[:B]
+            return flow.unpatchify(seq[:, ::-1] if block.flip else seq, h, w)
+
+        while True:
+            try:
+                done, current = next(loop)
+            except StopIteration as stop:
+                x = stop.value[:B]
+                break
+            if done < z.shape[1]:
+                yield Step(i, done, z.shape[1], None, lambda c=current, f=image: f(c()))
+        tokens = x
+        last = k == len(order) - 1
+        out = flow.unpatchify(tokens, h, w)
+        yield Step(i, z.shape[1], z.shape[1], out if last else None, lambda o=out: o)
+
+
+def sample(flow: Flow, noise, y=None, guidance: float = 0.0, *, jacobi: Optional[Jacobi] = None,
+           compile_step: bool = True, overlap: bool = False) -> mx.array:
+    """Run sample_steps to the end: the sample (B, H, W, C)."""
+    for step in sample_steps(flow, noise, y, guidance, jacobi=jacobi, compile_step=compile_step, overlap=overlap):
+        pass
+    return step.x
+
+
+def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:
+    """Data -> the noise that `sample` with the same y and guidance maps back to x.
+
+    Given the finished sequence, every token's guided scale and shift come from one
+    causal pass (conditional and unconditional rows together), so each block inverts
+    exactly in one parallel pass, in the reverse of the sampling order."""
+    B, h, w, text, g_all = _prepare(flow, x, y, guidance)
+    tokens = flow.patchify(x).astype(mx.float32)
+    for i in reversed(sampling_order(flow)):
+        block = flow.blocks[i]
+        g = g_all if (block.has_text or "class_embed" in block) else 0.0
+        t, cond = _conditioning(flow, block, y, text, B, g)
+        rope = flow.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
+        seq = tokens[:, ::-1] if block.flip else tokens
+        a, b = block.affine(mx.concatenate([seq, seq]) if g > 0 else seq, rope, t, cond)
+        s, mu = guided(block, a, b, g)
+        z = (seq - mu) / s
+        tokens = z[:, ::-1] if block.flip else z
+        mx.eval(tokens)
+    return flow.unpatchify(tokens, h, w)
