@@ -492,3 +492,23 @@ class Pipeline:
         result = Result(images=images, latents=x, seeds=list(opts.seed), prompts=list(prompts), timings=timings,
                         peak_memory=mx.get_peak_memory(), params=params)
         yield Event("decode", 1, 1, result=result)
+
+    # -- what only a flow can do: each in its own module, reached from here ----------
+
+    def score(self, images, prompts, **kwargs):
+        """Exact likelihood of images under prompts: see score.score."""
+        from .score import score
+
+        return score(self, images, prompts, **kwargs)
+
+    def invert(self, prompt, **kwargs):
+        """Images or latents -> the noise that sampling maps back to them: see edit.invert."""
+        from .edit import invert
+
+        return invert(self, prompt, **kwargs)
+
+    def edit(self, image, prompt, **kwargs):
+        """Editing by exact inversion: see edit.edit."""
+        from .edit import edit
+
+        return edit(self, image, prompt, **kwargs)
