@@ -100,16 +100,17 @@ def convert_cached(checkpoint: Path, config=None, quantize=None, origin=None, va
     The folder is written atomically, so a half-done conversion never counts.
     vae: a local VAE folder whose config sets the latent grid (see convert_starflow)."""
     from .vae import VAEConfig
-    from .weights import convert_starflow
+    from .weights import CONVERSION_VERSION, conversion_version, convert_starflow
 
     checkpoint = Path(checkpoint).resolve()
     cfg = _find_config(checkpoint, config)
     cfg_text = json.dumps(cfg, sort_keys=True) if isinstance(cfg, dict) else Path(cfg).read_text()
     factor = VAEConfig.from_folder(vae).downsample_factor if vae else None  # None: known by the VAE's name
     st = checkpoint.stat()
-    key = _key(checkpoint, st.st_size, st.st_mtime_ns, cfg_text, quantize, factor)
+    key = _key(checkpoint, st.st_size, st.st_mtime_ns, cfg_text, quantize, factor, CONVERSION_VERSION)
     out = cache_dir() / f"{checkpoint.stem}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    # a folder some older converter wrote is converted again
+    if (out / "model.safetensors").is_file() and conversion_version(out) == CONVERSION_VERSION:
         return out
     print(f"Converting {checkpoint.name} to MLX once, into {out} ...", flush=True)
     return convert_starflow(checkpoint, cfg, out, dtype=None, force=True, quantize=quantize, origin=origin, vae=vae)

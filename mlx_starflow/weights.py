@@ -23,6 +23,12 @@ from .torch_reader import CheckpointError, load_pth
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
+# The format of the folders this module writes. Bump it whenever the converter's output
+# changes (names, layouts, config keys or their meaning): the convert-once cache keys
+# on it, so folders written by an older converter are converted again.
+# 2: vae_downsample recorded (the latent grid from the VAE), conversion_version itself.
+CONVERSION_VERSION = 2
+
 # Buffers of the reference models that carry no learned state (masks, a constant prior,
 # placeholder rotary tables).
 IGNORED = re.compile(r"^(var|feat_rope(_gen)?\.freqs_(cos|sin))$|(^|\.)attn_mask$")
@@ -94,6 +100,7 @@ def save_model(out, config: FlowConfig, weights: dict, force=False, extra: Optio
     try:
         cfg = config.to_dict()
         cfg["converted_with"] = {"mlx_starflow": _version("mlx-starflow"), "mlx": _version("mlx")}
+        cfg["conversion_version"] = CONVERSION_VERSION
         cfg.update(extra or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -228,9 +235,17 @@ def _warn_unquantized(paths, group_size):
 def read_config(path) -> FlowConfig:
     """The FlowConfig of a converted model folder (its provenance keys dropped)."""
     raw = json.loads((Path(path) / "config.json").read_text())
-    for k in ("converted_with", "source"):
+    for k in ("converted_with", "source", "conversion_version"):
         raw.pop(k, None)
     return FlowConfig.from_dict(raw)
+
+
+def conversion_version(path) -> int:
+    """The CONVERSION_VERSION a model folder was written with (0 before it was recorded)."""
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text()).get("conversion_version", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # no folder, a damaged config.json
+        return 0
 
 
 def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:

@@ -259,3 +259,27 @@ def test_latent_grid_from_the_vae(tmp_path, monkeypatch):
     del old["vae_downsample"]
     (tmp_path / "by_name" / "config.json").write_text(json.dumps(old))
     assert read_config(tmp_path / "by_name").pixels_per_latent == 8
+
+
+def test_cache_converts_again_for_a_new_converter(reference, tmp_path, monkeypatch):
+    from mlx_starflow import weights
+
+    monkeypatch.setenv("MLX_STARFLOW_CACHE", str(tmp_path / "cache"))
+    _, ckpt, _ = reference
+    first = resolve(str(ckpt)).flow
+    meta = json.loads((first / "config.json").read_text())
+    assert meta["conversion_version"] == weights.CONVERSION_VERSION
+    assert resolve(str(ckpt)).flow == first
+    # A folder an older converter wrote under this key (or one with no version) is replaced.
+    for old in (1, None):
+        if old is None:
+            meta.pop("conversion_version")
+        else:
+            meta["conversion_version"] = old
+        (first / "config.json").write_text(json.dumps(meta))
+        assert resolve(str(ckpt)).flow == first
+        assert json.loads((first / "config.json").read_text())["conversion_version"] == weights.CONVERSION_VERSION
+    # A new converter version is a new cache key.
+    monkeypatch.setattr(weights, "CONVERSION_VERSION", weights.CONVERSION_VERSION + 1)
+    newer = resolve(str(ckpt)).flow
+    assert newer != first and weights.conversion_version(newer) == weights.CONVERSION_VERSION
