@@ -250,13 +250,22 @@ def conversion_version(path) -> int:
 
 def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:
     """Load a converted model folder. dtype casts float weights; quantize
-    ({"bits", "group_size"}) quantizes on the fly unless already quantized."""
+    ({"bits", "group_size"}) quantizes on the fly; a folder already quantized
+    accepts only its own quantization (its full-precision weights are gone)."""
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors); "
                                 "convert a checkpoint with convert/starflow.py or convert/tarflow.py")
     cfg = read_config(path)
+    if quantize and cfg.quantization:
+        want = {"bits": quantize["bits"], "group_size": quantize.get("group_size", 64)}
+        have = {"bits": cfg.quantization["bits"], "group_size": cfg.quantization["group_size"]}
+        if want != have:
+            raise ValueError(
+                f"{path} is already quantized to {have['bits']} bits (group size {have['group_size']}); "
+                f"to quantize to {want['bits']} bits (group size {want['group_size']}), load the "
+                "unquantized folder (or convert the checkpoint again)")
     model = Flow(cfg)
     if cfg.quantization:
         quantize_model(model, **cfg.quantization)

@@ -283,3 +283,13 @@ def test_cache_converts_again_for_a_new_converter(reference, tmp_path, monkeypat
     monkeypatch.setattr(weights, "CONVERSION_VERSION", weights.CONVERSION_VERSION + 1)
     newer = resolve(str(ckpt)).flow
     assert newer != first and weights.conversion_version(newer) == weights.CONVERSION_VERSION
+
+
+def test_quantizing_a_quantized_folder(reference, tmp_path):
+    _, ckpt, cfg = reference
+    q = convert_starflow(ckpt, cfg, tmp_path / "q8", quantize={"bits": 8, "group_size": 32})
+    same = load_flow(q, quantize={"bits": 8, "group_size": 32})  # what it is already: fine
+    assert same.config.quantization == {"bits": 8, "group_size": 32}
+    for other in ({"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 64}):
+        with pytest.raises(ValueError, match=r"already quantized to 8 bits \(group size 32\).*unquantized folder"):
+            load_flow(q, quantize=other)
