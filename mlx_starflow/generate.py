@@ -7,9 +7,10 @@ unless --overwrite is given, and files are written whole or not at all.
 
 import argparse
 import json
+import math
 import os
+import secrets
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -114,8 +115,10 @@ def read_metadata(path) -> dict:
 
 
 def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    # Created with 0666 so the user's umask decides the mode, as for any program's output
+    # (mkstemp would make it 0600).
+    tmp = (path.parent if str(path.parent) else Path(".")) / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)
