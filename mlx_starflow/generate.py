@@ -63,7 +63,8 @@ def parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--metadata", action="store_true", help="also write a JSON sidecar next to each image")
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal)")
     return p
 
 
@@ -140,10 +141,10 @@ def save(result, paths, metadata_sidecar=False):
 
 
 class Bars:
-    """One tqdm bar per stage."""
+    """One tqdm bar per stage, on a terminal only: a log or a pipe gets no redraws."""
 
     def __init__(self, enabled):
-        self.enabled, self.bar, self.stage = enabled, None, None
+        self.enabled, self.bar, self.stage = enabled and sys.stderr.isatty(), None, None
 
     def __call__(self, stage, done, total):
         if not self.enabled:
@@ -153,8 +154,8 @@ class Bars:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=STAGES.get(stage, stage), unit="tok" if stage in ("deep", "shallow") else "",
-                            leave=False, file=sys.stderr)
+            unit = "tok" if stage in ("deep", "shallow") else ""
+            self.bar = tqdm(total=total, desc=STAGES.get(stage, stage), unit=unit, leave=False, file=sys.stderr)
         self.bar.total = total
         self.bar.n = done
         self.bar.refresh()

@@ -48,3 +48,28 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    # stderr captured (a pipe or a log): no bar at all
+    assert demo("--seed", "1", "--output", str(tmp_path / "a.png")) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.strip() == str(tmp_path / "a.png")
+    # the same bars are drawn when stderr is a terminal
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    bars = generate.Bars(True)
+    bars("deep", 3, 64)
+    bars.close()
+    assert "Deep block" in term.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    bars = generate.Bars(False)  # --no-progress
+    bars("deep", 3, 64)
+    bars.close()
+    assert quiet.getvalue() == ""
+
+
