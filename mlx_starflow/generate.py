@@ -1,8 +1,9 @@
 """python -m mlx_starflow.generate --prompt "a cat playing piano"
 
 Writes PNG files that carry their generation parameters in PNG text chunks
-(read them back with `read_metadata`). Existing files are never overwritten
-unless --overwrite is given, and files are written whole or not at all.
+(read them back with `read_metadata`; `--from-image` makes the same image again).
+Existing files are never overwritten unless --overwrite is given, and files are
+written whole or not at all.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .hub import DEFAULT_MODEL, ModelNotFound
+from .hub import DEFAULT_CHECKPOINT, DEFAULT_MODEL, ModelNotFound
 
 ENGINE = "mlx-starflow"
 STAGES = {"text": "Encoding prompt", "deep": "Deep block", "shallow": "Shallow blocks",
@@ -28,44 +29,155 @@ def engine_version() -> str:
         return f"{ENGINE} (source)"
 
 
+MODEL_DEFAULTS = ("A model folder may carry its own defaults, used where an option is not given: its sampling "
+                  "settings (\"sampling\" in its config.json) and its image size. The demo samples with guidance "
+                  "1.0, sequentially, at 32x32.")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default, except where there is no value to show: those help
+    texts say what decides it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("mlx-starflow-") else "python -m mlx_starflow.generate"
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="python -m mlx_starflow.generate",
+    p = argparse.ArgumentParser(prog=_prog(), formatter_class=HelpFormatter, epilog=MODEL_DEFAULTS,
                                 description="Generate images with STARFlow on MLX.")
-    p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
-    p.add_argument("--negative-prompt", default="", help="the unconditional prompt for guidance (default: empty)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'demo', a converted folder, a .pth checkpoint or folder, or a Hugging Face repo id")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file name inside --model (repo or folder)")
-    p.add_argument("--config", default=None, help="the reference YAML config of the checkpoint")
-    p.add_argument("--text-encoder", default=None, help="text encoder folder or repo (default: named by the model)")
-    p.add_argument("--vae", default=None, help="VAE folder or repo (default: named by the model)")
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="one seed, or one per image")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (default 3.6, or the model's own)")
-    p.add_argument("--sampler", choices=["jacobi", "sequential"], default=None)
-    p.add_argument("--jacobi-block-size", type=int, default=16)
-    p.add_argument("--jacobi-threshold", type=float, default=1e-3)
-    p.add_argument("--jacobi-max-iter", type=int, default=32)
-    p.add_argument("--denoise", choices=["auto", "score", "learned", "none"], default="auto")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--prompt", metavar="P", nargs="+", default=None,
+                   help="one or more prompts (required unless --from-image gives it)")
+    p.add_argument("--negative-prompt", metavar="P", default="",
+                   help="the prompt guidance steers away from (default: empty)")
+    p.add_argument("--from-image", metavar="PNG", default=None,
+                   help="make an image again: every parameter from the metadata of a PNG this command wrote; "
+                        "options given here override it")
+    p.add_argument("--model", metavar="NAME", default=DEFAULT_MODEL,
+                   help="'demo' (the bundled toy model), a converted MLX folder, a .pth checkpoint or a folder "
+                        "holding one, or a Hugging Face repo id")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help=f"checkpoint file name inside --model (default: {DEFAULT_CHECKPOINT} in a repo, "
+                        "the only .pth in a folder)")
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="the checkpoint's reference YAML config (default: the .yaml beside it, or the one the "
+                        "package carries for the released checkpoint)")
+    p.add_argument("--text-encoder", metavar="NAME", default=None,
+                   help="text encoder folder or repo id (default: the model folder's text_encoder/, else the "
+                        "one the model names: google/flan-t5-xl for the release)")
+    p.add_argument("--vae", metavar="NAME", default=None,
+                   help="VAE folder or repo id (default: the model folder's vae/, else the one the model names: "
+                        "stabilityai/sd-vae-ft-ema for the release)")
+    p.add_argument("--seed", metavar="N", type=int, nargs="+", default=None,
+                   help="one seed (image i gets seed + i), or one per image (default: random; each PNG records "
+                        "its seed)")
+    p.add_argument("--num-images", metavar="N", type=int, default=1, help="images per prompt, sampled as one batch")
+    p.add_argument("--cfg", metavar="W", type=float, default=None,
+                   help="guidance weight, 0 for none (default: the model's own, else 3.6 as the reference "
+                        "image script)")
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default=None,
+                   help="jacobi: blocks of tokens solved in parallel by Jacobi iteration; sequential: token by "
+                        "token (default: the model's own, else jacobi)")
+    p.add_argument("--jacobi-block-size", metavar="N", type=int, default=16, help="tokens per Jacobi block")
+    p.add_argument("--jacobi-threshold", metavar="T", type=float, default=1e-3,
+                   help="a block is done when an iteration changes it by less than this (relative mean square)")
+    p.add_argument("--jacobi-max-iter", metavar="N", type=int, default=32, help="most Jacobi iterations per block")
+    p.add_argument("--denoise", choices=["auto", "score", "learned", "none"], default="auto",
+                   help="after sampling: the model's learned denoiser, one step along its score, or nothing; "
+                        "auto: learned if the model has one, none with a fine-tuned VAE, else score")
+    p.add_argument("--height", metavar="PX", type=int, default=None,
+                   help="image height in pixels (default: the model's size, 256 for the release); other sizes "
+                        "only for models trained on several aspect ratios")
+    p.add_argument("--width", metavar="PX", type=int, default=None,
+                   help="image width in pixels (default: the model's size)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="flow weights precision (auto: bfloat16 for float32 models above 1B parameters, "
                         "else as stored)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the flow's linear layers")
+    p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                   help="quantize the flow's linear layers to this many bits (default: as stored)")
     p.add_argument("--text-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="text encoder precision (T5 overflows in float16)")
-    p.add_argument("--text-quantize", type=int, choices=[4, 8], default=None, help="quantize the text encoder")
+    p.add_argument("--text-quantize", type=int, choices=[4, 8], default=None,
+                   help="quantize the text encoder to this many bits (default: not quantized)")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32", help="VAE precision")
-    p.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many latents (less memory)")
-    p.add_argument("--output", default="starflow-{seed}.png",
-                   help="output PNG; {seed} and {index} are replaced (default starflow-{seed}.png)")
+    p.add_argument("--vae-tile", metavar="N", type=int, default=None,
+                   help="decode in tiles of this many latents, for less memory (default: whole)")
+    p.add_argument("--output", metavar="PNG", default="starflow-{seed}.png",
+                   help="output PNG; {seed} and {index} are replaced")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--metadata", action="store_true", help="also write a JSON sidecar next to each image")
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal)")
     return p
+
+
+def _finite_at_least(low):
+    return lambda v: math.isfinite(v) and v >= low
+
+
+# Checked before loading anything, so a mistake names the flag the user typed.
+CHECKS = (
+    ("cfg", "--cfg", _finite_at_least(0), "guidance must be >= 0 and finite"),
+    ("jacobi_threshold", "--jacobi-threshold", _finite_at_least(0), "the Jacobi threshold must be >= 0 and finite"),
+    ("jacobi_block_size", "--jacobi-block-size", _finite_at_least(1), "the Jacobi block size must be at least 1"),
+    ("jacobi_max_iter", "--jacobi-max-iter", _finite_at_least(1), "must be at least 1"),
+    ("num_images", "--num-images", _finite_at_least(1), "must be at least 1"),
+    ("height", "--height", _finite_at_least(1), "must be at least 1 pixel"),
+    ("width", "--width", _finite_at_least(1), "must be at least 1 pixel"),
+    ("vae_tile", "--vae-tile", _finite_at_least(2), "must be at least 2 latents"),
+)
+
+
+def check_args(args):
+    for dest, flag, ok, rule in CHECKS:
+        value = getattr(args, dest)
+        if value is not None and not ok(value):
+            raise ValueError(f"{flag}: {rule}, not {value}")
+
+
+# PNG metadata names that differ from the option's (--cfg is stored as the pipeline's "guidance").
+METADATA_NAMES = {"guidance": "cfg"}
+# What the command records besides the pipeline's own parameters, so --from-image loads the same way.
+LOAD_OPTIONS = ("checkpoint", "config", "text_encoder", "vae", "dtype", "quantize", "text_dtype",
+                "text_quantize", "vae_dtype", "vae_tile")
+
+
+def metadata_args(path, p) -> list:
+    """A PNG's parameters as command-line arguments of `p` (the ones it has)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--from-image {path}: no such file")
+    try:
+        params = read_metadata(path)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"--from-image {path}: not a PNG with generation parameters ({e})") from None
+    if "prompt" not in params or "seed" not in params:
+        raise ValueError(f"--from-image {path}: its metadata has no prompt and seed (not written by this command)")
+    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+    argv = []
+    for key, value in params.items():
+        dest = METADATA_NAMES.get(key, key)
+        if dest in flags and value is not None and dest != "from_image":
+            argv.append(f"{flags[dest]}={value}")  # '=' keeps a value starting with '-' a value
+    return argv
+
+
+def parse_args(p, argv):
+    """The options: given ones override a --from-image PNG's, which override the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    if args.from_image:
+        args = p.parse_args(metadata_args(args.from_image, p) + argv)
+    elif not args.prompt:
+        p.error("the following arguments are required: --prompt (or --from-image)")
+    check_args(args)
+    return args
 
 
 def output_paths(template: str, seeds, count: int):
@@ -128,10 +240,11 @@ def _atomic_write(path: Path, write):
         raise
 
 
-def save(result, paths, metadata_sidecar=False):
+def save(result, paths, metadata_sidecar=False, load_options=None):
+    """The images as PNGs carrying their parameters (and the options the model was loaded with)."""
     version = engine_version()
     for i, (img, path) in enumerate(zip(result.images, paths)):
-        params = {"prompt": result.prompts[i], **result.params, "engine": version}
+        params = {"prompt": result.prompts[i], **result.params, **(load_options or {}), "engine": version}
         if result.seeds:
             params["seed"] = result.seeds[i]
         _atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=png_info(params)))
@@ -168,15 +281,17 @@ class Bars:
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    from .flow import Cancelled
-    from .pipeline import Pipeline, expand_seeds
+    p = parser()
+    try:
+        args = parse_args(p, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from .pipeline import Cancelled, Pipeline, expand_seeds
 
     bars = Bars(not args.no_progress)
     try:
         count = len(args.prompt) * args.num_images
-        if args.num_images < 1:
-            raise ValueError(f"--num-images must be at least 1, not {args.num_images}")
         seeds = expand_seeds(args.seed, count)
         paths = output_paths(args.output, seeds, count)
         check_writable(paths, args.overwrite)
@@ -191,7 +306,8 @@ def main(argv=None):
                                jacobi_max_iter=args.jacobi_max_iter, denoise=args.denoise, height=args.height,
                                width=args.width, progress=bars)
         bars.close()
-        save(result, paths, args.metadata)
+        loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
+        save(result, paths, args.metadata, loaded_with)
     except KeyboardInterrupt:
         bars.close()
         print("interrupted: no image was written", file=sys.stderr)
@@ -204,8 +320,8 @@ def main(argv=None):
         bars.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for p in paths:
-        print(p, flush=True)
+    for path in paths:
+        print(path, flush=True)
     if args.verbose:
         for stage, sec in result.timings.items():
             print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)

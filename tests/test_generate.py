@@ -36,6 +36,101 @@ def pixels(path):
     return np.array(Image.open(path))
 
 
+def test_help_describes_every_option_and_its_default(capsys):
+    p = generate.parser()
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no description"
+        if action.dest in ("prompt", "from_image"):
+            continue  # what to draw, not a setting: nothing to default to
+        switch = action.nargs == 0  # --overwrite, --metadata, ...: off unless given
+        shown = action.default not in (None, False, "")  # the formatter prints "(default: ...)"
+        assert switch or shown or "default" in action.help, f"{action.option_strings[0]} hides its default"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ["(default: apple/starflow)", "(default: 16)", "(default: 0.001)", "(default: 32)",
+                     "(default: auto)", "(default: starflow-{seed}.png)", "--sampler {jacobi,sequential}",
+                     "(default: the model's own, else jacobi)", "(default: the model's own, else 3.6",
+                     "(default: the model's size, 256 for the release)"]:
+        assert expected in text, expected
+    # What the help says about the demo's own defaults is what its folder holds.
+    cfg = json.loads((DEMO / "config.json").read_text())
+    assert cfg["sampling"]["guidance"] == 1.0 and cfg["sampling"]["sampler"] == "sequential"
+    assert cfg["image_size"] == 32
+    assert "the demo samples with guidance 1.0, sequentially, at 32x32" in text.lower()
+
+
+@pytest.mark.parametrize("flag,value,rule", [
+    ("--cfg", "-1", "guidance must be >= 0"),
+    ("--cfg", "nan", "guidance must be >= 0 and finite"),
+    ("--cfg", "inf", "guidance must be >= 0 and finite"),
+    ("--jacobi-threshold", "-0.5", "threshold must be >= 0"),
+    ("--jacobi-threshold", "nan", "threshold must be >= 0 and finite"),
+    ("--jacobi-block-size", "0", "at least 1"),
+    ("--jacobi-max-iter", "0", "at least 1"),
+    ("--num-images", "0", "at least 1"),
+    ("--height", "-32", "at least 1"),
+    ("--vae-tile", "1", "at least 2"),
+])
+def test_errors_name_the_flag_before_any_loading(tmp_path, capsys, flag, value, rule):
+    # The model does not exist: the flag is checked before anything is loaded.
+    code = main(["--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(tmp_path / "x.png"),
+                 flag, value])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: {flag}: ") and rule in err, err
+    assert "no-model" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_a_missing_path_is_reported_as_a_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for model in ["./nope", str(tmp_path / "nope"), "models/a/b"]:
+        assert main(["--model", model, "--prompt", "x"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {model}: no such file or folder\n", err
+
+
+def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, capsys):
+    first = tmp_path / "starflow-42.png"
+    # settings away from the demo's defaults, so they can only come back from the metadata
+    assert demo("--seed", "42", "--cfg", "2", "--sampler", "jacobi", "--jacobi-block-size", "8",
+                "--denoise", "none", "--output", str(first)) == 0
+    again = tmp_path / "again.png"
+    assert main(["--from-image", str(first), "--output", str(again)]) == 0
+    assert again.read_bytes() == first.read_bytes()  # same pixels and the same parameters
+    meta = read_metadata(again)
+    assert (meta["guidance"], meta["sampler"], meta["jacobi_block_size"], meta["denoise"]) == (2.0, "jacobi", 8, "none")
+
+    # a flag given explicitly wins over the PNG's value; the rest still comes from the PNG
+    other = tmp_path / "other.png"
+    assert main(["--from-image", str(first), "--seed", "7", "--cfg", "1.5", "--output", str(other)]) == 0
+    meta = read_metadata(other)
+    assert (meta["seed"], meta["guidance"], meta["sampler"], meta["jacobi_block_size"]) == (7, 1.5, "jacobi", 8)
+    direct = tmp_path / "direct.png"
+    assert demo("--seed", "7", "--cfg", "1.5", "--sampler", "jacobi", "--jacobi-block-size", "8",
+                "--denoise", "none", "--output", str(direct)) == 0
+    assert np.array_equal(pixels(other), pixels(direct))
+    assert not np.array_equal(pixels(other), pixels(first))
+
+    # the default output name would replace the original: refused, as for any existing file
+    assert main(["--from-image", str(first), "--output", str(first)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_from_image_errors(tmp_path, capsys):
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, says in [("missing.png", "no such file"), ("plain.png", "no prompt and seed"),
+                       ("notes.txt", "not a PNG with generation parameters")]:
+        assert main(["--from-image", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --from-image {tmp_path / name}: ") and says in err, err
+    with pytest.raises(SystemExit):
+        main(["--model", "demo"])  # neither --prompt nor --from-image
+    assert "--prompt (or --from-image)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
