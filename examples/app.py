@@ -4,10 +4,12 @@ worker thread, progress is reported, and the user can cancel.
     python examples/app.py --model demo
 """
 import argparse
+import sys
 import threading
 import time
 
 from mlx_starflow import Cancelled, Pipeline
+from mlx_starflow.hub import ModelNotFound
 
 
 class Generator:
@@ -26,17 +28,24 @@ class Generator:
         except Cancelled:
             print("\ncancelled; the pipeline is still ready")
             return None
+        except ValueError as e:  # a request the model cannot serve (an unknown prompt, ...): say so, keep running
+            print(f"\nerror: {e}", file=sys.stderr)
+            return None
         print(f"\ndone: {', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())}")
         return result.images[0]
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="demo")
-    p.add_argument("--prompt", default="red circle")
+    p = argparse.ArgumentParser(description="A resident pipeline serving a cancelled and a finished request.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="demo", help="'demo', a folder, a checkpoint or a Hugging Face repo id")
+    p.add_argument("--prompt", default="red circle", help="what to draw")
     a = p.parse_args()
 
-    app = Generator(a.model)
+    try:
+        app = Generator(a.model)
+    except (ModelNotFound, ValueError, FileNotFoundError) as e:  # the user's to fix: a message, not a traceback
+        sys.exit(f"error: {e}")
     # A request the user cancels shortly after starting it...
     worker = threading.Thread(target=app.run, args=(a.prompt, 1))
     worker.start()

@@ -168,3 +168,27 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert quiet.getvalue() == ""
 
 
+def run_example(name, *args, cwd):
+    env = dict(os.environ)  # HF_HUB_OFFLINE, an empty HF_HOME and cache from the fixture
+    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_examples_with_no_arguments(tmp_path):
+    # first_image.py defaults to the 3B release: not here, so a message saying how to get it
+    r = run_example("first_image.py", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: model 'apple/starflow' is not in the local Hugging Face cache")
+    assert "download apple/starflow" in r.stderr and "--model demo" in r.stderr
+    # app.py defaults to the demo: it runs
+    r = run_example("app.py", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "cancelled; the pipeline is still ready" in r.stdout and (tmp_path / "app_image.png").is_file()
+    r = run_example("app.py", "--model", "nobody/no-such-model", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "nobody/no-such-model" in r.stderr, r.stderr
+
+
+def test_first_image_example_with_the_demo(tmp_path):
+    r = run_example("first_image.py", "--model", "demo", "--prompt", "red circle", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "first_image.png").size == (32, 32)
