@@ -1,165 +1,50 @@
-"""`python -m mlx_starflow.benchmark`: time and memory of every stage of STARFlow
-text-to-image, on the released 3B architecture, next to the machine's limits.
+"""`python -m mlx_starflow.benchmark`: how long one image takes and how much memory
+it needs, stage by stage, beside what the machine can do.
 
-Without --model the weights are random, of exactly the released shapes, created
-layer by layer directly in the target dtype or quantization (the machine never
-holds a float32 copy of the model). Every figure is a median over --repeats runs
-after a warm-up; the deep and shallow blocks can be timed over --tokens tokens at
-the start and at the end of the sequence and extrapolated, so a slow machine can
-still measure the 3B model.
+Without --model the weights are random, of exactly the released 3B shapes, built
+directly in the requested precision (random_models.py). Before the long work the
+first token of each block is timed: a block that would take long is timed on a
+few tokens at each end of its sequence and extrapolated (a token's cost is affine
+in its position), and the run says so before it starts.
 
-    python -m mlx_starflow.benchmark --dtype bfloat16 --tokens 8
-    python -m mlx_starflow.benchmark --quantize 4 --stages deep,shallow --json out.json
-    python -m mlx_starflow.benchmark --model path/to/converted --dtype bfloat16
+    python -m mlx_starflow.benchmark                          # the 3B model as generate runs it
+    python -m mlx_starflow.benchmark --dtype float32 --tokens 4 --json f32.json
+    python -m mlx_starflow.benchmark --quantize 4 --stages load,deep,shallow
+    python -m mlx_starflow.benchmark --model path/to/converted
 """
 
 import argparse
 import gc
 import json
+import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten
 
-from .config import RELEASED, starflow_config_from_args
-from .flow import Flow, FlowBlock, IdentityBlock, Jacobi, input_major
-from .quant import QuantizedLinear, quantize_linear
-from .t5 import T5Config, T5Encoder
-from .vae import VAE, VAEConfig
+from . import device, machine
+from .config import FlowConfig
+from .flow import Flow, IdentityBlock
+from .precision import study
+from .random_models import ARCHS, flow_config, random_flow, random_t5, random_vae
+from .sample import Jacobi, block_steps
 from .weights import DTYPES, load_flow, read_config
 
 STAGES = ("text", "load", "prefill", "deep", "shallow", "denoise", "vae")
-GB = 1e9
-
-# Architectures: the released 3B model with its T5-XL encoder and SD-VAE, a small
-# one for the precision comparison (float32 is cheap there), a tiny one for tests.
-ARCHS = {
-    "3b": {
-        "flow": RELEASED["starflow_3B_t2i_256x256"], "txt_dim": 2048,
-        "t5": dict(vocab_size=32128, d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24,
-                   feed_forward_proj="gated-gelu"),
-        "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
-    },
-    "small": {
-        "flow": {**RELEASED["starflow_3B_t2i_256x256"], "img_size": 128, "txt_size": 16, "channels": 256,
-                 "layers_per_block": "1 1 1 1 1 4"},
-        "txt_dim": 256,
-        "t5": dict(vocab_size=1000, d_model=256, d_kv=64, num_heads=4, d_ff=640, num_layers=4,
-                   feed_forward_proj="gated-gelu"),
-        "vae": dict(block_out_channels=[64, 128, 256, 256], layers_per_block=2, norm_num_groups=32),
-    },
-    "tiny": {
-        "flow": {**RELEASED["starflow_3B_t2i_256x256"], "img_size": 64, "txt_size": 8, "channels": 128,
-                 "blocks": 3, "layers_per_block": "1 1 2"},
-        "txt_dim": 64,
-        "t5": dict(vocab_size=100, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
-                   feed_forward_proj="gated-gelu"),
-        "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, norm_num_groups=8),
-    },
-}
-
-# Debian/Ubuntu's libopenblas0-pthread puts a drop-in libblas here.
-OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so.3"
-
-
-def flow_config(arch):
-    a = ARCHS[arch]
-    return starflow_config_from_args(a["flow"], txt_dim=a["txt_dim"])
-
-
-def flow_spec(arch="3b"):
-    """{name: shape} of every parameter of the architecture, without allocating
-    anything (MLX arrays are lazy until evaluated)."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(Flow(flow_config(arch)).parameters())}
-
-
-# -- random models, built in place ---------------------------------------------------
-
-
-def _cast(module, dtype):
-    module.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                           module.parameters()))
-
-
-def _randomize(module, dtype, rng, keep=None):
-    """Uniform weights of the initialisers' scale (+-1/sqrt(fan in)), drawn with
-    numpy (several times faster than MLX's generator on a CPU), in `dtype`; norms
-    keep their initial values. One tensor at a time is ever in float32."""
-
-    def fill(path, p):
-        if (keep and keep in f".{path}") or not mx.issubdtype(p.dtype, mx.floating):
-            return p
-        if path.endswith("norm.weight") or path.endswith("norm.bias"):
-            return p.astype(dtype)
-        fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 64
-        a = rng.random(p.shape, dtype=np.float32)
-        a -= 0.5
-        a *= 2 / np.sqrt(fan_in)
-        return mx.array(a).astype(dtype)
-
-    flat = [(k, fill(k, v)) for k, v in tree_flatten(module.parameters())]
-    module.update(tree_unflatten(flat))
-
-
-def _quantize_linears(module, bits, group_size, path, skipped):
-    """Quantize the linears of one transformer layer (as weights.quantize_model does)."""
-    skipped.extend(f"{path}.{p}" for p in quantize_linear(module, bits, group_size))
-
-
-def random_flow(cfg, dtype=mx.float32, quantize=None, seed=0):
-    """A Flow with random weights in `dtype`, its transformer linears quantized
-    ({"bits", "group_size"}) as each layer is made. Returns (model, unquantized paths)."""
-    rng = np.random.default_rng(seed)
-    model = Flow(cfg)  # lazy: its initialisers never run, every tensor is replaced below
-    skipped = []
-    for i, block in enumerate(model.blocks):
-        if isinstance(block, IdentityBlock):
-            continue
-        for j, layer in enumerate(block.attn_blocks):
-            _randomize(layer, dtype, rng)
-            if quantize:
-                _quantize_linears(layer, quantize["bits"], quantize["group_size"],
-                                  f"blocks.{i}.attn_blocks.{j}", skipped)
-            mx.eval(layer.parameters())
-    _randomize(model, dtype, rng, keep=".attn_blocks.")  # the rest: projections, norms, embeddings
-    mx.eval(model.parameters())
-    if quantize:
-        cfg.quantization = dict(quantize)
-    return model, skipped
-
-
-def random_t5(arch, dtype=mx.float32, bits=None, group_size=64, seed=0):
-    rng = np.random.default_rng(seed)
-    model = T5Encoder(T5Config(**ARCHS[arch]["t5"]))
-    for block in model.blocks:
-        _randomize(block, dtype, rng)
-        if bits:
-            quantize_linear(block, bits=bits, group_size=group_size)
-        mx.eval(block.parameters())
-    _randomize(model, dtype, rng, keep="blocks.")  # as load_t5: embeddings and norms stay unquantized
-    mx.eval(model.parameters())
-    return model
-
-
-def random_vae(arch, dtype=mx.float32, seed=0):
-    vae = VAE(VAEConfig(**ARCHS[arch]["vae"]))
-    vae.encoder = None  # decoding only
-    _randomize(vae, dtype, np.random.default_rng(seed))
-    mx.eval(vae.parameters())
-    return vae
-
-
-# -- measuring ---------------------------------------------------------------------------
+GB = machine.GB
+# --tokens auto: a block whose first token says it takes longer than this is timed
+# on AUTO_TOKENS tokens at each end and extrapolated; a denoising pass estimated
+# longer than AUTO_DENOISE is not run; a stage whose first run takes longer than
+# AUTO_ONCE is measured by that run alone.
+AUTO_BLOCK, AUTO_TOKENS, AUTO_DENOISE, AUTO_ONCE = 60.0, 4, 600.0, 30.0
 
 
 def peak_rss():
@@ -172,7 +57,7 @@ def summary(times):
 
 
 class Stage:
-    """Peak MLX memory and wall times of one stage."""
+    """Records a stage's peak MLX memory (resident weights included) and the process's peak RSS."""
 
     def __init__(self, results, name):
         self.results, self.name = results, name
@@ -182,533 +67,565 @@ class Stage:
         gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
-        self.resident = mx.get_active_memory()
-        return self
+        self.info["resident_before"] = mx.get_active_memory()
+        return self.info
 
     def __exit__(self, *exc):
         if exc[0] is None:
-            self.info.update(resident_before=self.resident, peak_memory=mx.get_peak_memory(),
-                             peak_rss=peak_rss())
+            self.info.update(peak_memory=mx.get_peak_memory(), peak_rss=peak_rss())
             self.results[self.name] = self.info
 
-    def time(self, fn, repeats, warmup=1):
-        self.info["time"] = summary(_times(fn, repeats, warmup))
-        return self.info["time"]
 
+@dataclass
+class Run:
+    """What the stages share: the options, the model and the inputs made so far."""
 
-def _times(fn, repeats, warmup=1, budget=float("inf")):
-    """Wall times of `repeats` calls after `warmup` calls, stopping once over budget seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if sum(times) > budget:
-            break
-    return times
+    args: argparse.Namespace
+    cfg: FlowConfig
+    log: Callable
+    results: dict
+    model: Optional[Flow] = None
+    vae: Optional[nn.Module] = None
+    y: Optional[mx.array] = None  # text rows: conditional then unconditional when guiding
+    caches: Optional[list] = None  # the deep block's, holding the text prefix
 
+    @property
+    def stages(self):
+        return self.results["stages"]
 
-def _median_time(fn, repeats=3, budget=5.0):
-    return statistics.median(_times(fn, repeats, budget=budget))
+    @property
+    def batch(self):
+        return self.args.batch
 
+    @property
+    def rows(self):  # rows through the deep block: the guided batch is doubled
+        return 2 * self.batch if self.args.cfg > 0 else self.batch
 
-def machine_limits(step_shape, dtype, quantize, repeats=3, in_out=False):
-    """Copy bandwidth (MLX and numpy), matmul throughput at the model's shapes (in
-    the model's weight layout), and whether MLX's float32 matmul is far below
-    numpy's (a reference BLAS)."""
-    out = {}
-    n = 64 * 1024 * 1024  # 256 MB of float32, far above any cache
-    a = mx.random.uniform(shape=(n,))
-    mx.eval(a)
-    out["mlx_copy_GBps"] = 2 * a.nbytes / _median_time(lambda: mx.eval(a * 1.0), repeats) / GB
-    del a
-    b = np.random.default_rng(0).random(n, dtype=np.float32)
-    c = np.empty_like(b)
-    out["numpy_copy_GBps"] = 2 * b.nbytes / _median_time(lambda: np.copyto(c, b), repeats) / GB
-    del b, c
-    out["copy_GBps"] = max(out["mlx_copy_GBps"], out["numpy_copy_GBps"])
+    @property
+    def image_side(self):
+        return self.cfg.image_size or self.cfg.grid_size * 8
 
-    s = 1024
-    x = mx.random.normal((s, s))
-    mx.eval(x)
-    out["mlx_f32_matmul_GFLOPs"] = 2 * s**3 / _median_time(lambda: mx.eval(x @ x), repeats) / GB
-    xn = np.random.default_rng(0).standard_normal((s, s), dtype=np.float32)
-    out["numpy_f32_matmul_GFLOPs"] = 2 * s**3 / _median_time(lambda: xn @ xn, repeats) / GB
-    out["slow_blas"] = out["mlx_f32_matmul_GFLOPs"] < 0.25 * out["numpy_f32_matmul_GFLOPs"]
+    @property
+    def loop(self):
+        return {"jacobi": Jacobi() if self.args.sampler == "jacobi" else None}
 
-    # The deep block's widest linear (width -> 4 x width), in the model's precision:
-    # many rows (compute bound, as the text prefix and the denoiser) and the step's rows.
-    rows, width = step_shape
-    w = mx.random.normal((4 * width, width)).astype(dtype)
-    if in_out:
-        w = mx.contiguous(w.T).T  # stored (in, out), as flow.input_major leaves it
-    fast = mx.default_device() == mx.gpu or dtype == mx.float32
-    m = 256 if fast and not quantize else 32
-    if quantize:  # as the model computes it (quant.QuantizedLinear)
-        layer = nn.Linear(width, 4 * width, bias=False)
-        layer.weight = w
-        linear = QuantizedLinear.from_linear(layer, quantize["group_size"], quantize["bits"])
-        weights = [linear.weight, linear.scales, linear.biases]
-    else:
-        weights = [w]
-
-        def linear(inp):
-            return inp @ w.T
-
-    weight_bytes = sum(t.nbytes for t in weights)
-    mx.eval(*weights)
-    for name, r in (("peak", m), ("step", rows)):
-        inp = mx.random.normal((r, width)).astype(dtype)
-        mx.eval(inp)
-        dt = _median_time(lambda: mx.eval(linear(inp)), repeats, budget=20.0)
-        out[f"matmul_{name}_rows"] = r
-        out[f"matmul_{name}_GFLOPs"] = 2 * r * w.size / dt / GB
-        out[f"matmul_{name}_GBps"] = weight_bytes / dt / GB
-    out["in_out"] = in_out
-    return out
-
-
-def _version(pkg):
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info():
-    info = {"os": platform.platform(), "python": platform.python_version(), "machine": platform.machine(),
-            "device": str(mx.default_device()),
-            "versions": {p: _version(p) for p in ("mlx", "mlx-lm", "numpy")},
-            "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
-    chip = platform.processor()
-    try:
-        if sys.platform == "darwin":
-            chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True).stdout.strip() or chip
+    def time(self, fn, info):
+        """Time fn into info["time"]: --warmup runs, then --repeats; with --tokens auto a
+        first run over AUTO_ONCE seconds is the only one."""
+        a = self.args
+        if a.tokens == "auto" and a.warmup:
+            t = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t
+            if first > AUTO_ONCE:
+                info["time"] = summary([first])
+                return
+            ts = machine.times(fn, a.repeats, a.warmup - 1)
         else:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    chip = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info["chip"] = chip
-    if hasattr(os, "getloadavg"):  # other work on the machine skews every timing
-        info["load_average"] = os.getloadavg()
-    info["cpus"] = os.cpu_count()
+            ts = machine.times(fn, a.repeats, a.warmup)
+        info["time"] = summary(ts)
+
+
+def _weights(module, skip=()):
+    return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if not k.startswith(skip))
+
+
+def linear_params(block):
+    """Multiply-adds per row of the block's transformer linears (quantized ones counted unpacked)."""
+    n = 0
+    for _, m in block.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            n += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        elif isinstance(m, nn.Linear):
+            n += m.weight.size
+    return n - (block.proj_txt.weight.size if "proj_txt" in block else 0)
+
+
+def largest_linear(block):
+    """The widest linear of the block's first layer, as the model holds it."""
+    linears = [m for _, m in block.attn_blocks[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
+    return max(linears, key=lambda m: m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1))
+
+
+def sampled_blocks(model):
+    """(deep block, shallow blocks with layers)."""
+    return model.blocks[-1], [b for b in model.blocks[:-1] if not isinstance(b, IdentityBlock)]
+
+
+# -- timing tokens through the sampler -------------------------------------------------------
+
+
+def sample_tokens(block, z, caches, prefix, start, count, rope=None, cond=None, guidance=0.0, **loop):
+    """Sample `count` tokens of z (B', N, D) from position `start` of the block's sequence
+    (the caches hold `prefix` positions before it) through sample.block_steps, stopping
+    there. Returns [(tokens done, time)], starting with (0, the time before the first step)."""
+    for c in caches:
+        c.offset = prefix + start
+    stamps = [(0, time.perf_counter())]
+    steps = block_steps(block, z, caches, rope, cond, guidance, **loop)
     try:
-        info["memory"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        info["memory"] = None
-    if mx.metal.is_available():
-        d = mx.metal.device_info()
-        info["chip"] = d.get("device_name", info["chip"])
-        info["memory"] = d.get("memory_size", info["memory"])
+        for done in steps:
+            stamps.append((done, time.perf_counter()))
+            if done >= count:
+                break
+    finally:
+        steps.close()
+    return stamps
+
+
+def time_block_ends(block, z, caches, prefix, tokens, repeats, rope=None, cond=None, guidance=0.0,
+                    log=None, **loop):
+    """Seconds per token of `tokens` tokens at the start and at the end of the block's
+    sequence, each run after one untimed token (or Jacobi chunk) that carries the step's
+    set-up and compilation. The cost of a token is affine in its position (fixed weight
+    reads, attention over the prefix), so the block takes about N x their mean."""
+    N = z.shape[1]
+    jac = loop.get("jacobi")
+    unit = jac.block_size if jac is not None else 1
+    span = min(N, unit * (1 + math.ceil(tokens / unit)))
+    end = max(0, N - span - (1 if loop.get("overlap") else 0))  # overlap queues one token ahead
+    out = {"start": [], "end": []}
+    for r in range(repeats):
+        for where, start in (("start", 0), ("end", end)):
+            stamps = sample_tokens(block, z, caches, prefix, start, span, rope, cond, guidance, **loop)
+            (d0, t0), (d1, t1) = stamps[1], stamps[-1]
+            out[where].append((t1 - t0) / max(d1 - d0, 1))
+        if log:
+            log(f"    run {r + 1}/{repeats}: {_duration(out['start'][-1])} per token at the start, "
+                f"{_duration(out['end'][-1])} at the end")
+    info = {"per_token_start": summary(out["start"]), "per_token_end": summary(out["end"]),
+            "tokens_timed": span - unit}
+    info["per_token"] = (info["per_token_start"]["median"] + info["per_token_end"]["median"]) / 2
+    info["block_seconds"] = info["per_token"] * N
+    info["extrapolated"] = True
     return info
 
 
-def blas_advice():
-    if sys.platform == "darwin":
-        return "MLX's float32 matmul is far below numpy's: check that MLX uses Accelerate (pip install -U mlx)."
-    install = "" if Path(OPENBLAS).exists() else "sudo apt-get install libopenblas0-pthread, then "
-    return ("MLX's float32 matmul is far below numpy's: MLX's Linux CPU wheel links the reference BLAS.\n"
-            f"  Fix: {install}run with (also for generate)\n"
-            f"  LD_PRELOAD={OPENBLAS} python -m mlx_starflow.benchmark ...\n"
-            "  Intel's MKL streams the token loop's weights ~1.5x faster still (README, Linux).")
-
-
-# -- the stages ------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-def _token_times(run, n):
-    """Run a sampling loop, stopping after n tokens; the time of each token."""
-    stamps = [time.perf_counter()]
-
-    def progress(done, total):
-        stamps.append(time.perf_counter())
-        if len(stamps) > n:
-            raise _Stop
-
-    try:
-        run(progress)
-    except _Stop:
-        pass
-    return np.diff(stamps)
-
-
-def time_block(block, z, rope, cond, guidance, caches, n_txt, tokens, repeats, jacobi=None):
-    """Per-token times of `tokens` tokens sampled at the start and at the end of the
-    sequence (the cache's contents do not change the cost, only its length)."""
+def time_whole_block(block, z, caches, prefix, repeats, rope=None, cond=None, guidance=0.0, log=None, **loop):
+    """The whole block sampled `repeats` times (its prefix already in the caches)."""
     N = z.shape[1]
-    tokens = min(tokens, N)
-    out = {}
-    for where, start in (("start", 0), ("end", N - tokens)):
-        def run(progress, start=start):
-            for c in caches:
-                c.offset = n_txt + start
-            if jacobi is None:
-                block._sample_sequential(z[:, :tokens], caches, rope, cond, guidance, progress)
-            else:
-                block._sample_jacobi(z[:, :tokens], caches, rope, cond, guidance, jacobi, progress)
+    runs = []
+    for r in range(repeats):
+        stamps = sample_tokens(block, z, caches, prefix, 0, N, rope, cond, guidance, **loop)
+        runs.append(stamps[-1][1] - stamps[0][1])
+        if log:
+            log(f"    run {r + 1}/{repeats}: {_duration(runs[-1])}")
+    med = statistics.median(runs)
+    return {"run": summary(runs), "per_token": med / N, "tokens_timed": N, "block_seconds": med,
+            "extrapolated": False}
 
-        _token_times(run, 1)  # warm-up
-        per, runs = [], []
-        for _ in range(repeats):
+
+def first_token(block, z, caches, prefix, rope=None, cond=None, guidance=0.0, **loop):
+    """Seconds of the first token (or Jacobi chunk, per token) of a block, set-up and
+    compilation included: the estimate the plan is made from."""
+    stamps = sample_tokens(block, z, caches, prefix, 0, 1, rope, cond, guidance, **loop)
+    (_, t0), (d1, t1) = stamps[0], stamps[-1]
+    return (t1 - t0) / max(d1, 1)
+
+
+# -- the stages ---------------------------------------------------------------------------------
+
+
+def stage_load(run):
+    """Build (or load) the flow and the VAE, resident from then on as in a pipeline."""
+    a = run.args
+    quant = {"bits": a.quantize, "group_size": a.q_group_size} if a.quantize else None
+    with Stage(run.stages, "load") as info:
+        t = time.perf_counter()
+        if a.model:
+            run.model, unquantized = load_flow(a.model, dtype=a.dtype if a.model_dtype else None,
+                                               quantize=quant), []
+        else:
+            run.model, unquantized = random_flow(run.cfg, DTYPES[a.dtype], quant, seed=a.seed)
+        if a.layout == "auto":
+            device.prepare(run.model)  # what the pipeline does after loading
+        if "vae" in a.stages:
+            run.vae = random_vae(a.arch, DTYPES[a.vae_dtype], seed=a.seed)
+        info["time"] = summary([time.perf_counter() - t])
+        params = tree_flatten(run.model.parameters())
+        info["parameters"] = sum(v.size for _, v in params)
+        info["weight_bytes"] = sum(v.nbytes for _, v in params)
+        info["vae_weight_bytes"] = _weights(run.vae) if run.vae is not None else 0
+        info["unquantized"] = unquantized
+        layer = largest_linear(sampled_blocks(run.model)[0])
+        # device.prepare holds float32 transformer linears input-major on a CPU
+        info["input_major"] = (a.layout == "auto" and device.on_cpu() and type(layer) is nn.Linear
+                               and layer.weight.dtype == mx.float32)
+    run.cfg = run.model.config
+    return info
+
+
+def stage_text(run):
+    """Encode the prompt and the unconditional prompt with a text encoder of the
+    architecture's shapes, built beside the resident flow and freed after, as the
+    pipeline does."""
+    a = run.args
+    n_txt = run.cfg.txt_size
+    with Stage(run.stages, "text") as info:
+        t = time.perf_counter()
+        t5 = random_t5(a.arch, DTYPES[a.text_dtype], a.text_quantize and
+                       {"bits": a.text_quantize, "group_size": a.q_group_size}, seed=a.seed)
+        info["build"] = time.perf_counter() - t
+        info["weight_bytes"] = _weights(t5)
+        info["prompts"], info["tokens"] = run.rows, n_txt
+        ids = mx.random.randint(0, t5.config.vocab_size, (run.rows, n_txt), key=mx.random.key(a.seed + 1))
+        mask = mx.broadcast_to((mx.arange(n_txt) < n_txt // 2).astype(mx.int32), (run.rows, n_txt))
+
+        def encode():
+            h = t5(ids, mask)
+            out = h * mask[..., None].astype(h.dtype)
+            mx.eval(out)
+            return out
+
+        run.time(encode, info)
+        y = encode().astype(mx.float32)
+        del t5
+    if y.shape[-1] == run.cfg.txt_dim:  # a --model with another text width keeps random rows
+        run.y = y
+    return info
+
+
+def stage_vae(run):
+    """Decode one batch of latents to images."""
+    vae, side = run.vae, run.cfg.grid_size
+    lat = mx.random.normal((run.batch, side, side, vae.config.latent_channels), key=mx.random.key(run.args.seed + 3))
+    lat = lat / vae.config.scaling_factor
+    with Stage(run.stages, "vae") as info:
+        run.time(lambda: mx.eval(vae.decode(lat, tile=run.args.vae_tile)), info)
+        info["image"] = run.image_side
+    return info
+
+
+def stage_prefill(run):
+    """Feed the text prefix (both guidance halves) through the deep block once, into its KV caches."""
+    deep, _ = sampled_blocks(run.model)
+    text = run.y if run.args.cfg > 0 else run.y[: run.batch]
+    rope = run.model.rope(True, run.cfg.grid_size, run.cfg.grid_size, run.cfg.txt_size)
+    with Stage(run.stages, "prefill") as info:
+        times = []
+        for i in range(run.args.repeats + 1):  # the first is the warm-up
+            run.caches = deep.new_caches(run.rows, run.cfg.txt_size + run.cfg.num_tokens)
             t = time.perf_counter()
-            d = _token_times(run, tokens)
-            runs.append(time.perf_counter() - t)
-            per.extend(d.tolist() if jacobi is None else [runs[-1] / tokens])
-        out[f"per_token_{where}"] = summary(per)
-        out[f"run_{where}"] = summary(runs)
-    for c in caches:
-        c.offset = n_txt
-    out["tokens_timed"] = tokens
-    out["per_token"] = (out["per_token_start"]["median"] + out["per_token_end"]["median"]) / 2
-    # Cost is affine in the position (weights fixed, attention linear): the mean of
-    # the two ends times the tokens.
-    out["extrapolated"] = out["per_token"] * N
+            deep.prefill(text, rope, run.caches)
+            if i:
+                times.append(time.perf_counter() - t)
+        info["time"] = summary(times)
+        rows = run.rows * run.cfg.txt_size
+        info["GFLOPs"] = 2 * linear_params(deep) * rows / info["time"]["median"] / GB
+        info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
+    return info
+
+
+def _deep_inputs(run):
+    deep, _ = sampled_blocks(run.model)
+    side, n_txt = run.cfg.grid_size, run.cfg.txt_size
+    if run.caches is None:  # no prefill stage: the prefix's contents do not change a token's cost
+        run.caches = deep.new_caches(run.rows, n_txt + run.cfg.num_tokens)
+    z = mx.random.normal((run.batch, run.cfg.num_tokens, run.cfg.token_dim), key=mx.random.key(run.args.seed + 2))
+    z = mx.concatenate([z, z]) if run.args.cfg > 0 else z
+    return deep, z, run.model.rope(True, side, side, n_txt), n_txt
+
+
+def _shallow_inputs(run):
+    _, shallow = sampled_blocks(run.model)
+    side = run.cfg.grid_size
+    z = mx.random.normal((run.batch, run.cfg.num_tokens, run.cfg.token_dim), key=mx.random.key(run.args.seed + 4))
+    return shallow, z, run.model.rope(False, side, side, 0)
+
+
+def stage_deep(run, whole):
+    """The deep block: every token reads all its weights, for both guidance halves at once."""
+    deep, z, rope, n_txt = _deep_inputs(run)
+    a, guidance = run.args, run.args.cfg
+    with Stage(run.stages, "deep") as info:
+        if whole:
+            info.update(time_whole_block(deep, z, run.caches, n_txt, a.repeats, rope, None, guidance,
+                                         run.log, **run.loop))
+        else:
+            info.update(time_block_ends(deep, z, run.caches, n_txt, a.tokens_n, a.repeats, rope, None, guidance,
+                                        run.log, **run.loop))
+        info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
+        info["weight_bytes_per_token"] = _weights(deep, skip=("proj_txt",))  # proj_txt serves the prefix only
+        info["GBps"] = info["weight_bytes_per_token"] / info["per_token"] / GB
+    return info
+
+
+def stage_shallow(run, whole):
+    """The shallow blocks: no text, one row per image."""
+    shallow, z, rope = _shallow_inputs(run)
+    a = run.args
+    with Stage(run.stages, "shallow") as info:
+        if whole:
+            total, runs = 0.0, []
+            for b in shallow:
+                caches = b.new_caches(run.batch, z.shape[1])
+                r = time_whole_block(b, z, caches, 0, a.repeats, rope, log=None, **run.loop)
+                total += r["block_seconds"]
+                runs.append(r["per_token"])
+                del caches
+            info.update(per_token=statistics.median(runs), block_seconds=total, extrapolated=False,
+                        tokens_timed=z.shape[1])
+            run.log(f"    {len(shallow)} blocks: {_duration(total)}")
+        else:
+            block = shallow[-1]
+            caches = block.new_caches(run.batch, z.shape[1])
+            info.update(time_block_ends(block, z, caches, 0, a.tokens_n, a.repeats, rope, log=run.log, **run.loop))
+            info["block_seconds"] *= len(shallow)
+            del caches
+        info["blocks"] = len(shallow)
+        info["weight_bytes_per_token"] = _weights(shallow[-1])
+        info["GBps"] = info["weight_bytes_per_token"] / info["per_token"] / GB
+    return info
+
+
+def denoise_flops(run):
+    """Multiply-adds x 2 of the score step: one density pass over every block (the deep
+    one with its text prefix), its recomputation and its backward pass (about two
+    passes): four passes in all."""
+    n, txt = run.cfg.num_tokens, run.cfg.txt_size
+    one = sum(2 * linear_params(b) * run.batch * (n + (txt if b.has_text else 0))
+              for b in run.model.blocks if not isinstance(b, IdentityBlock))
+    return 4 * one
+
+
+def stage_denoise(run):
+    """The step after sampling: the learned denoiser, or the score step (a gradient of
+    the whole model's density)."""
+    cfg, side = run.cfg, run.cfg.grid_size
+    x = mx.random.normal((run.batch, side, side, cfg.in_channels), key=mx.random.key(run.args.seed + 5))
+    y = run.y[: run.batch]
+    with Stage(run.stages, "denoise") as info:
+        if cfg.learnable_self_denoiser:
+            run.time(lambda: mx.eval(run.model.learned_denoise(x, y)), info)
+        elif not cfg.finetuned_vae:
+            run.time(lambda: mx.eval(run.model.denoise(x, y)), info)
+    return info
+
+
+def compare_loop(run, tokens):
+    """Seconds per token of the deep block's sequential loop with and without overlap
+    and compile_step, measured in this run (tokens at both ends, as the deep stage)."""
+    deep, z, rope, n_txt = _deep_inputs(run)
+    out = {}
+    for overlap in (False, True):
+        for comp in (False, True):
+            r = time_block_ends(deep, z, run.caches, n_txt, tokens, run.args.repeats, rope, None, run.args.cfg,
+                                overlap=overlap, compile_step=comp)
+            out[f"overlap={int(overlap)} compile={int(comp)}"] = r["per_token"]
+    base = out["overlap=0 compile=0"]
+    run.log("  token loop, per token (speed-up against neither option): " +
+            ", ".join(f"{k} {_duration(v)} ({base / v:.2f}x)" for k, v in out.items()))
     return out
 
 
-def block_weight_bytes(block):
-    """Bytes of weights read per sampled token (proj_txt only serves the prefix)."""
-    return sum(v.nbytes for k, v in tree_flatten(block.parameters()) if not k.startswith("proj_txt"))
+# -- the plan: estimates from a first token ----------------------------------------------------------
 
 
-def block_flops_per_token(block, batch, n_txt, N):
-    params = sum(v.size for k, v in tree_flatten(block.parameters())
-                 if k.startswith("attn_blocks") and k.endswith(("weight", "weight_t")) and v.ndim == 2)
-    if any(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()):
-        params = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-                     for _, m in block.named_modules() if isinstance(m, nn.QuantizedLinear))
-    attn = block.attn_blocks[0].attention
-    ctx = n_txt + N / 2  # the average length attended to
-    return batch * (2 * params + 4 * len(block.attn_blocks) * attn.heads * attn.head_dim * ctx)
+def plan(run):
+    """Time the first token of the deep and shallow blocks, choose whole blocks or their
+    ends (--tokens), and estimate denoising: {stage: decision}, printed before the long work."""
+    a, st = run.args, run.stages
+    out = {}
+    if "deep" in a.stages:
+        deep, z, rope, n_txt = _deep_inputs(run)
+        out["deep_first_token"] = first_token(deep, z, run.caches, n_txt, rope, None, a.cfg, **run.loop)
+    shallow = sampled_blocks(run.model)[1]
+    if "shallow" in a.stages and shallow:
+        blocks, z, rope = _shallow_inputs(run)
+        caches = blocks[-1].new_caches(run.batch, z.shape[1])
+        out["shallow_first_token"] = first_token(blocks[-1], z, caches, 0, rope, **run.loop)
+        del caches
+    N = run.cfg.num_tokens
+    for name, n_blocks in (("deep", 1), ("shallow", len(shallow))):
+        if f"{name}_first_token" not in out:
+            continue
+        whole_time = out[f"{name}_first_token"] * N * n_blocks
+        whole = a.tokens == "all" or (a.tokens == "auto" and whole_time <= AUTO_BLOCK)
+        timed = N if whole else min(N, 2 * (a.tokens_n + 1))
+        out[name] = {"whole": whole, "estimate": whole_time,
+                     "run_estimate": out[f"{name}_first_token"] * timed * a.repeats * (n_blocks if whole else 1)}
+    if "denoise" in a.stages and not run.cfg.learnable_self_denoiser and not run.cfg.finetuned_vae:
+        # GFLOP/s of the text prefix: the same precision, many rows, through the deep block.
+        rate = st["prefill"]["GFLOPs"] if "prefill" in st else run.results["limits"]["layer_many_GFLOPs"]
+        est = denoise_flops(run) / rate / GB
+        run_it = a.tokens != "auto" or est <= AUTO_DENOISE
+        passes = 1 if a.tokens == "auto" and est > AUTO_ONCE else a.warmup + a.repeats
+        out["denoise"] = {"estimate": est, "run": run_it, "run_estimate": est * passes if run_it else 0.0}
+    return out
+
+
+def log_plan(run, p):
+    N = run.cfg.num_tokens
+    lines, total = [], 0.0
+    for name, what in (("deep", "deep block"), ("shallow", "shallow blocks")):
+        if name not in p:
+            continue
+        d = p[name]
+        total += d["run_estimate"]
+        first = _duration(p[f"{name}_first_token"])
+        if d["whole"]:
+            lines.append(f"  {what}: first token {first}: sampled whole ({N} tokens), {_times(run.args.repeats)}")
+        else:
+            lines.append(f"  {what}: first token {first}: whole, about {_duration(d['estimate'])}: timing "
+                         f"{run.args.tokens_n} tokens at each end and extrapolating (--tokens all runs it whole)")
+    if "denoise" in p:
+        d = p["denoise"]
+        total += d["run_estimate"]
+        if d["run"]:
+            lines.append(f"  denoising: about {_duration(d['estimate'])} per pass (estimated from the text prefix)")
+        else:
+            lines.append(f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
+                         "not run (--tokens all runs it)")
+    run.log("plan, from the first tokens:\n" + "\n".join(lines) +
+            f"\n  the rest of this benchmark: about {_duration(total)}")
+
+
+# -- the whole run ----------------------------------------------------------------------------
 
 
 def run_benchmark(args, log=print):
-    dtype = DTYPES[args.dtype]
-    quant = {"bits": args.quantize, "group_size": args.q_group_size} if args.quantize else None
-    stages = set(args.stages)
-    results = {"machine": machine_info(), "args": vars(args), "stages": {}}
-    st = results["stages"]
+    results = {"machine": machine.machine_info(), "args": vars(args).copy(), "stages": {}}
     cfg = read_config(args.model) if args.model else flow_config(args.arch)
-    B = args.batch
-    guided = args.cfg > 0
-    B2 = 2 * B if guided else B
-    n_txt, N = cfg.txt_size, cfg.num_tokens
-    side = cfg.grid_size
-    rng = mx.random.key(args.seed)
-    k_text, k_noise, k_x = mx.random.split(rng, 3)
-
+    run = Run(args, cfg, log, results)
+    stages = args.stages
     log(_header(results["machine"]))
+    log(_intro(run))
 
-    # Text first, and freed before the flow is built: the two never share memory.
-    y = None
+    log("measuring the machine (memory copy, matrix multiply) ...")
+    limits = {**machine.copy_speed(args.repeats), **machine.matmul_speed(args.repeats)}
+    results["limits"] = limits
+    if limits["slow_blas"]:
+        log("warning: " + machine.blas_advice("python -m mlx_starflow.benchmark ..."))
+
+    steps = ["load"] + [s for s in ("text", "vae", "prefill", "deep", "shallow", "denoise") if s in stages]
+    k = len(steps)
+
+    def begin(name, what):
+        log(f"[{steps.index(name) + 1}/{k}] {what} ...")
+
+    weights = sum(math.prod(s) for s in (_spec_shapes(run) if not args.model else []))
+    begin("load", f"loading the flow from {args.model}" if args.model else
+          f"building the flow: {_count(weights)} random parameters, {_precision(args)}")
+    stage_load(run)
+    log(_line("load", run.stages["load"]))
+    if run.stages["load"]["unquantized"]:
+        log(f"  left unquantized (input width not a multiple of {args.q_group_size}): "
+            f"{', '.join(run.stages['load']['unquantized'])}")
+    deep, _ = sampled_blocks(run.model)
+    limits.update(machine.layer_speed(largest_linear(deep), run.rows, args.repeats))
+    limits["input_major"] = run.stages["load"]["input_major"]
+    if limits["input_major"]:
+        limits["layer"] += ", input-major"
     if "text" in stages:
-        tdtype = DTYPES[args.text_dtype]
-        with Stage(st, "text") as s:
-            t = time.perf_counter()
-            t5 = random_t5(args.arch, tdtype, args.text_quantize, args.q_group_size)
-            s.info["build"] = time.perf_counter() - t
-            s.info["weight_bytes"] = sum(v.nbytes for _, v in tree_flatten(t5.parameters()))
-            ids = mx.random.randint(0, t5.config.vocab_size, (B2, n_txt), key=k_text)
-            mask = mx.concatenate([mx.ones((B2, n_txt // 2), mx.int32), mx.zeros((B2, n_txt - n_txt // 2), mx.int32)],
-                                  axis=1)
-
-            def encode():
-                h = t5(ids, mask)
-                out = h * mask[..., None].astype(h.dtype)
-                mx.eval(out)
-                return out
-
-            s.time(encode, args.repeats, args.warmup)
-            y = encode().astype(mx.float32)
-            del t5
-        if y.shape[-1] != cfg.txt_dim:
-            y = None
+        begin("text", f"encoding {run.rows} prompts of {run.cfg.txt_size} tokens "
+                      f"(text encoder {args.text_dtype}{_q(args.text_quantize)}, beside the flow)")
+        stage_text(run)
+        log(_line("text", run.stages["text"]))
         gc.collect()
         mx.clear_cache()
-        log(_line("text", st["text"]))
-    if y is None:
-        y = 0.1 * mx.random.normal((B2, n_txt, cfg.txt_dim), key=k_text)
-    mx.eval(y)
+    if run.y is None:
+        run.y = 0.1 * mx.random.normal((run.rows, run.cfg.txt_size, run.cfg.txt_dim), key=mx.random.key(args.seed))
+    mx.eval(run.y)
+    if "vae" in stages:
+        begin("vae", f"decoding {run.batch} {run.image_side}x{run.image_side} image(s) with the VAE")
+        stage_vae(run)
+        log(_line("vae", run.stages["vae"]))
+    if "prefill" in stages:
+        begin("prefill", "feeding the text prefix through the deep block")
+        stage_prefill(run)
+        log(_line("prefill", run.stages["prefill"]))
 
-    with Stage(st, "load") as s:
-        t = time.perf_counter()
-        if args.model:
-            model = load_flow(args.model, dtype=args.dtype if args.model_dtype else None, quantize=quant)
-            unquantized = []
-        else:
-            model, unquantized = random_flow(cfg, dtype, quant, seed=args.seed)
-        s.info["time"] = summary([time.perf_counter() - t])
-        params = tree_flatten(model.parameters())
-        s.info["parameters"] = sum(v.size for _, v in params)
-        s.info["weight_bytes"] = sum(v.nbytes for _, v in params)
-        del params  # input_major below frees each weight as it goes: no other reference
-        s.info["unquantized"] = unquantized
-        # input_major changes float32 linears only: quantized and bf16 models keep their layout.
-        on_cpu = mx.default_device() == mx.cpu
-        n = input_major(model) if args.layout == "in-out" or (args.layout == "auto" and on_cpu) else 0
-        if n:
-            s.info["input_major_linears"] = n
-        in_out = n > 0
-    cfg = model.config
-    log(_line("load", st["load"]))
-    if unquantized:
-        log(f"  left unquantized (input width not a multiple of {args.q_group_size}): {', '.join(unquantized)}")
-
-    vae = None
-    if "vae" in stages:  # resident beside the flow, as in a pipeline
-        vae = random_vae(args.arch, DTYPES[args.vae_dtype], seed=args.seed)
-
-    deep = model.blocks[-1]
-    rope = model.rope(True, side, side, n_txt)
-    z = mx.random.normal((B, N, cfg.token_dim), key=k_noise)
-    z2 = mx.concatenate([z, z]) if guided else z
-    text = y if guided else y[:B]
-    jacobi = Jacobi() if args.sampler == "jacobi" else None
-    tokens = min(args.tokens or N, N)
-    full = tokens >= N
-
-    results["limits"] = machine_limits((B2, cfg.top_channels), deep.proj_in.weight.dtype,
-                                       cfg.quantization or quant, args.repeats, in_out)
-    log(_limits_text(results["limits"]))
-
-    caches = None
-    if {"prefill", "deep"} & stages:
-        with Stage(st, "deep") as s:
-            caches = deep.new_caches(B2, n_txt + N)
-            s.info["kv_cache_bytes"] = sum(c.nbytes for c in caches)
-            if "prefill" in stages:
-                st["prefill"] = {"time": _prefill_time(deep, text, rope, caches, args.repeats)}
-            else:  # the prefix contents do not change the cost of a token
-                for c in caches:
-                    c.offset = n_txt
-            if "deep" in stages:
-                if full:
-                    s.info.update(_full_block(deep, z2, rope, guided, args.cfg, text, jacobi, args.repeats))
-                else:
-                    s.info.update(time_block(deep, z2, rope, None, args.cfg if guided else 0.0, caches, n_txt,
-                                             tokens, args.repeats, jacobi))
-                wb = block_weight_bytes(deep)
-                s.info["weight_bytes_per_token"] = wb
-                s.info["GBps"] = wb / s.info["per_token"] / GB
-                s.info["fraction_of_copy_bandwidth"] = s.info["GBps"] / results["limits"]["copy_GBps"]
-                s.info["GFLOPs"] = block_flops_per_token(deep, B2, n_txt, N) / s.info["per_token"] / GB
-                s.info["fraction_of_matmul_peak"] = s.info["GFLOPs"] / results["limits"]["matmul_peak_GFLOPs"]
-        if "prefill" in stages:
-            st["prefill"].update(peak_memory=st["deep"]["peak_memory"], peak_rss=st["deep"]["peak_rss"])
-            log(_line("prefill", st["prefill"]))
-        if "deep" not in stages:
-            del st["deep"]
-        else:
-            log(_line("deep", st["deep"]))
-        del caches
-
+    p = plan(run)
+    results["plan"] = p
+    log_plan(run, p)
+    if "deep" in stages:
+        begin("deep", "the deep block")
+        stage_deep(run, p["deep"]["whole"])
+        log(_line("deep", run.stages["deep"], limits))
     if args.compare_loop and "deep" in stages:
-        results["loop"] = compare_loop(deep, z2, rope, args.cfg if guided else 0.0, B2, n_txt, N,
-                                       min(args.tokens or 16, N), args.repeats, log)
-
-    shallow = [b for b in model.blocks[:-1] if not isinstance(b, IdentityBlock)]
-    if "shallow" in stages and shallow:
-        with Stage(st, "shallow") as s:
-            block = shallow[-1]
-            rope0 = model.rope(False, side, side, 0)
-            if full:
-                x = z
-                times = []
-                for b in reversed(shallow):
-                    t = time.perf_counter()
-                    x = b.sample(x, rope0, None, None, 0.0, jacobi)
-                    mx.eval(x)
-                    times.append(time.perf_counter() - t)
-                s.info["per_block"] = summary(times)
-                s.info["per_token"] = statistics.median(times) / N
-                s.info["extrapolated"] = sum(times)
-            else:
-                caches = block.new_caches(B, N)
-                s.info.update(time_block(block, z, rope0, None, 0.0, caches, 0, tokens, args.repeats, jacobi))
-                s.info["extrapolated"] *= len(shallow)
-                del caches
-            s.info["blocks"] = len(shallow)
-            s.info["weight_bytes_per_token"] = block_weight_bytes(block)
-            s.info["GBps"] = s.info["weight_bytes_per_token"] / s.info["per_token"] / GB
-        log(_line("shallow", st["shallow"]))
-
+        results["loop"] = compare_loop(run, min(args.tokens_n, run.cfg.num_tokens))
+    run.caches = None
+    if "shallow" in p:
+        begin("shallow", "the shallow blocks")
+        stage_shallow(run, p["shallow"]["whole"])
+        log(_line("shallow", run.stages["shallow"], limits))
     if "denoise" in stages:
-        x = mx.random.normal((B, side, side, cfg.in_channels), key=k_x)
-        with Stage(st, "denoise") as s:
-            if cfg.learnable_self_denoiser:
-                s.time(lambda: mx.eval(model.learned_denoise(x, y[:B])), args.repeats, args.warmup)
-            elif not cfg.finetuned_vae:
-                s.time(lambda: mx.eval(model.denoise(x, y[:B])), args.repeats, args.warmup)
-        log(_line("denoise", st["denoise"]))
-
-    if vae is not None:
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        lat = mx.random.normal((B, side, side, vae.config.latent_channels), key=k_x) / vae.config.scaling_factor
-        with Stage(st, "vae") as s:
-            s.time(lambda: mx.eval(vae.decode(lat, tile=args.vae_tile)), args.repeats, args.warmup)
-            s.info["image"] = [side * f, side * f]
-        log(_line("vae", st["vae"]))
-        del vae
-
-    sampling = [st[k]["peak_memory"] for k in ("prefill", "deep", "shallow", "denoise", "vae") if k in st]
-    if sampling:
-        results["sampling_peak_memory"] = max(sampling)
-    _totals(results, full)
-    del model
+        d = p.get("denoise")
+        if d is None or d["run"]:
+            begin("denoise", "denoising")
+            stage_denoise(run)
+            log(_line("denoise", run.stages["denoise"]))
+        else:
+            log(f"[{steps.index('denoise') + 1}/{k}] denoising: estimated, not run")
+            results["stages"]["denoise"] = {"estimated_seconds": d["estimate"]}
+    run.vae = run.model = None
     gc.collect()
     mx.clear_cache()
 
+    results["image"] = image_figures(run)
     if args.precision:
         log("precision (random weights, same seed and inputs; relative RMS difference to float32):")
-        results["precision"] = precision_report(args.precision_arch or ("tiny" if args.arch == "tiny" else "small"),
-                                                args.q_group_size, args.seed, log)
+        results["precision"] = study(args.precision_arch or ("tiny" if args.arch == "tiny" else "small"),
+                                     args.q_group_size, args.seed, log)
     return results
 
 
-def compare_loop(block, z, rope, guidance, batch, n_txt, N, tokens, repeats, log=print):
-    """Per-token time of the sequential loop with and without overlap and compile,
-    measured in this run (tokens at both ends, as the deep stage)."""
-    default = (FlowBlock.overlap, FlowBlock.compile_step)
-    caches = block.new_caches(batch, n_txt + N)
-    out = {}
-    try:
-        for overlap in (False, True):
-            for comp in (False, True):
-                FlowBlock.overlap, FlowBlock.compile_step = overlap, comp
-                r = time_block(block, z, rope, None, guidance, caches, n_txt, tokens, repeats)
-                out[f"overlap={int(overlap)} compile={int(comp)}"] = r["per_token"]
-    finally:
-        FlowBlock.overlap, FlowBlock.compile_step = default
-    base = out["overlap=0 compile=0"]
-    log("token loop (ms/token, ratio to neither): " +
-        ", ".join(f"{k} {v * 1e3:.2f} ({base / v:.2f}x)" for k, v in out.items()))
-    return out
+def _spec_shapes(run):
+    return [tuple(v.shape) for _, v in tree_flatten(Flow(run.cfg).parameters())]
 
 
-def _prefill_time(block, text, rope, caches, repeats):
-    times = []
-    for i in range(repeats + 1):
-        for c in caches:
-            c.offset = 0
-        t = time.perf_counter()
-        block.prefill(text, rope, caches)
-        if i:  # the first is the warm-up
-            times.append(time.perf_counter() - t)
-    return summary(times)
+def image_figures(run):
+    """One image (or batch), from the stages run: seconds and peak memory, and what is
+    extrapolated, estimated or missing."""
+    st = run.stages
+    parts = {}
+    for k in ("text", "prefill", "denoise", "vae"):
+        if k in st and "time" in st[k]:
+            parts[k] = st[k]["time"]["median"]
+    for k in ("deep", "shallow"):
+        if k in st:
+            parts[k] = st[k]["block_seconds"]
+    if "denoise" in st and "estimated_seconds" in st["denoise"]:
+        parts["denoise"] = st["denoise"]["estimated_seconds"]
+    peaks = [st[k]["peak_memory"] for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
+             if k in st and "peak_memory" in st[k]]
+    return {"side": run.image_side, "seconds": sum(parts.values()), "parts": parts, "peak_memory": max(peaks) if peaks else None,
+            "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
+            "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
+            "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st]}
 
 
-def _full_block(block, z, rope, guided, w, text, jacobi, repeats):
-    """The real block.sample over the whole sequence (prefix included)."""
-    times, per = [], []
-    for i in range(repeats + 1):
-        stamps = [time.perf_counter()]
-        block.sample(z, rope, text, None, w if guided else 0.0, jacobi,
-                     lambda done, total: stamps.append(time.perf_counter()))
-        if i:
-            times.append(stamps[-1] - stamps[0])
-            per.extend(np.diff(stamps[1:]).tolist())
-    N = z.shape[1]
-    med = statistics.median(times)
-    return {"run": summary(times), "per_token": med / N, "per_token_steps": summary(per) if per else None,
-            "tokens_timed": N, "extrapolated": med}
-
-
-def _totals(results, full):
-    st = results["stages"]
-    total = sum(st[k]["time"]["median"] for k in ("text", "prefill", "denoise", "vae") if k in st)
-    total += sum(st[k]["extrapolated"] for k in ("deep", "shallow") if k in st)
-    results["image_time"] = total
-    results["image_time_extrapolated"] = not full
-
-
-# -- precision -----------------------------------------------------------------------------
-
-
-def _rel(a, b):
-    a, b = np.asarray(a.astype(mx.float32)), np.asarray(b.astype(mx.float32))
-    return float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b**2)), 1e-30))
-
-
-def _variant(model, dtype, quantize):
-    """A copy of `model`'s float32 weights in another precision."""
-    new = type(model)(model.config) if not isinstance(model, VAE) else VAE(model.config)
-    if isinstance(new, VAE):
-        new.encoder = None
-    new.update(tree_map(lambda p: p, model.parameters()))
-    _cast(new, dtype)
-    if quantize:
-        if isinstance(new, Flow):
-            from .weights import quantize_model
-            quantize_model(new, **quantize)
-        else:
-            quantize_linear(new, bits=quantize["bits"], group_size=quantize["group_size"])
-    mx.eval(new.parameters())
-    return new
-
-
-def precision_report(arch, group_size, seed, log=print):
-    """Each component's output in each supported precision against float32, on one
-    architecture small enough for float32 to be cheap."""
-    out = {"arch": arch, "flow": {}, "t5": {}, "vae": {}}
-    cfg = flow_config(arch)
-    key = mx.random.key(seed + 1)
-    k1, k2, k3 = mx.random.split(key, 3)
-    side = cfg.grid_size
-
-    t5 = random_t5(arch, mx.float32, seed=seed)
-    ids = mx.random.randint(0, t5.config.vocab_size, (2, cfg.txt_size), key=k1)
-    ref_y = t5(ids)
-    mx.eval(ref_y)
-    for name, dt, q in (("bfloat16", mx.bfloat16, None), ("8-bit", mx.float32, 8), ("4-bit", mx.float32, 4)):
-        m = _variant(t5, dt, {"bits": q, "group_size": group_size} if q else None)
-        out["t5"][name] = _rel(m(ids), ref_y)
-    del t5, m
-    log("  t5:   " + ", ".join(f"{k} {v:.2e}" for k, v in out["t5"].items()))
-
-    flow, _ = random_flow(cfg, mx.float32, seed=seed)
-    y = 0.5 * ref_y.astype(mx.float32)
-    noise = mx.random.normal((1, side, side, cfg.in_channels), key=k2)
-    ref_x = flow.sample(noise, y, guidance=2.0)
-    ref_z, _ = flow(ref_x, y[:1])
-    mx.eval(ref_x, ref_z)
-    # Quantized from bf16 weights, scales and biases are bf16 too; from float32 they stay float32.
-    variants = (("bfloat16", mx.bfloat16, None), ("float16", mx.float16, None), ("8-bit", mx.bfloat16, 8),
-                ("4-bit", mx.bfloat16, 4), ("8-bit, fp32 scales", mx.float32, 8),
-                ("4-bit, fp32 scales", mx.float32, 4))
-    for name, dt, q in variants:
-        m = _variant(flow, dt, {"bits": q, "group_size": group_size} if q else None)
-        x = m.sample(noise, y, guidance=2.0)
-        zz, _ = m(ref_x, y[:1])
-        out["flow"][name] = {"sample": _rel(x, ref_x), "forward": _rel(zz, ref_z)}
-    del flow, m
-    log("  flow: " + ", ".join(f"{k} sample {v['sample']:.2e} / forward {v['forward']:.2e}"
-                               for k, v in out["flow"].items()))
-
-    vae = random_vae(arch, mx.float32, seed=seed)
-    lat = mx.random.normal((1, side, side, 4), key=k3)
-    ref = vae.decode(lat)
-    for name, dt in (("bfloat16", mx.bfloat16),):
-        m = _variant(vae, dt, None)
-        out["vae"][name] = _rel(m.decode(lat), ref)
-    log("  vae:  " + ", ".join(f"{k} {v:.2e}" for k, v in out["vae"].items()))
-    return out
-
-
-# -- printing ----------------------------------------------------------------------------------
+# -- printing -------------------------------------------------------------------------------------
 
 
 def _gb(n):
-    return f"{n / GB:.2f} GB"
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def _duration(s):
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _count(n):
+    return f"{n / 1e9:.2f} billion" if n >= 1e9 else f"{n / 1e6:.1f} million"
+
+
+def _times(n):
+    return "once" if n == 1 else f"{n} times"
+
+
+def _q(bits):
+    return f", {bits}-bit" if bits else ""
+
+
+def _precision(args):
+    return f"{args.quantize}-bit ({args.dtype} scales)" if args.quantize else args.dtype
 
 
 def _header(m):
@@ -719,99 +636,242 @@ def _header(m):
     return f"{m['chip']} ({m['cpus']} cpus, {mem}{load}), {m['os']}, {m['device']}\n{v}{pre}"
 
 
-def _limits_text(lim):
-    s = (f"machine: copy {lim['copy_GBps']:.1f} GB/s (mlx {lim['mlx_copy_GBps']:.1f}, numpy "
-         f"{lim['numpy_copy_GBps']:.1f}); float32 matmul mlx {lim['mlx_f32_matmul_GFLOPs']:.1f} vs numpy "
-         f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s\n"
-         f"model's linear: {lim['matmul_peak_GFLOPs']:.1f} GFLOP/s at {lim['matmul_peak_rows']} rows, "
-         f"{lim['matmul_step_GBps']:.1f} GB/s of weights at {lim['matmul_step_rows']} rows (the step)"
-         f"{', weights (in, out)' if lim.get('in_out') else ''}")
-    if lim["slow_blas"]:
-        s += "\nwarning: " + blas_advice()
+def _what(args, rows, side):
+    n = "one" if args.batch == 1 else str(args.batch)
+    guide = f"with guidance {args.cfg:g}" if args.cfg > 0 else "without guidance"
+    return f"{n} {side}x{side} image{'s' if args.batch > 1 else ''} {guide}"
+
+
+def _intro(run):
+    a = run.args
+    source = f"the model in {a.model}" if a.model else f"random weights of the {a.arch} architecture"
+    rows = f" (the deep block samples {run.rows} rows: conditional and unconditional)" if a.cfg > 0 else ""
+    stages = ", ".join(["load"] + [s for s in STAGES if s in a.stages and s != "load"])
+    return (f"benchmark: {_what(a, run.rows, run.image_side)}{rows}, {a.sampler} sampling, {source}\n"
+            f"  flow {_precision(a)}, text encoder {a.text_dtype}{_q(a.text_quantize)}, VAE {a.vae_dtype}; "
+            f"stages: {stages} (--help for the options)")
+
+
+def _spread(t):
+    return f" (runs: {_duration(t['min'])} to {_duration(t['max'])})" if t["n"] > 1 else ""
+
+
+def _block_words(info, limits):
+    """A block's speed against the machine: weights read per token against the copy
+    speed and against its largest layer alone on the same rows."""
+    s = (f"{_duration(info['per_token'])} per token; reads {_gb(info['weight_bytes_per_token'])} of weights "
+         f"per token: {info['GBps']:.1f} GB/s = {100 * info['GBps'] / limits['copy_GBps']:.0f}% of the memory "
+         f"copy speed ({limits['copy_GBps']:.1f} GB/s)")
+    if "layer_step_GBps" in limits:
+        s += (f", {100 * info['GBps'] / limits['layer_step_GBps']:.0f}% of its largest layer alone "
+              f"({limits['layer_step_GBps']:.1f} GB/s)")
     return s
 
 
-def _line(name, info):
-    parts = [f"{name:8s}"]
-    if "time" in info:
-        t = info["time"]
-        parts.append(f"{t['median']:.3f} s (min {t['min']:.3f}, max {t['max']:.3f}, n {t['n']})")
-    if "per_token" in info:
-        parts.append(f"{info['per_token'] * 1e3:.1f} ms/token")
-        if "per_token_start" in info:
-            parts.append(f"(start {info['per_token_start']['median'] * 1e3:.1f}, "
-                         f"end {info['per_token_end']['median'] * 1e3:.1f}, {info['tokens_timed']} tokens timed)")
-        parts.append(f"-> {info['extrapolated']:.1f} s")
-    if "GBps" in info:
-        parts.append(f"{_gb(info['weight_bytes_per_token'])}/token, {info['GBps']:.1f} GB/s")
-    if "fraction_of_copy_bandwidth" in info:
-        parts.append(f"({100 * info['fraction_of_copy_bandwidth']:.0f}% of copy), {info['GFLOPs']:.1f} GFLOP/s "
-                     f"({100 * info['fraction_of_matmul_peak']:.0f}% of matmul)")
-    if "weight_bytes" in info:
-        parts.append(f"weights {_gb(info['weight_bytes'])}")
-    if "peak_memory" in info:
-        parts.append(f"peak {_gb(info['peak_memory'])}, rss {_gb(info['peak_rss'])}")
-    return " ".join(parts)
+def _line(name, info, limits=None):
+    """One finished stage, as progress."""
+    peak = f"; memory peak {_gb(info['peak_memory'])}" if "peak_memory" in info else ""
+    t = info.get("time")
+    if name == "load":
+        layout = ", held input-major (the faster layout for a CPU BLAS)" if info.get("input_major") else ""
+        return (f"  flow weights {_gb(info['weight_bytes'])} ({_count(info['parameters'])} parameters), "
+                f"ready in {_duration(t['median'])}{layout}{peak}")
+    if name == "text":
+        return f"  {_duration(t['median'])}{_spread(t)}; text encoder weights {_gb(info['weight_bytes'])}{peak}"
+    if name in ("vae", "prefill"):
+        return f"  {_duration(t['median'])}{_spread(t)}{peak}"
+    if name in ("deep", "shallow"):
+        how = (f"{info['tokens_timed']} tokens timed at each end, extrapolated" if info["extrapolated"]
+               else "sampled whole")
+        return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits)}{peak}"
+    if name == "denoise":
+        return f"  {_duration(t['median'])}{_spread(t)}{peak}" if t else "  not needed by this model"
+    return f"  {name}: {info}"
+
+
+def summary_lines(results):
+    """The figure to quote, then the stages and the machine, in words."""
+    a, st, lim, img = results["args"], results["stages"], results["limits"], results["image"]
+    out = []
+    side = img["side"]
+    approx = "about " if img["extrapolated"] or img["estimated"] else ""
+    peak = f", peak {_gb(img['peak_memory'])}" if img["peak_memory"] else ""
+    out.append(f"summary: {_what(argparse.Namespace(**a), 0, side)}: {approx}{_duration(img['seconds'])}{peak}")
+    notes = [f"flow {_precision(argparse.Namespace(**a))}, text encoder {a['text_dtype']}{_q(a['text_quantize'])}, "
+             f"{a['sampler']} sampling, weights already loaded"]
+    if img["extrapolated"]:
+        notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from their first and last tokens")
+    if img["estimated"]:
+        notes.append("denoising estimated from the text prefix's speed, not run (its memory not included)")
+    if img["missing"]:
+        notes.append(f"stages not run, not included: {', '.join(img['missing'])}")
+    out.append("  (" + "; ".join(notes) + ")")
+    out.append("")
+    out.append(f"details (median of {a['repeats']} runs; memory peak: MLX's, resident weights included):")
+    rows = [("stage", "time", "memory peak", "what the figure is")]
+
+    def peak_of(info):
+        return _gb(info["peak_memory"]) if "peak_memory" in info else "-"
+
+    if "load" in st:
+        i = st["load"]
+        rows.append(("flow weights", _duration(i["time"]["median"]), peak_of(i),
+                     f"{_gb(i['weight_bytes'])}, {_count(i['parameters'])} parameters"
+                     f"{' (built at random: loading a folder differs)' if not a['model'] else ''}"))
+    if "text" in st:
+        i = st["text"]
+        rows.append(("text encoding", _duration(i["time"]["median"]), peak_of(i),
+                     f"{i['prompts']} prompts of {i['tokens']} tokens; text encoder {_gb(i['weight_bytes'])}, "
+                     "loaded beside the flow as generate does"))
+    if "vae" in st:
+        i = st["vae"]
+        rows.append(("VAE decode", _duration(i["time"]["median"]), peak_of(i), f"{side}x{side} pixels"))
+    if "prefill" in st:
+        i = st["prefill"]
+        rows.append(("text prefix", _duration(i["time"]["median"]), peak_of(i),
+                     f"the text through the deep block once: {i['GFLOPs']:.1f} GFLOP/s = "
+                     f"{100 * i['GFLOPs'] / lim['layer_many_GFLOPs']:.0f}% of its largest layer alone on "
+                     f"many rows ({lim['layer_many_GFLOPs']:.1f} GFLOP/s)"))
+    for k, name in (("deep", "deep block"), ("shallow", "shallow blocks")):
+        if k in st:
+            i = st[k]
+            where = (f"{i['blocks']} blocks, one row per image; " if k == "shallow"
+                     else f"KV cache {_gb(i['kv_cache_bytes'])}; ")
+            rows.append((name, ("~" if i["extrapolated"] else "") + _duration(i["block_seconds"]), peak_of(i),
+                         where + _block_words(i, lim)))
+    if "denoise" in st:
+        i = st["denoise"]
+        if "estimated_seconds" in i:
+            rows.append(("denoising", "~" + _duration(i["estimated_seconds"]), "-",
+                         "estimated: four passes over the model at the text prefix's speed (not run)"))
+        elif "time" in i:
+            rows.append(("denoising", _duration(i["time"]["median"]), peak_of(i), "the step after sampling"))
+    rows.append(("one image", approx.replace("about ", "~") + _duration(img["seconds"]),
+                 _gb(img["peak_memory"]) if img["peak_memory"] else "-", "the stages above but the weights"))
+    w0, w1, w2 = (max(len(r[j]) for r in rows) for j in range(3))
+    out += [f"  {r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}" for r in rows]
+    out.append("")
+    out.append("the machine:")
+    out.append(f"  memory copy speed: {lim['copy_GBps']:.1f} GB/s (numpy {lim['numpy_copy_GBps']:.1f}, "
+               f"MLX {lim['mlx_copy_GBps']:.1f}): the limit for reading weights")
+    out.append(f"  float32 matrix multiply, 1024x1024: MLX {lim['mlx_f32_matmul_GFLOPs']:.1f} GFLOP/s, numpy "
+               f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s" + (" (MLX's BLAS is slow, see the warning above)"
+                                                                 if lim["slow_blas"] else ""))
+    if "layer_many_GFLOPs" in lim:
+        out.append(f"  the model's largest layer alone ({lim['layer']}): {lim['layer_many_GFLOPs']:.1f} GFLOP/s on "
+                   f"{lim['layer_many_rows']} rows (the limit for the text prefix and denoising); it reads its "
+                   f"weights at {lim['layer_step_GBps']:.1f} GB/s on {lim['layer_step_rows']} rows "
+                   "(the limit for a token)")
+    m = results["machine"]
+    if "load_average" in m and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if max(load, m["load_average"][0]) > (m["cpus"] or 1) / 2:
+            out.append(f"  load average {m['load_average'][0]:.1f} at the start, {load:.1f} at the end: other "
+                       "work on the machine slows every figure")
+    return out
 
 
 def print_summary(results, log=print):
-    if "load_average" in results["machine"]:
-        load = os.getloadavg()[0]
-        busy = " (above the cpu count: other work skews the timings)" if load > (os.cpu_count() or 1) else ""
-        log(f"load average at the end: {load:.1f}{busy}")
-    if "sampling_peak_memory" in results:
-        log(f"peak MLX memory while sampling: {_gb(results['sampling_peak_memory'])}")
-    est = " (extrapolated)" if results["image_time_extrapolated"] else ""
-    log(f"time for the stages run: {results['image_time']:.1f} s{est}")
+    log("")
+    for line in summary_lines(results):
+        log(line)
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Time and memory of STARFlow text-to-image, stage by stage.")
-    p.add_argument("--model", help="a converted model folder (default: random weights of the released shapes)")
-    p.add_argument("--arch", default="3b", choices=list(ARCHS), help="architecture of the random model")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="flow weights")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_starflow.benchmark",
+        description="How long one image takes and how much memory it needs, stage by stage, beside what "
+                    "the machine can do. Without --model: random weights of the released 3B shapes.",
+        epilog="The defaults are generate's for the released 3B model (bfloat16 flow, float32 text encoder "
+               "and VAE, guidance 3.6), except the sampler: generate samples in Jacobi chunks, whose number "
+               "of iterations depends on the trained weights (random weights cannot tell it); the sequential "
+               "loop costs the same per token for any weights, so it is what is measured (--sampler jacobi "
+               "with --model measures the real one). Figures and commands: BENCHMARKS.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="a converted model folder instead of random weights")
+    p.add_argument("--arch", default="3b", choices=list(ARCHS),
+                   help="architecture of the random model: the released 3B, or small ones for quick checks")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="flow weights (generate's auto picks bfloat16 for the 3B)")
     p.add_argument("--model-dtype", action="store_true", help="with --model: cast its weights to --dtype")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the flow's transformer linears")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
-    p.add_argument("--text-dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--text-quantize", type=int, choices=[4, 8])
-    p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--vae-tile", type=int, help="tiled VAE decode with this tile (latents)")
-    p.add_argument("--batch", type=int, default=1, help="images")
-    p.add_argument("--cfg", type=float, default=2.5, help="guidance weight (0: no guidance, half the batch)")
-    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"])
-    p.add_argument("--tokens", type=int, help="time this many tokens at each end of a block and extrapolate")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
+    p.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"], help="text encoder weights")
+    p.add_argument("--text-quantize", type=int, choices=[4, 8], help="quantize the text encoder's linears")
+    p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"], help="VAE weights")
+    p.add_argument("--vae-tile", type=int, help="decode in tiles of this many latents (less memory)")
+    p.add_argument("--batch", type=int, default=1, help="images at once")
+    p.add_argument("--cfg", type=float, default=3.6,
+                   help="guidance weight; any weight > 0 costs the same (two rows per image), 0 is half")
+    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"],
+                   help="how the blocks are sampled (see below)")
+    p.add_argument("--tokens", default="auto",
+                   help="tokens timed at each end of a block, then extrapolated; 'all': whole blocks and every "
+                        f"stage run; 'auto': whole blocks when the first token says under {AUTO_BLOCK:.0f} s, "
+                        f"else {AUTO_TOKENS} tokens, and denoising estimated when over {AUTO_DENOISE / 60:.0f} min")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (the median is reported)")
     p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs of the text, denoise and VAE stages first (0: a slow stage measured once)")
+                   help="untimed runs of the text, VAE and denoise stages first (0: a slow stage measured once)")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated, from {','.join(STAGES)} (load always runs)")
-    p.add_argument("--layout", default="auto", choices=["auto", "out-in", "in-out"],
-                   help="flow linears' weight layout; auto: (in, out) for float32 on the CPU (flow.input_major)")
+                   help="comma-separated stages to run (load always runs)")
+    p.add_argument("--layout", default="auto", choices=["auto", "out-in"],
+                   help="auto: as the pipeline holds the weights (device.prepare: float32 input-major on a CPU); "
+                        "out-in: as stored, to measure the difference")
     p.add_argument("--compare-loop", action="store_true",
-                   help="time the deep block's token loop with and without overlap and mx.compile")
+                   help="also time the deep block's token loop with and without overlap and mx.compile")
     p.add_argument("--precision", action="store_true",
                    help="also compare each component's precisions with float32 on a small architecture")
-    p.add_argument("--precision-arch", choices=list(ARCHS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--precision-arch", choices=list(ARCHS), help="architecture of --precision (default: small)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--json", help="also write every figure to this file")
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def _check(p, args):
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
-        parser().error(f"unknown stages {bad}; choose from {','.join(STAGES)}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser().error("--repeats must be at least 1 and --warmup at least 0")
+        p.error(f"--stages: unknown {', '.join(bad)}; choose from {','.join(STAGES)}")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        p.error("--cfg must be a finite number >= 0")
+    if args.tokens in ("auto", "all"):
+        args.tokens_n = AUTO_TOKENS
+    else:
+        try:
+            args.tokens_n = int(args.tokens)
+        except ValueError:
+            args.tokens_n = 0
+        if args.tokens_n < 1:
+            p.error(f"--tokens must be auto, all or a number >= 1, not {args.tokens!r}")
     if args.model and not Path(args.model).is_dir():
-        parser().error(f"{args.model} is not a folder")
+        p.error(f"--model: {args.model} is not a folder")
+
+
+def write_json(path, data):
+    """Write data as JSON to path atomically (a partial file never appears)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    _check(p, args)
     results = run_benchmark(args)
     print_summary(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

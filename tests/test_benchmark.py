@@ -1,6 +1,6 @@
 """The benchmark command on the tiny architecture, the random 3B model's spec against
-the released checkpoint's keys, quantized folders, and the token loop's options.
-No timing is asserted: timings belong to BENCHMARKS.md."""
+the released checkpoint's keys, the random builders, the machine probes' advice,
+and the token loop's options. No timing is asserted: timings belong to BENCHMARKS.md."""
 
 import json
 from pathlib import Path
@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_starflow import benchmark
+from mlx_starflow import benchmark, machine, random_models
 from mlx_starflow.config import starflow_config_from_args
-from mlx_starflow.flow import Flow, FlowBlock
+from mlx_starflow.flow import Flow
 from mlx_starflow.quant import QuantizedLinear, quant_args, quantize_linear
+from mlx_starflow.sample import Jacobi, sample, sample_steps
 from mlx_starflow.t5 import T5Config, T5Encoder
 from mlx_starflow.weights import IGNORED, load_flow, save_model
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "starflow_3B_t2i_keys.tsv"
+TINY = ["--arch", "tiny", "--repeats", "1"]
 
 
 def released_shapes():
@@ -32,57 +34,130 @@ def released_shapes():
 
 @pytest.mark.skipif(not KEYS.exists(), reason="needs ../shared/starflow_3B_t2i_keys.tsv")
 def test_random_3b_matches_the_released_checkpoint():
-    spec = benchmark.flow_spec("3b")  # lazy: nothing is allocated
+    spec = random_models.flow_spec("3b")  # lazy: nothing is allocated
     assert spec == released_shapes()
     assert sum(int(np.prod(s)) for s in spec.values()) == 3_858_281_544
 
 
-def test_command_on_tiny(tmp_path):
+def test_command_on_tiny(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert benchmark.main(["--arch", "tiny", "--dtype", "float32", "--repeats", "1", "--tokens", "2",
-                           "--compare-loop", "--precision", "--json", str(out)]) == 0
+    assert benchmark.main([*TINY, "--dtype", "float32", "--tokens", "2", "--compare-loop", "--precision",
+                           "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["stages"]) == set(benchmark.STAGES)
     deep = r["stages"]["deep"]
-    assert deep["tokens_timed"] == 2 and deep["weight_bytes_per_token"] > 0
-    assert deep["kv_cache_bytes"] > 0 and deep["peak_memory"] >= deep["kv_cache_bytes"]
-    assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_peak_GFLOPs"] > 0
-    # float32 on the CPU: the linears are held input-major, and the limits measured so
-    n_linears = 4 * sum(int(n) for n in benchmark.ARCHS["tiny"]["flow"]["layers_per_block"].split())
-    assert r["stages"]["load"]["input_major_linears"] == n_linears and r["limits"]["in_out"]
+    assert deep["tokens_timed"] == 2 and deep["extrapolated"] and deep["weight_bytes_per_token"] > 0
+    assert deep["block_seconds"] == pytest.approx(64 * deep["per_token"])
+    assert r["stages"]["prefill"]["kv_cache_bytes"] > 0
+    assert deep["peak_memory"] >= deep["kv_cache_bytes"] + r["stages"]["load"]["weight_bytes"]
+    # The text encoder is built beside the resident flow, as the pipeline loads it.
+    assert r["stages"]["text"]["peak_memory"] > r["stages"]["load"]["weight_bytes"] + r["stages"]["text"]["weight_bytes"]
+    lim = r["limits"]
+    assert lim["copy_GBps"] > 0 and lim["layer_many_GFLOPs"] > 0 and lim["layer_step_rows"] == 2
+    # float32 on the CPU: held input-major (device.prepare), and the layer probe likewise
+    assert r["stages"]["load"]["input_major"] and lim["input_major"]
     assert len(r["loop"]) == 4
     assert set(r["precision"]["flow"]) == {"bfloat16", "float16", "8-bit", "4-bit", "8-bit, fp32 scales",
-                                                "4-bit, fp32 scales"}
+                                           "4-bit, fp32 scales"}
     assert all(np.isfinite(v["sample"]) for v in r["precision"]["flow"].values())
     assert r["machine"]["versions"]["mlx"]
+    img = r["image"]
+    assert img["extrapolated"] == ["deep", "shallow"] and not img["missing"] and not img["estimated"]
+    assert img["seconds"] == pytest.approx(sum(img["parts"].values()))
+    assert img["peak_memory"] == max(r["stages"][k]["peak_memory"] for k in benchmark.STAGES if k != "load")
+    text = capsys.readouterr().out
+    # Progress per stage, then a sentence to quote, then the details in words.
+    assert "[1/7] building the flow" in text and "[7/7] denoising" in text
+    assert "summary: one 64x64 image with guidance 3.6: about " in text
+    assert "% of the memory copy speed" in text and "details (median of 1 runs" in text
+    assert text.index("plan, from the first tokens") < text.index("[5/7] the deep block")
 
 
 def test_command_quantized_jacobi(tmp_path):
     out = tmp_path / "r.json"
-    assert benchmark.main(["--arch", "tiny", "--dtype", "bfloat16", "--quantize", "4", "--sampler", "jacobi",
-                           "--cfg", "0", "--repeats", "1", "--tokens", "4", "--text-quantize", "8",
+    assert benchmark.main([*TINY, "--dtype", "bfloat16", "--quantize", "4", "--sampler", "jacobi",
+                           "--cfg", "0", "--tokens", "4", "--text-quantize", "8",
                            "--stages", "text,deep,shallow", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["args"]["quantize"] == 4 and "denoise" not in r["stages"]
-    assert "input_major_linears" not in r["stages"]["load"] and not r["limits"]["in_out"]
+    assert r["image"]["missing"] == ["prefill", "denoise", "vae"]
+    assert not r["stages"]["load"]["input_major"] and not r["limits"]["input_major"]
+    assert r["limits"]["layer_step_rows"] == 1  # no guidance: one row per image
+
+
+def test_auto_extrapolates_long_blocks_and_estimates_long_denoising(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "AUTO_BLOCK", 0.0)  # every block "takes too long"
+    monkeypatch.setattr(benchmark, "AUTO_DENOISE", 0.0)
+    out = tmp_path / "r.json"
+    assert benchmark.main([*TINY, "--dtype", "float32", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["stages"]["deep"]["extrapolated"] and r["stages"]["deep"]["tokens_timed"] == benchmark.AUTO_TOKENS
+    assert r["stages"]["denoise"]["estimated_seconds"] > 0 and "time" not in r["stages"]["denoise"]
+    assert r["image"]["estimated"] == ["denoise"]
+    text = capsys.readouterr().out
+    assert "timing 4 tokens at each end and extrapolating (--tokens all runs it whole)" in text
+    assert "denoising estimated from the text prefix's speed, not run" in text
+
+    monkeypatch.setattr(benchmark, "AUTO_BLOCK", 1e9)
+    assert benchmark.main([*TINY, "--dtype", "float32", "--stages", "deep", "--json", str(out)]) == 0
+    deep = json.loads(out.read_text())["stages"]["deep"]
+    assert not deep["extrapolated"] and deep["tokens_timed"] == 64
+
+
+def test_help_names_the_module_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: python -m mlx_starflow.benchmark")
+    assert "(default: 3b)" in text and "(default: 3.6)" in text and "(default: sequential)" in text
+    assert "random weights cannot tell it" in text  # why the sampler differs from generate's
+
+
+def test_slow_blas_advice_gives_the_install_step_and_the_path(monkeypatch):
+    monkeypatch.setattr(machine.sys, "platform", "linux")
+    advice = machine.blas_advice()
+    assert "sudo apt install libopenblas0-pthread" in advice
+    assert f"LD_PRELOAD={machine.openblas_path()} python -m mlx_starflow.generate" in advice
+    assert machine.openblas_path("aarch64") == "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3"
+    assert machine.openblas_path("x86_64") == "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def test_random_flow_is_built_in_the_target_precision():
-    cfg = benchmark.flow_config("tiny")
-    model, skipped = benchmark.random_flow(cfg, mx.bfloat16, {"bits": 4, "group_size": 64})
+    cfg = random_models.flow_config("tiny")
+    model, skipped = random_models.random_flow(cfg, mx.bfloat16, {"bits": 4, "group_size": 64})
     assert skipped == []
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear):  # only the transformer linears are quantized
-            assert isinstance(m, nn.QuantizedLinear) == (".attn_blocks." in f".{path}"), path
+            assert isinstance(m, QuantizedLinear) == (".attn_blocks." in f".{path}"), path
     floats = [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     assert all(v.dtype == mx.bfloat16 for v in floats)
     assert cfg.quantization == {"bits": 4, "group_size": 64}
+    # Same seed, same weights; another seed, others.
+    again, _ = random_models.random_flow(random_models.flow_config("tiny"), mx.bfloat16, {"bits": 4, "group_size": 64})
+    other, _ = random_models.random_flow(random_models.flow_config("tiny"), mx.bfloat16, {"bits": 4, "group_size": 64},
+                                         seed=1)
+    w = [np.array(m.blocks[-1].proj_in.weight.astype(mx.float32)) for m in (model, again, other)]
+    np.testing.assert_array_equal(w[0], w[1])
+    assert not np.array_equal(w[0], w[2])
+
+
+def test_random_flow_never_holds_the_wider_precision():
+    cfg = random_models.flow_config("small")
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model, _ = random_models.random_flow(cfg, mx.float32, {"bits": 4, "group_size": 64})
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    float32 = 4 * sum(int(np.prod(s)) for s in random_models.flow_spec("small").values())
+    assert size < float32 / 3
+    assert mx.get_peak_memory() - before < float32 / 2  # one layer at a time in float32
 
 
 def test_layers_that_do_not_fit_the_group_are_listed():
-    args = {**benchmark.ARCHS["tiny"]["flow"], "channels": 192}
+    args = {**random_models.ARCHS["tiny"]["flow"], "channels": 192}
     cfg = starflow_config_from_args(args, txt_dim=64)
-    model, skipped = benchmark.random_flow(cfg, mx.float32, {"bits": 8, "group_size": 128})
+    model, skipped = random_models.random_flow(cfg, mx.float32, {"bits": 8, "group_size": 128})
     # 192 wide inputs do not split into groups of 128; the MLP's 768 wide input does.
     assert "blocks.2.attn_blocks.0.attention.qkv" in skipped
     assert "blocks.2.attn_blocks.0.mlp.main.2" not in skipped
@@ -90,15 +165,12 @@ def test_layers_that_do_not_fit_the_group_are_listed():
     assert not isinstance(model.blocks[2].attn_blocks[0].attention.qkv, nn.QuantizedLinear)
 
 
-def test_quantized_folder_round_trip(tmp_path):
-    cfg = benchmark.flow_config("tiny")
-    model, _ = benchmark.random_flow(cfg, mx.float32, {"bits": 8, "group_size": 64})
+def test_quantized_random_flow_round_trips_through_a_folder(tmp_path):
+    cfg = random_models.flow_config("tiny")
+    model, _ = random_models.random_flow(cfg, mx.float32, {"bits": 8, "group_size": 64})
     save_model(tmp_path / "q", cfg, dict(tree_flatten(model.parameters())))
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"bits": 8, "group_size": 64}
-    # Asking for 4 bits at load time does not re-quantize an 8-bit folder.
-    loaded = load_flow(tmp_path / "q", quantize={"bits": 4, "group_size": 64})
-    qkv = loaded.blocks[-1].attn_blocks[0].attention.qkv
-    assert isinstance(qkv, QuantizedLinear) and qkv.bits == 8
+    loaded = load_flow(tmp_path / "q")
     x = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
     y = mx.random.normal((1, cfg.txt_size, cfg.txt_dim), key=mx.random.key(2))
     np.testing.assert_array_equal(np.array(model(x, y)[0]), np.array(loaded(x, y)[0]))
@@ -106,21 +178,25 @@ def test_quantized_folder_round_trip(tmp_path):
 
 @pytest.mark.parametrize("overlap,compiled", [(True, False), (False, True), (True, True)])
 def test_token_loop_options_give_the_same_samples(overlap, compiled):
-    cfg = benchmark.flow_config("tiny")  # 64 tokens: long enough to be compiled
-    model, _ = benchmark.random_flow(cfg, mx.float32)
+    cfg = random_models.flow_config("tiny")  # 64 tokens: long enough to be compiled
+    model, _ = random_models.random_flow(cfg, mx.float32)
     noise = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
     y = mx.random.normal((2, cfg.txt_size, cfg.txt_dim), key=mx.random.key(2))
-    default = (FlowBlock.overlap, FlowBlock.compile_step)
-    try:
-        FlowBlock.overlap, FlowBlock.compile_step = False, False
-        ref = model.sample(noise, y, guidance=2.0)
-        FlowBlock.overlap, FlowBlock.compile_step = overlap, compiled
-        seen = []
-        out = model.sample(noise, y, guidance=2.0, progress=lambda i, done, total: seen.append((i, done)))
-    finally:
-        FlowBlock.overlap, FlowBlock.compile_step = default
-    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-4)
-    assert [d for i, d in seen if i == 2] == list(range(1, 65))  # every token reported once, in order
+    ref = sample(model, noise, y, 2.0, overlap=False, compile_step=False)
+    steps = list(sample_steps(model, noise, y, 2.0, overlap=overlap, compile_step=compiled))
+    np.testing.assert_allclose(np.array(steps[-1].x), np.array(ref), rtol=1e-4, atol=1e-4)
+    assert [s.done for s in steps if s.block == 2] == list(range(1, 65))  # every token reported once, in order
+
+
+def test_jacobi_timing_counts_whole_chunks():
+    cfg = random_models.flow_config("tiny")
+    model, _ = random_models.random_flow(cfg, mx.float32)
+    block = model.blocks[0]
+    z = mx.random.normal((1, 64, cfg.token_dim), key=mx.random.key(3))
+    caches = block.new_caches(1, 64)
+    r = benchmark.time_block_ends(block, z, caches, 0, 5, 1, model.rope(False, 8, 8, 0), jacobi=Jacobi(block_size=4))
+    assert r["tokens_timed"] == 8  # 5 tokens round up to two chunks of 4, after one untimed chunk
+    assert r["per_token"] > 0 and r["block_seconds"] == pytest.approx(64 * r["per_token"])
 
 
 def test_t5_quantization_options():
@@ -137,39 +213,43 @@ def test_t5_quantization_options():
 
 
 def test_loading_warns_about_layers_left_unquantized(tmp_path):
-    args = {**benchmark.ARCHS["tiny"]["flow"], "channels": 192}
+    args = {**random_models.ARCHS["tiny"]["flow"], "channels": 192}
     cfg = starflow_config_from_args(args, txt_dim=64)
-    model, _ = benchmark.random_flow(cfg, mx.float32)
+    model, _ = random_models.random_flow(cfg, mx.float32)
     save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
     with pytest.warns(UserWarning, match="left unquantized.*attention.qkv"):
         load_flow(tmp_path / "f", quantize={"bits": 8, "group_size": 128})
 
 
 def test_command_with_a_converted_folder(tmp_path):
-    cfg = benchmark.flow_config("tiny")
-    model, _ = benchmark.random_flow(cfg, mx.float32)
+    cfg = random_models.flow_config("tiny")
+    model, _ = random_models.random_flow(cfg, mx.float32)
     save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
     out = tmp_path / "r.json"
     assert benchmark.main(["--model", str(tmp_path / "f"), "--quantize", "8", "--repeats", "1", "--tokens", "2",
                            "--stages", "prefill,deep", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    float32_bytes = 4 * sum(int(np.prod(s)) for s in benchmark.flow_spec("tiny").values())
+    float32_bytes = 4 * sum(int(np.prod(s)) for s in random_models.flow_spec("tiny").values())
     assert r["stages"]["load"]["weight_bytes"] < float32_bytes / 2  # quantized on the fly
-    assert r["stages"]["deep"]["extrapolated"] == pytest.approx(64 * r["stages"]["deep"]["per_token"])
+    assert r["stages"]["deep"]["block_seconds"] == pytest.approx(64 * r["stages"]["deep"]["per_token"])
 
 
-def test_warmup_runs_and_bad_counts(tmp_path, monkeypatch):
+def test_warmup_runs_and_bad_options(tmp_path, monkeypatch, capsys):
     calls = []
     denoise = Flow.denoise
     monkeypatch.setattr(Flow, "denoise", lambda self, *a, **k: calls.append(1) or denoise(self, *a, **k))
     out = tmp_path / "r.json"
     for warmup in (0, 2):
         calls.clear()
-        assert benchmark.main(["--arch", "tiny", "--dtype", "float32", "--stages", "denoise", "--repeats", "1",
-                               "--warmup", str(warmup), "--json", str(out)]) == 0
+        assert benchmark.main([*TINY, "--dtype", "float32", "--stages", "denoise", "--warmup", str(warmup),
+                               "--json", str(out)]) == 0
         assert len(calls) == 1 + warmup  # a slow stage can be measured once
         assert json.loads(out.read_text())["stages"]["denoise"]["time"]["n"] == 1
-    for bad in (["--repeats", "0"], ["--warmup", "-1"]):
+    capsys.readouterr()
+    for bad, message in ((["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+                         (["--tokens", "some"], "--tokens must be auto, all or a number"),
+                         (["--cfg", "nan"], "--cfg"), (["--stages", "deep,decode"], "--stages: unknown decode"),
+                         (["--model", str(tmp_path / "nope")], "is not a folder")):
         with pytest.raises(SystemExit) as e:
             benchmark.main(["--arch", "tiny", *bad])
-        assert e.value.code == 2
+        assert e.value.code == 2 and message in capsys.readouterr().err
