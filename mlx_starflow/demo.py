@@ -47,6 +47,7 @@ from mlx.utils import tree_flatten, tree_map
 from . import shapes
 from .config import FlowConfig
 from .flow import Flow
+from .pipeline import ClassEncoder
 from .sample import Jacobi
 from .hub import DEMO as DEMO_DIR
 from .weights import load_flow, save_model
@@ -96,8 +97,7 @@ def demo_config(channels=128, head_dim=64, layers=(1, 1, 1, 4), expansion=2, noi
 
 def class_text(labels, cfg: FlowConfig) -> mx.array:
     """One-hot text prefix (B, 1, classes + 1); label `len(class_names)` is unconditional."""
-    labels = mx.array(labels) if not isinstance(labels, mx.array) else labels
-    return (labels[:, None] == mx.arange(cfg.txt_dim)).astype(mx.float32)[:, None, :]
+    return ClassEncoder.for_config(cfg).rows(labels)
 
 
 def bpd_8bit(nats_per_dim):

@@ -189,10 +189,14 @@ class ClassEncoder:
                          f"the prompt must be a class id 0..{self.num_classes - 1}")
 
     def encode(self, prompts) -> mx.array:
-        idx = mx.array([self.index(p) for p in prompts])
+        return self.rows(mx.array([self.index(p) for p in prompts]))
+
+    def rows(self, ids) -> mx.array:
+        """Class ids (B,) -> the conditioning rows; id num_classes is unconditional."""
+        ids = ids if isinstance(ids, mx.array) else mx.array(ids)
         if not self.one_hot:
-            return idx
-        return (idx[:, None, None] == mx.arange(self.width)[None, None, :]).astype(mx.float32)
+            return ids
+        return (ids[:, None, None] == mx.arange(self.width)[None, None, :]).astype(mx.float32)
 
     def release(self):
         pass
