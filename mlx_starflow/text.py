@@ -49,8 +49,6 @@ _GEMMA3_DEFAULTS = {
     "rope_local_base_freq": 10_000.0,
 }
 
-_TOKENIZER_CLASSES = {"t5": "T5Tokenizer", "gemma": "GemmaTokenizer"}
-
 
 def _download(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*"]
@@ -76,35 +74,6 @@ def _resolve(path):
     raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
 
 
-def load_tokenizer(folder, model_type: str):
-    """The folder's own tokenizer, the class AutoTokenizer would pick.
-
-    AutoTokenizer itself imports torch (through transformers' config module),
-    so the class is looked up by name instead.
-    """
-    import transformers
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    family = "t5" if model_type == "t5" else "gemma"
-    name = config.get("tokenizer_class") or _TOKENIZER_CLASSES[family]
-    cls = None
-    for candidate in (name, name[: -len("Fast")] if name.endswith("Fast") else None):
-        try:
-            cls = getattr(transformers, candidate) if candidate else None
-        except (AttributeError, ImportError):
-            cls = None
-        if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase):
-            break
-        cls = None
-    cls = cls or PreTrainedTokenizerFast
-    if not has_tokenizer(folder):
-        raise FileNotFoundError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
-    return cls.from_pretrained(str(folder))
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model")
 
 
@@ -122,25 +91,108 @@ def _check_prompts(prompts):
             raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string")
 
 
-def tokenize(tokenizer, prompts, txt_size: int):
+def _token(value):
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """A folder's tokenizer as transformers reads it, without transformers.
+
+    tokenizer.json (FLAN-T5, Gemma) is run as it is by the `tokenizers` library, the
+    engine of transformers' fast tokenizers. A folder with only a SentencePiece model
+    (spiece.model: T5 v1.1 repos) is run by `sentencepiece`, the engine of its slow
+    ones, with </s> appended for T5 and <bos> prepended for Gemma unless
+    tokenizer_config.json's add_eos_token / add_bos_token say otherwise (special-token
+    text inside a prompt is then not read as that token). tokenizer_config.json also
+    gives the padding and truncation sides and the pad token.
+    """
+
+    def __init__(self, folder, family: str):
+        folder = Path(folder)
+        if not has_tokenizer(folder):
+            raise FileNotFoundError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+            if (folder / name).is_file():
+                config.update(json.loads((folder / name).read_text()))
+        gemma = family != "t5"
+        self.padding_side = config.get("padding_side") or ("left" if gemma else "right")
+        self.truncation_side = config.get("truncation_side") or "right"
+        self.pad = _token(config.get("pad_token")) or "<pad>"
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as Backend
+
+            self._fast = Backend.from_file(str(folder / "tokenizer.json"))
+            self._fast.no_padding()
+            self._fast.no_truncation()
+            self.pad_id = self._id(self.pad, folder)
+        else:
+            import sentencepiece
+
+            model = next(folder / f for f in TOKENIZER_FILES if (folder / f).is_file())
+            self._fast = None
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+            bos, eos = _token(config.get("bos_token")) or "<bos>", _token(config.get("eos_token")) or "</s>"
+            self._start = [self._id(bos, model)] if config.get("add_bos_token", gemma) else []
+            self._end = [self._id(eos, model)] if config.get("add_eos_token", not gemma) else []
+            self.pad_id = self._id(self.pad, model)
+
+    def _id(self, token: str, source) -> int:
+        i = self._fast.token_to_id(token) if self._fast is not None else self._sp.piece_to_id(token)
+        if i is None or (self._fast is None and self._sp.id_to_piece(i) != token):
+            raise ValueError(f"{source}: the tokenizer has no token {token!r} (named in tokenizer_config.json)")
+        return i
+
+    def encode(self, prompts) -> list:
+        """Token ids of each prompt with its special tokens, neither padded nor truncated."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(list(prompts))]
+        return [self._start + self._sp.encode(p) + self._end for p in prompts]
+
+    def __call__(self, prompts, length: int):
+        """(input_ids, attention_mask) int32 arrays (batch, length), padded and truncated
+        as transformers does with padding="max_length", truncation=True: the text
+        loses tokens on the truncation side, the special tokens stay."""
+        if self._fast is not None:  # exactly what transformers asks of the same library
+            self._fast.enable_truncation(length, direction=self.truncation_side)
+            self._fast.enable_padding(direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad,
+                                      length=length)
+            try:
+                out = self._fast.encode_batch(list(prompts))
+            finally:
+                self._fast.no_padding()
+                self._fast.no_truncation()
+            return (np.array([e.ids for e in out], dtype=np.int32),
+                    np.array([e.attention_mask for e in out], dtype=np.int32))
+        start, end = len(self._start), len(self._end)
+        keep = max(length - start - end, 0)
+        ids = np.full((len(prompts), length), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(prompts), length), dtype=np.int32)
+        for i, p in enumerate(prompts):
+            text = self._sp.encode(p)
+            text = text[:keep] if self.truncation_side == "right" else text[len(text) - keep:]
+            row = self._start + text + self._end
+            cols = slice(0, len(row)) if self.padding_side == "right" else slice(length - len(row), length)
+            ids[i, cols], mask[i, cols] = row, 1
+        return ids, mask
+
+
+def tokenize(tokenizer: Tokenizer, prompts, txt_size: int):
     """(input_ids, attention_mask) int32 arrays of shape (batch, txt_size).
 
     As the reference: padded to txt_size on the tokenizer's padding side and
     truncated, with a warning for every prompt that loses tokens.
     """
     _check_prompts(prompts)
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
-    for i, n in enumerate(lengths):
-        if n > txt_size:
+    for i, ids in enumerate(tokenizer.encode(prompts)):
+        if len(ids) > txt_size:
             warnings.warn(
-                f"prompt {i} is {n} tokens long; truncated to txt_size={txt_size}, "
-                f"{n - txt_size} tokens dropped",
+                f"prompt {i} is {len(ids)} tokens long; truncated to txt_size={txt_size}, "
+                f"{len(ids) - txt_size} tokens dropped",
                 stacklevel=3,
             )
-    out = tokenizer(
-        list(prompts), padding="max_length", truncation=True, max_length=txt_size, return_tensors="np"
-    )
-    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+    return tokenizer(list(prompts), txt_size)
 
 
 def _cast(weights: dict, dtype) -> dict:
@@ -302,7 +354,7 @@ class TextEncoder:
         self.mode = mode  # "hidden" or "embed"
         self.model = model
         # A folder without tokenizer files still serves encode_ids.
-        self.tokenizer = load_tokenizer(tok_folder, family) if has_tokenizer(tok_folder) else None
+        self.tokenizer = Tokenizer(tok_folder, family) if has_tokenizer(tok_folder) else None
         self._tok_folder = tok_folder
         self.txt_size = txt_size
         self.width = width

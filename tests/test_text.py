@@ -29,6 +29,7 @@ from transformers import (
 
 from mlx_starflow.quant import QuantizedLinear
 from mlx_starflow.text import EMBED_TEMPLATE, load_text_encoder
+from mlx_starflow.text import Tokenizer as PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -62,6 +63,63 @@ def make_tokenizer(folder, family):
     fast.save_pretrained(folder)
     assert fast.vocab_size <= 64
     return fast
+
+
+SP_CORPUS = CORPUS + [
+    "Café crème, naïve façade — über straße!",
+    "numbers 123 4567 and symbols #@% (in brackets)",
+    "A PHOTO OF A CAT, sitting; on a red chair.",
+] * 3
+PROMPTS = [
+    "a photo of a cat sitting on a red chair", "", "  leading and trailing spaces  ", "double  spaces\there",
+    "Café crème — naïve über straße", "an oil painting of a lighthouse at night with stars and a dog in the snow",
+    "unseen words: zebra quokka 98765", "A PHOTO, OF A CAT!",
+]
+
+
+def make_sentencepiece(folder, family):
+    """A tiny SentencePiece model made as T5's (unigram; pad 0, </s> 1, <unk> 2) or
+    Gemma's (BPE without a dummy prefix or whitespace folding; pad 0, </s> 1, <bos> 2,
+    <unk> 3, and a tokenizer_config.json asking for <bos> as Gemma repos do)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    if family == "t5":
+        kind = dict(model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    else:
+        kind = dict(model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, bos_piece="<bos>",
+                    add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=90,
+                                   character_coverage=1.0, minloglevel=2, **kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ("spiece.model" if family == "t5" else "tokenizer.model")).write_bytes(buf.getvalue())
+    if family != "t5":
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False, "padding_side": "left"}))
+
+
+@pytest.mark.parametrize("family", ["t5", "gemma"])
+def test_tokenizer_ids_match_transformers(tmp_path, family):
+    # The released T5 ships tokenizer.json (run by `tokenizers`), T5 v1.1 repos only
+    # spiece.model (run by `sentencepiece`); both give transformers' ids, padding and
+    # truncation, without importing transformers (test_no_torch_at_runtime checks that).
+    from transformers import GemmaTokenizer, T5Tokenizer
+
+    cls = T5Tokenizer if family == "t5" else GemmaTokenizer
+    make_sentencepiece(tmp_path / "spm", family)
+    cls.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "json")
+    assert (tmp_path / "json" / "tokenizer.json").is_file()
+    for folder in ("spm", "json"):
+        ref = cls.from_pretrained(tmp_path / folder)
+        ours = PromptTokenizer(tmp_path / folder, family)
+        assert ours.encode(PROMPTS) == ref(PROMPTS)["input_ids"], folder
+        for length in (4, 16):  # truncated, padded
+            ids, mask = ours(PROMPTS, length)
+            want = ref(PROMPTS, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+            np.testing.assert_array_equal(ids, want["input_ids"], err_msg=f"{folder} {length}")
+            np.testing.assert_array_equal(mask, want["attention_mask"], err_msg=f"{folder} {length}")
 
 
 def reference_encode(model, folder, prompts, txt_size):
@@ -230,7 +288,7 @@ def test_gemma_embed_mode(tmp_path):
     t = tok(text, padding="max_length", truncation=True, return_tensors="pt", max_length=24)
     tokens = tok.convert_ids_to_tokens(t["input_ids"][1])
     assert tokens.count("<start_of_turn>") == 2 and "<end_of_turn>" in tokens
-    assert np.array_equal(np.array(enc.tokenizer(text)["input_ids"][1]), t["input_ids"][1][t["attention_mask"][1] == 1])
+    assert np.array_equal(np.array(enc.tokenizer.encode(text)[1]), t["input_ids"][1][t["attention_mask"][1] == 1])
     want = (ref.model.embed_tokens.weight[t["input_ids"]] * 32**0.5).detach().numpy()
     assert rel_err(y, want) < 1e-6
     assert y.shape == (2, 24, 32)
@@ -287,7 +345,8 @@ def test_diffusers_layout_bare_gemma_model(tmp_path):
 
 def test_no_torch_at_runtime(tmp_path):
     # Gemma goes through mlx-lm, whose package import pulls in transformers'
-    # AutoTokenizer and so torch when it is installed; the T5 path never does.
+    # AutoTokenizer and so torch when it is installed; the T5 path never does, and
+    # its tokenizer needs only `tokenizers` (or `sentencepiece`), not transformers.
     make_t5(tmp_path, vocab_size=64)
     make_tokenizer(tmp_path, "t5")
     code = (
@@ -295,5 +354,6 @@ def test_no_torch_at_runtime(tmp_path):
         "assert 'torch' not in sys.modules, 'importing mlx_starflow.text imported torch'\n"
         f"t.load_text_encoder({str(tmp_path)!r}, txt_size=8).encode(['a cat', ''])\n"
         "assert 'torch' not in sys.modules, 'encoding with T5 imported torch'\n"
+        "assert 'transformers' not in sys.modules, 'encoding with T5 imported transformers'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
