@@ -1,0 +1,970 @@
+"""python -m mlx_starflow.server: the OpenAI images API and a web page, on one resident model.
+
+    python -m mlx_starflow.server --model demo          # then open http://127.0.0.1:8080/
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
+    image = client.images.generate(prompt="red circle", size="32x32", extra_body={"seed": 7})
+
+Endpoints: POST /v1/images/generations (and /v1/images/edits), GET /v1/models,
+GET /health, GET /files/<name> (images asked for with response_format "url"), and
+GET / (the page).
+
+The HTTP stack is the standard library's ThreadingHTTPServer, as mlx_lm.server's:
+no new runtime dependency, and nothing here an event loop would improve. The model
+runs one request at a time whatever serves the sockets, so the design is a thread
+per connection that reads, checks and answers, and one worker thread that owns the
+pipeline. Checked requests wait in a bounded queue in arrival order (a full one
+answers 429 with Retry-After); a request that fails its checks is a 400 and never
+reaches the queue. The worker iterates `Pipeline.generate_steps` and, after every
+token, peeks at the client's socket: a client that went away (or a stream whose
+write failed) stops the iteration, which is the pipeline's own cancellation.
+Server-sent events are plain writes on the connection, closed after the stream.
+When the queue runs empty the worker returns MLX's buffer cache, so an idle server
+holds the model and no more.
+
+A server bound to the loopback answers only requests addressed to a loopback name
+(no DNS rebinding), and no server accepts a POST from a page of another origin: a
+web page the user visits cannot drive it. Another host is bound only when asked,
+with a warning unless --api-key is given (then every /v1 request needs it as a
+bearer token, compared in constant time).
+"""
+
+import argparse
+import base64
+import hmac
+import io
+import ipaddress
+import json
+import math
+import os
+import queue
+import re
+import secrets
+import select
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+from .generate import _atomic_write, engine_version, png_info
+from .hub import ModelNotFound
+
+MAX_IMAGES = 10  # OpenAI's bound for n
+MAX_PARTIALS = 3  # OpenAI's bound for partial_images
+MAX_PROMPT = 32000  # characters, OpenAI's bound
+MAX_JSON = 1 << 20  # bytes of a JSON request
+MAX_UPLOAD = 50 << 20  # bytes of a multipart request (an image and a mask)
+FILE_TTL = 3600  # seconds an image asked for by URL is kept
+SEED_LIMIT = 2**64  # mx.random.key takes an unsigned 64-bit seed
+POLL = 0.1  # seconds between the checks of a waiting request's client
+KEEPALIVE = 15.0  # seconds between comments on a quiet stream
+PROGRESS_EVERY = 0.05  # seconds between progress events of a stream
+FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{22}\.png$")
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+class ApiError(Exception):
+    """A request answered with an OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# -- checking a request ---------------------------------------------------------------------
+
+KINDS = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+# Every parameter a request may carry, with its JSON type. The OpenAI ones a flow has no use
+# for are accepted and ignored (ignored below); ours are seed ... progress.
+PARAMS = {
+    "prompt": "string", "n": "integer", "size": "string", "response_format": "string", "stream": "boolean",
+    "partial_images": "integer", "output_format": "string", "background": "string", "model": "string",
+    "quality": "string", "style": "string", "moderation": "string", "user": "string",
+    "safety_identifier": "string", "output_compression": "integer", "input_fidelity": "string",
+    "seed": "integer", "negative_prompt": "string", "guidance": "number", "sampler": "string", "denoise": "string",
+    "jacobi_block_size": "integer", "jacobi_threshold": "number", "jacobi_max_iter": "integer",
+    "progress": "boolean",
+}
+EDIT_PARAMS = {"source_prompt": "string", "strength": "number"}
+IGNORED = ("model", "quality", "style", "moderation", "user", "safety_identifier", "output_compression",
+           "input_fidelity")
+# Passed to the pipeline as they are (GenerateOptions' names).
+OPTIONS = ("negative_prompt", "guidance", "sampler", "denoise", "jacobi_block_size", "jacobi_threshold",
+           "jacobi_max_iter")
+
+
+def _typed(body: dict, name: str, kind: str):
+    """body[name] if it has the JSON type `kind` (None when absent or null), else a 400 naming it."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if kind == "integer" and isinstance(v, float) and v.is_integer():
+        v = int(v)  # JSON has one number type: 2.0 is 2
+    if not KINDS[kind](v):
+        shown = json.dumps(v)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ApiError(400, f"'{name}' must be {'an' if kind[0] in 'ai' else 'a'} {kind}, not {shown}", name)
+    return v
+
+
+def _seed(value, n: int):
+    """The seed extension: one integer (image i gets seed + i) or a list of n."""
+    seeds = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(value) not in (1, n):
+        raise ApiError(400, f"'seed' has {len(value)} seeds for {n} images: give one seed, or one per image", "seed")
+    for s in seeds:
+        s = int(s) if isinstance(s, float) and s.is_integer() else s
+        if not KINDS["integer"](s) or not 0 <= s < SEED_LIMIT - n:
+            raise ApiError(400, f"'seed' must be an integer from 0 to {SEED_LIMIT - n - 1} (or a list of them), "
+                           f"not {json.dumps(s)}", "seed")
+    return [int(s) for s in seeds] if isinstance(value, list) else int(value)
+
+
+def model_sizes(pipe) -> list:
+    """The sizes ("WxH") this model offers: its own square size, and for models trained on
+    several aspect ratios a few others of about the same area."""
+    cfg, s = pipe.config, pipe.image_size()
+    sizes = [f"{s}x{s}"]
+    if cfg.mix_aspect and cfg.rope:
+        m = cfg.pixels_per_latent * cfg.patch_size
+        for a, b in ((4, 3), (3, 4), (16, 9), (9, 16)):
+            w, h = (round(s * math.sqrt(a / b) / m) * m, round(s * math.sqrt(b / a) / m) * m)
+            sizes.append(f"{w}x{h}")
+    return list(dict.fromkeys(sizes))
+
+
+def parse_size(pipe, size) -> tuple:
+    """ "WxH" (or "auto" / absent: the model's size) -> (width, height) this model can make, else a 400."""
+    default = pipe.image_size()
+    if size is None or size == "auto":
+        return default, default
+    sizes = model_sizes(pipe)
+    cfg = pipe.config
+    can = f"this model makes {', '.join(sizes)}"
+    if cfg.mix_aspect and cfg.rope:
+        can += f" (and any WxH whose sides are multiples of {cfg.pixels_per_latent * cfg.patch_size})"
+    match = re.fullmatch(r"\s*(\d{1,5})\s*x\s*(\d{1,5})\s*", size)
+    if not match:
+        raise ApiError(400, f"'size' must be WIDTHxHEIGHT or auto, not {size!r}: {can}", "size")
+    w, h = int(match[1]), int(match[2])
+    try:
+        if w < 1 or h < 1:
+            raise ValueError
+        pipe.latent_shape(h, w)
+    except ValueError:
+        raise ApiError(400, f"size {w}x{h} is not available: {can}", "size") from None
+    return w, h
+
+
+class Output:
+    """How a request wants its answer: format, streaming, previews, progress events."""
+
+    def __init__(self, body: dict, size: str):
+        fmt = _typed(body, "response_format", "string") or "b64_json"
+        if fmt not in ("b64_json", "url"):
+            raise ApiError(400, f"'response_format' must be b64_json or url, not {fmt!r}", "response_format")
+        out = _typed(body, "output_format", "string") or "png"
+        if out != "png":
+            raise ApiError(400, f"'output_format' must be png (this server writes PNGs with their parameters), "
+                           f"not {out!r}", "output_format")
+        background = _typed(body, "background", "string") or "auto"
+        if background not in ("auto", "opaque"):
+            raise ApiError(400, f"'background' must be auto or opaque (the model makes opaque images), "
+                           f"not {background!r}", "background")
+        self.format, self.size = fmt, size
+        self.stream = bool(_typed(body, "stream", "boolean"))
+        partials = _typed(body, "partial_images", "integer")
+        partials = 1 if partials is None else partials
+        if not 0 <= partials <= MAX_PARTIALS:
+            raise ApiError(400, f"'partial_images' must be from 0 to {MAX_PARTIALS}, not {partials}", "partial_images")
+        self.partials = partials if self.stream else 0
+        self.progress = bool(_typed(body, "progress", "boolean")) and self.stream
+
+
+def parse_request(pipe, body: dict, max_images: int, extra: Optional[dict] = None):
+    """A request's JSON object (or form fields) -> (pipeline options, Output), or a 400 naming
+    the parameter at fault. Nothing here touches the model."""
+    from .pipeline import GenerateOptions
+
+    known = {**PARAMS, **(extra or {})}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown parameter '{unknown[0]}'; this server takes: {', '.join(known)}", unknown[0])
+    for name in IGNORED:
+        _typed(body, name, known[name])
+    prompt = _typed(body, "prompt", "string")
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    if len(prompt) > MAX_PROMPT:
+        raise ApiError(400, f"'prompt' is {len(prompt)} characters; at most {MAX_PROMPT}", "prompt")
+    n = _typed(body, "n", "integer")
+    n = 1 if n is None else n
+    if not 1 <= n <= max_images:
+        raise ApiError(400, f"'n' must be from 1 to {max_images}, not {n}", "n")
+    width, height = parse_size(pipe, _typed(body, "size", "string"))
+    output = Output(body, f"{width}x{height}")
+    options = {name: _typed(body, name, known[name]) for name in OPTIONS}
+    options = {k: v for k, v in options.items() if v is not None}
+    if body.get("seed") is not None:
+        options["seed"] = _seed(body["seed"], n)
+    extras = {name: _typed(body, name, kind) for name, kind in (extra or {}).items()}
+    try:
+        opts = pipe.resolve_options(GenerateOptions(prompt, num_images=n, height=height, width=width, **options))
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return opts, output, {k: v for k, v in extras.items() if v is not None}
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+class Job:
+    """One accepted request: `start()` (called on the worker) gives the pipeline's events;
+    the worker reports on `events` ("progress", stage, done, total), ("partial", index,
+    images), ("done", result), ("failed", exception), ("invalid", message), ("cancelled",)."""
+
+    def __init__(self, start: Callable, output: Output, connection: Optional[socket.socket] = None):
+        self.start, self.output = start, output
+        self.events = queue.Queue()
+        self.cancelled = threading.Event()
+        self._poll = None
+        if connection is not None:
+            self._poll = select.poll()
+            self._poll.register(connection, select.POLLIN | select.POLLERR | select.POLLHUP)
+            self._connection = connection
+
+    def client_gone(self) -> bool:
+        """The request was cancelled, or its client closed the connection: readable with
+        nothing to read (or an error). A peek: nothing is consumed, and no wait."""
+        if self.cancelled.is_set():
+            return True
+        if self._poll is None or not self._poll.poll(0):
+            return False
+        try:
+            gone = self._connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            gone = True
+        if gone:
+            self.cancelled.set()
+        return gone
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+
+
+class Worker:
+    """The one thread that runs the pipeline: accepted jobs in arrival order, at most
+    max_queue waiting behind the one running."""
+
+    def __init__(self, pipe, max_queue: int):
+        self.pipe, self.max_queue = pipe, max_queue
+        self.stats = Counter()
+        self.running: Optional[Job] = None
+        self._waiting = deque()
+        self._cond = threading.Condition()
+        self._seconds = None  # a running mean of the seconds per job, for Retry-After
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="mlx-starflow-worker", daemon=True)
+        self._thread.start()
+
+    def count(self, name: str):
+        with self._cond:
+            self.stats[name] += 1
+
+    def state(self) -> dict:
+        with self._cond:
+            return {"running": int(self.running is not None), "queued": len(self._waiting),
+                    "max_queue": self.max_queue, **{k: self.stats[k] for k in
+                    ("accepted", "rejected", "invalid", "started", "completed", "cancelled", "failed")}}
+
+    def submit(self, job: Job):
+        with self._cond:
+            if len(self._waiting) + (self.running is not None) > self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(max(1, math.ceil((self._seconds or 1.0) * (len(self._waiting) + 1))))
+            self.stats["accepted"] += 1
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job):
+        """Stop a job: dropped if still waiting, stopped at its next token if running."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.stats["cancelled"] += 1
+
+    def stop(self):
+        with self._cond:
+            self._stop = True
+            for job in self._waiting:
+                job.cancelled.set()
+            if self.running is not None:
+                self.running.cancelled.set()
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self):
+        import mlx.core as mx
+
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job = self.running = self._waiting.popleft()
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self.running = None
+                    idle = not self._waiting
+                if idle:  # between bursts the server holds the model, not the last activations
+                    mx.clear_cache()
+
+    def _run(self, job: Job):
+        if job.client_gone():
+            self.count("cancelled")
+            return
+        self.count("started")
+        t0 = time.perf_counter()
+        out = job.output
+        steps = None
+        try:
+            try:
+                steps = job.start()
+            except ValueError as e:  # a check only the worker can make (an edit's images)
+                self.count("invalid")
+                job.events.put(("invalid", str(e)))
+                return
+            result, stage, last, shown = None, None, 0.0, 0
+            for event in steps:
+                if job.client_gone():
+                    self.count("cancelled")
+                    job.events.put(("cancelled",))
+                    return
+                if event.result is not None:
+                    result = event.result
+                    continue
+                now = time.perf_counter()
+                if out.progress and (event.stage != stage or event.done == event.total or now - last > PROGRESS_EVERY):
+                    stage, last = event.stage, now
+                    job.events.put(("progress", event.stage, event.done, event.total))
+                # partial_images previews, evenly through the deep block; the last one is the deep block's end
+                if (out.partials and event.stage == "deep" and event.step is not None
+                        and event.done >= math.ceil(event.total * (shown + 1) / out.partials)):
+                    job.events.put(("partial", shown, self.pipe.decode(event.step.preview())))
+                    shown += 1
+        except Exception as e:
+            self.count("failed")
+            print(f"error: request failed: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            job.events.put(("failed", e))
+            return
+        finally:
+            if steps is not None:
+                steps.close()
+        seconds = time.perf_counter() - t0
+        with self._cond:
+            self._seconds = seconds if self._seconds is None else 0.7 * self._seconds + 0.3 * seconds
+            self.stats["completed"] += 1
+        job.events.put(("done", result))
+
+
+# -- images out --------------------------------------------------------------------------------
+
+
+def png_bytes(image, params: Optional[dict] = None) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(params) if params else None)
+    return buf.getvalue()
+
+
+def result_pngs(result) -> list:
+    """The result's images as PNG bytes carrying their parameters (as generate writes them)."""
+    version = engine_version()
+    out = []
+    for i, image in enumerate(result.images):
+        params = {"prompt": result.prompts[i], **result.params, "engine": version}
+        if result.seeds:
+            params["seed"] = result.seeds[i]
+        out.append(png_bytes(image, params))
+    return out
+
+
+class Files:
+    """The folder of images asked for by URL: random names, kept FILE_TTL seconds."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="mlx-starflow-server-"))
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes) -> str:
+        name = secrets.token_urlsafe(16) + ".png"
+        with self._lock:
+            now = time.time()
+            for old in self.folder.glob("*.png"):
+                try:
+                    if now - old.stat().st_mtime > FILE_TTL:
+                        old.unlink()
+                except FileNotFoundError:
+                    pass
+            _atomic_write(self.folder / name, lambda tmp: Path(tmp).write_bytes(data))
+        return name
+
+    def get(self, name: str) -> Optional[bytes]:
+        if not FILE_NAME.match(name):
+            return None
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(netloc: str) -> str:
+    try:
+        return urlsplit("//" + netloc).hostname or ""
+    except ValueError:
+        return ""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for API clients; streams close their connection
+    server_version = "mlx-starflow"
+    timeout = 60  # seconds a connection may idle or stall
+
+    # -- plumbing
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj, headers: Optional[dict] = None):
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _error(self, e: ApiError):
+        self._json(e.status, e.body(), e.headers)
+
+    def _check_host(self):
+        """A loopback server answers only requests addressed to a loopback name: a page
+        whose own name resolves to 127.0.0.1 (DNS rebinding) is refused."""
+        host = self.headers.get("Host")
+        if self.server.loopback and host is not None and not _is_loopback(_host_name(host)):
+            raise ApiError(403, "this server listens on the loopback only and answers requests addressed "
+                           "to localhost or 127.0.0.1")
+
+    def _check_origin(self):
+        """A browser names the page that sends a POST; only the server's own page may."""
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
+            raise ApiError(403, f"cross-origin request refused (from {origin}): use the page this server serves")
+
+    def _check_key(self):
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'"
+                           if not token else "incorrect API key", code="invalid_api_key")
+
+    def _read_body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity") or length is None:
+            self.close_connection = True
+            raise ApiError(411, "send the request body with a Content-Length (chunked bodies are not read)")
+        try:
+            length = int(length)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {length!r}") from None
+        if length > limit:
+            self.close_connection = True
+            self._drain = length
+            raise ApiError(413, f"the request body is {length} bytes; at most {limit} are read here")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(400, "the request body ended before its Content-Length")
+        return body
+
+    def _discard_body(self):
+        """After a 413: read what the client still sends (bounded), so it reads our answer
+        rather than a reset connection."""
+        left, deadline = min(getattr(self, "_drain", 0), 64 << 20), time.monotonic() + 5
+        try:
+            self.connection.settimeout(1)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16)) if hasattr(self.rfile, "read1") else b""
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def _dispatch(self, routes: dict):
+        self._drain = 0
+        path = urlsplit(self.path).path
+        try:
+            self._check_host()
+            route = routes.get(path)
+            if route is None:
+                for prefix, r in routes.items():
+                    if prefix.endswith("/") and path.startswith(prefix) and len(path) > len(prefix):
+                        route = r
+                        break
+            if route is None:
+                raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+            route(path)
+        except ApiError as e:
+            self._error(e)
+            if e.status == 413:
+                self._discard_body()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug of ours: a 500, and the server goes on
+            traceback.print_exc(file=sys.stderr)
+            try:
+                self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+            except OSError:
+                self.close_connection = True
+
+    def do_GET(self):
+        self._dispatch({"/": self._page, "/index.html": self._page, "/health": self._health,
+                        "/v1/models": self._models, "/v1/models/": self._model, "/files/": self._file})
+
+    def do_POST(self):
+        self._dispatch({"/v1/images/generations": self._generations, "/v1/images/edits": self._edits})
+
+    # -- GET
+
+    def _page(self, path):
+        self._send(200, self.server.page, "text/html; charset=utf-8", {
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                       "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+    def _health(self, path):
+        self._json(200, {"status": "ok", "model": self.server.model_id, **self.server.worker.state()})
+
+    def _model_card(self) -> dict:
+        pipe = self.server.pipe
+        from .pipeline import GenerateOptions
+
+        # the defaults a request gets (the model's own), for a prompt this model takes
+        opts = pipe.resolve_options(GenerateOptions(pipe.classes.labels[0] if pipe.classes is not None else "a"))
+        return {"id": self.server.model_id, "object": "model", "created": self.server.created,
+                "owned_by": "mlx-starflow",
+                # ours: what the page offers
+                "sizes": model_sizes(pipe), "prompts": pipe.classes.labels if pipe.classes is not None else None,
+                "guidance": opts.guidance, "sampler": opts.sampler, "max_images": self.server.max_images,
+                "edits": self.server.can_edit}
+
+    def _models(self, path):
+        self._check_key()
+        self._json(200, {"object": "list", "data": [self._model_card()]})
+
+    def _model(self, path):
+        self._check_key()
+        name = path[len("/v1/models/"):]
+        if name != self.server.model_id:
+            raise ApiError(404, f"model '{name}' is not served here; this server serves '{self.server.model_id}'",
+                           code="model_not_found")
+        self._json(200, self._model_card())
+
+    def _file(self, path):
+        data = self.server.files.get(path[len("/files/"):])
+        if data is None:
+            raise ApiError(404, "no such image (images asked for by URL are kept for an hour)", code="not_found")
+        self._send(200, data, "image/png", {"Cache-Control": "private, max-age=3600"})
+
+    # -- POST
+
+    def _json_body(self) -> dict:
+        body = self._read_body(MAX_JSON)
+        self._check_origin()
+        self._check_key()
+        try:
+            obj = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return obj
+
+    def _generations(self, path):
+        body = self._json_body()
+        pipe = self.server.pipe
+        try:
+            opts, output, _ = parse_request(pipe, body, self.server.max_images)
+        except ApiError:
+            self.server.worker.count("invalid")
+            raise
+        self._run(Job(lambda: pipe.generate_steps(opts), output, self.connection))
+
+    def _edits(self, path):
+        if not self.server.can_edit:
+            raise ApiError(404, "image edits are not available in this version", code="not_found")
+        body = self._read_body(MAX_UPLOAD)
+        self._check_origin()
+        self._check_key()
+        try:
+            fields, images, mask = parse_multipart(self.headers.get("Content-Type", ""), body)
+            opts, output, extra = parse_request(self.server.pipe, fields, self.server.max_images, EDIT_PARAMS)
+        except ApiError:
+            self.server.worker.count("invalid")
+            raise
+        pipe = self.server.pipe
+
+        def start():
+            from .edit import edit_steps
+
+            return edit_steps(pipe, images if len(images) > 1 else images[0], opts.prompts, mask=mask,
+                              num_images=opts.num_images, seed=opts.seed, guidance=opts.guidance,
+                              negative_prompt=opts.negative_prompt, sampler=opts.sampler, denoise=opts.denoise,
+                              jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
+                              jacobi_max_iter=opts.jacobi_max_iter, height=opts.height, width=opts.width,
+                              notes=lambda note: None, **extra)
+
+        self._run(Job(start, output, self.connection))
+
+    # -- running a job and answering
+
+    def _run(self, job: Job):
+        worker = self.server.worker
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {worker.max_queue} requests are already waiting; "
+                           f"try again in {e.retry_after} s", code="queue_full",
+                           headers={"Retry-After": e.retry_after}) from None
+        try:
+            if job.output.stream:
+                self._stream(job)
+            else:
+                self._answer(job)
+        finally:
+            if job.cancelled.is_set():  # its client left: drop it if it is still waiting
+                worker.cancel(job)
+
+    def _events(self, job: Job, wait: float = POLL):
+        """The worker's reports, until the last one; None when `wait` passes with none
+        (then the client is checked: one that left cancels its request)."""
+        while True:
+            try:
+                item = job.events.get(timeout=wait)
+            except queue.Empty:
+                if job.client_gone():
+                    self.server.worker.cancel(job)
+                    self.close_connection = True
+                    return
+                yield None
+                continue
+            yield item
+            if item[0] in ("done", "failed", "invalid", "cancelled"):
+                return
+
+    def _final(self, item) -> Optional[list]:
+        """A last report -> the images as PNG bytes, or the ApiError to answer."""
+        kind = item[0]
+        if kind == "invalid":
+            raise ApiError(400, item[1])
+        if kind == "failed":
+            e = item[1]
+            raise ApiError(500, f"the generation failed: {type(e).__name__}: {e}")
+        return result_pngs(item[1])
+
+    def _items(self, job: Job, pngs: list, result) -> list:
+        data = []
+        for i, png in enumerate(pngs):
+            item = {"url": self._url(self.server.files.add(png))} if job.output.format == "url" else \
+                {"b64_json": base64.b64encode(png).decode()}
+            if result.seeds:
+                item["seed"] = result.seeds[i]  # ours: the seed that makes this image again
+            data.append(item)
+        return data
+
+    def _url(self, name: str) -> str:
+        host = self.headers.get("Host") or "%s:%d" % self.server.server_address[:2]
+        return f"http://{host}/files/{name}"
+
+    def _answer(self, job: Job):
+        for item in self._events(job):
+            if item is None or item[0] in ("progress", "partial"):
+                continue
+            if item[0] == "cancelled":
+                self.close_connection = True
+                return
+            pngs = self._final(item)
+            result = item[1]
+            self._json(200, {"created": int(time.time()), "data": self._items(job, pngs, result),
+                             "size": job.output.size, "output_format": "png"})
+
+    def _sse(self, kind: str, obj: dict):
+        self.wfile.write(f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode())
+
+    def _stream(self, job: Job):
+        """Server-sent events shaped as OpenAI's image streams: image_generation.partial_image
+        (a preview) and image_generation.completed per image; with "progress": true also
+        our progress events; a failure is an "error" event (the OpenAI client raises it)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        self.close_connection = True
+        out = job.output
+        common = {"size": out.size, "quality": "auto", "background": "opaque", "output_format": "png"}
+        quiet = 0.0
+        try:
+            if out.progress:
+                self._sse("progress", {"type": "progress", "stage": "queued", "done": 0, "total": 1})
+            for item in self._events(job):
+                if item is None:
+                    quiet += POLL
+                    if quiet >= KEEPALIVE:  # a comment: keeps proxies open, and finds a client that left
+                        self.wfile.write(b": keep-alive\n\n")
+                        quiet = 0.0
+                    continue
+                quiet = 0.0
+                kind = item[0]
+                if kind == "progress":
+                    self._sse("progress", {"type": "progress", "stage": item[1], "done": item[2], "total": item[3]})
+                elif kind == "partial":
+                    for i, image in enumerate(item[2]):
+                        self._sse("image_generation.partial_image", {
+                            "type": "image_generation.partial_image", "created_at": int(time.time()),
+                            "partial_image_index": item[1], "image_index": i,
+                            "b64_json": base64.b64encode(png_bytes(image)).decode(), **common})
+                elif kind == "cancelled":
+                    return
+                else:
+                    try:
+                        pngs = self._final(item)
+                    except ApiError as e:
+                        self._sse("error", e.body())
+                        return
+                    for i, data in enumerate(self._items(job, pngs, item[1])):
+                        self._sse("image_generation.completed", {
+                            "type": "image_generation.completed", "created_at": int(time.time()),
+                            "image_index": i, **data, **common})
+        except OSError:  # the client left mid-stream: its request stops at the next token
+            self.server.worker.cancel(job)
+
+
+# -- multipart (edits) -------------------------------------------------------------------------
+
+
+def parse_multipart(content_type: str, body: bytes):
+    """A multipart/form-data body -> (text fields, images (PIL), mask (PIL or None)),
+    read with the standard library's email parser. Fields named image or image[] are
+    the images; n and the numbers come as text and are read as JSON values."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(400, "an edit is sent as multipart/form-data (the image as a file field 'image')")
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ApiError(400, "the multipart body could not be read (a missing or wrong boundary?)")
+    fields, images, mask = {}, [], None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if name in ("image", "image[]", "mask"):
+            try:
+                picture = Image.open(io.BytesIO(payload))
+                picture.load()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise ApiError(400, f"'{name}' is not an image this server can read ({e})", name.rstrip("[]"))
+            if name == "mask":
+                mask = picture
+            else:
+                images.append(picture)
+            continue
+        text = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+        kind = {**PARAMS, **EDIT_PARAMS}.get(name)
+        if kind in ("integer", "number", "boolean"):
+            try:
+                fields[name] = json.loads(text.strip().lower() if kind == "boolean" else text)
+            except json.JSONDecodeError:
+                fields[name] = text  # the type check names it
+        else:
+            fields[name] = text
+    if not images:
+        raise ApiError(400, "'image' is required: the picture to edit, as a file field", "image")
+    return fields, images, mask
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, pipe, host: str = "127.0.0.1", port: int = 8080, max_queue: int = 16,
+                 api_key: Optional[str] = None, max_images: int = MAX_IMAGES, quiet: bool = False):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+        self.pipe, self.api_key, self.max_images, self.quiet = pipe, api_key or None, max_images, quiet
+        self.loopback = _is_loopback(host)
+        self.model_id = str(pipe.info.get("model") or "mlx-starflow")
+        self.created = int(time.time())
+        self.page = resources.files("mlx_starflow").joinpath("web/index.html").read_bytes()
+        self.can_edit = _has_edit()
+        self.files = Files()
+        self.worker = Worker(pipe, max_queue)
+        self._thread = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def start(self) -> "Server":
+        """Serve on a background thread (for apps and tests); close() stops it."""
+        self._thread = threading.Thread(target=self.serve_forever, name="mlx-starflow-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self):
+        if self._thread is not None:
+            self.shutdown()
+        self.server_close()
+        self.worker.stop()
+        self.files.remove()
+
+
+def _has_edit() -> bool:
+    try:
+        from . import edit  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(edit, "edit_steps")
+
+
+def parser():
+    from .generate import LOAD_OPTIONS, HelpFormatter
+    from .generate import parser as generate_parser
+
+    p = argparse.ArgumentParser(prog="python -m mlx_starflow.server", formatter_class=HelpFormatter,
+                                description="Serve a STARFlow model over the OpenAI images API, with a web page.")
+    # The model options are generate's own (one definition of each flag).
+    for action in generate_parser()._actions:
+        if action.dest in ("model",) + LOAD_OPTIONS:
+            p._add_action(action)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but the loopback lets other machines in")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
+    p.add_argument("--max-queue", metavar="N", type=int, default=16,
+                   help="requests that may wait behind the one running; more are answered 429")
+    p.add_argument("--max-images", metavar="N", type=int, default=MAX_IMAGES, help="the largest n a request may ask")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require this bearer token on /v1 (default: $MLX_STARFLOW_API_KEY, else none)")
+    p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    for flag, value, low in (("--port", args.port, 0), ("--max-queue", args.max_queue, 0),
+                             ("--max-images", args.max_images, 1)):
+        if value < low or (flag == "--port" and value > 65535):
+            print(f"error: {flag} must be {'0..65535' if flag == '--port' else f'at least {low}'}, not {value}",
+                  file=sys.stderr)
+            return 1
+    api_key = args.api_key or os.environ.get("MLX_STARFLOW_API_KEY") or None
+    from .pipeline import Pipeline
+
+    try:
+        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
+                                        text_encoder=args.text_encoder, vae=args.vae, checkpoint=args.checkpoint,
+                                        config=args.config, text_dtype=args.text_dtype,
+                                        text_quantize=args.text_quantize, vae_dtype=args.vae_dtype,
+                                        vae_tile=args.vae_tile)
+    except (ValueError, ModelNotFound, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        server = Server(pipe, args.host, args.port, args.max_queue, api_key, args.max_images, args.quiet)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if not server.loopback and api_key is None:
+        print(f"warning: listening on {args.host} with no authentication: anyone who can reach this machine can "
+              "use the model. Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key.", file=sys.stderr)
+    print(f"Serving {server.model_id} on {server.url}/ (API: {server.url}/v1)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
