@@ -254,7 +254,7 @@ class Job:
         self.start, self.output = start, output
         self.events = queue.Queue()
         self.cancelled = threading.Event()
-        self._poll = None
+        self._poll, self._peeking = None, threading.Lock()  # the handler and the worker both look
         if connection is not None:
             self._poll = select.poll()
             self._poll.register(connection, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -265,12 +265,14 @@ class Job:
         nothing to read (or an error). A peek: nothing is consumed, and no wait."""
         if self.cancelled.is_set():
             return True
-        if self._poll is None or not self._poll.poll(0):
+        if self._poll is None or not self._peeking.acquire(blocking=False):  # the other thread is looking
             return False
         try:
-            gone = self._connection.recv(1, socket.MSG_PEEK) == b""
+            gone = bool(self._poll.poll(0)) and self._connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             gone = True
+        finally:
+            self._peeking.release()
         if gone:
             self.cancelled.set()
         return gone
@@ -568,7 +570,7 @@ class Handler(BaseHTTPRequestHandler):
             route = routes.get(path)
             if route is None:
                 for prefix, r in routes.items():
-                    if prefix.endswith("/") and path.startswith(prefix) and len(path) > len(prefix):
+                    if len(prefix) > 1 and prefix.endswith("/") and path.startswith(prefix) and path != prefix:
                         route = r
                         break
             if route is None:
@@ -864,20 +866,27 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, pipe, host: str = "127.0.0.1", port: int = 8080, max_queue: int = 16,
+    def __init__(self, pipe=None, host: str = "127.0.0.1", port: int = 8080, max_queue: int = 16,
                  api_key: Optional[str] = None, max_images: int = MAX_IMAGES, quiet: bool = False):
+        """Binds at once; serves `pipe` (or the one given later to `use`, so a command
+        line finds a taken port before it loads a model)."""
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
-        self.pipe, self.api_key, self.max_images, self.quiet = pipe, api_key or None, max_images, quiet
+        self.api_key, self.max_images, self.quiet, self.max_queue = api_key or None, max_images, quiet, max_queue
         self.loopback = _is_loopback(host)
-        self.model_id = str(pipe.info.get("model") or "mlx-starflow")
         self.created = int(time.time())
         self.page = resources.files("mlx_starflow").joinpath("web/index.html").read_bytes()
         self.can_edit = _has_edit()
         self.files = Files()
-        self.worker = Worker(pipe, max_queue)
-        self._thread = None
+        self.pipe = self.worker = self._thread = None
+        if pipe is not None:
+            self.use(pipe)
+
+    def use(self, pipe):
+        self.pipe = pipe
+        self.model_id = str(pipe.info.get("model") or "mlx-starflow")
+        self.worker = Worker(pipe, self.max_queue)
 
     @property
     def url(self) -> str:
@@ -894,8 +903,17 @@ class Server(ThreadingHTTPServer):
         if self._thread is not None:
             self.shutdown()
         self.server_close()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self.files.remove()
+
+
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """What to tell someone who opens the server to other machines without a key."""
+    if _is_loopback(host) or api_key:
+        return None
+    return (f"listening on {host} with no authentication: anyone who can reach this machine can use the model. "
+            "Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key.")
 
 
 def _has_edit() -> bool:
@@ -937,25 +955,30 @@ def main(argv=None):
                   file=sys.stderr)
             return 1
     api_key = args.api_key or os.environ.get("MLX_STARFLOW_API_KEY") or None
-    from .pipeline import Pipeline
-
     try:
-        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
-                                        text_encoder=args.text_encoder, vae=args.vae, checkpoint=args.checkpoint,
-                                        config=args.config, text_dtype=args.text_dtype,
-                                        text_quantize=args.text_quantize, vae_dtype=args.vae_dtype,
-                                        vae_tile=args.vae_tile)
-    except (ValueError, ModelNotFound, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        server = Server(pipe, args.host, args.port, args.max_queue, api_key, args.max_images, args.quiet)
+        server = Server(None, args.host, args.port, args.max_queue, api_key, args.max_images, args.quiet)
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
-    if not server.loopback and api_key is None:
-        print(f"warning: listening on {args.host} with no authentication: anyone who can reach this machine can "
-              "use the model. Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key.", file=sys.stderr)
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    from .pipeline import Pipeline
+
+    try:
+        server.use(Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
+                                            text_encoder=args.text_encoder, vae=args.vae, checkpoint=args.checkpoint,
+                                            config=args.config, text_dtype=args.text_dtype,
+                                            text_quantize=args.text_quantize, vae_dtype=args.vae_dtype,
+                                            vae_tile=args.vae_tile))
+    except (ValueError, ModelNotFound, FileNotFoundError) as e:
+        server.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        server.close()
+        print("interrupted while loading the model", file=sys.stderr)
+        return 130
     print(f"Serving {server.model_id} on {server.url}/ (API: {server.url}/v1)", flush=True)
     try:
         server.serve_forever()
