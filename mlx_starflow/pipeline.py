@@ -406,7 +406,7 @@ class Pipeline:
         return opts
 
     def generate(self, prompt: Union[str, Sequence[str], GenerateOptions], *, progress: Optional[Callable] = None,
-                 **options) -> Result:
+                 group=None, **options) -> Result:
         """Generate num_images images per prompt. Options are GenerateOptions' fields:
         negative_prompt, num_images, seed (one int: image i gets seed + i; one per
         image; None: random), guidance, sampler, jacobi_block_size, jacobi_threshold,
@@ -414,8 +414,9 @@ class Pipeline:
         (B, H, W, C) instead of seeds, B = prompts x num_images).
 
         progress(stage, done, total) is called during each stage; returning False
-        cancels the call (raises Cancelled) and leaves the pipeline usable."""
-        steps = self.generate_steps(prompt, **options)
+        cancels the call (raises Cancelled) and leaves the pipeline usable. group: an
+        mx.distributed group whose every rank makes this same call (distributed.py)."""
+        steps = self.generate_steps(prompt, group=group, **options)
         for event in steps:
             if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
                 steps.close()
@@ -424,7 +425,8 @@ class Pipeline:
             progress(event.stage, event.done, event.total)
         return event.result
 
-    def generate_steps(self, prompt: Union[str, Sequence[str], GenerateOptions], **options) -> Iterator[Event]:
+    def generate_steps(self, prompt: Union[str, Sequence[str], GenerateOptions], *, group=None,
+                       **options) -> Iterator[Event]:
         """Generation as a generator of Events: one per token or Jacobi chunk while
         sampling, one per other stage; the last carries the Result. Options are
         checked before the first event; stop iterating to cancel."""
@@ -433,6 +435,9 @@ class Pipeline:
             raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; "
                             f"known: {', '.join(GenerateOptions.names()[1:])}")
         opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
+        if group is not None:  # several processes share the work: distributed.py
+            from .distributed import generate_steps
+            return generate_steps(self, group, opts)
         opts = self.resolve_options(opts)
         return self._run(opts)
 

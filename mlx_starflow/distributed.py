@@ -1,0 +1,628 @@
+"""Several Macs: generation over an `mx.distributed` group started by `mlx.launch`.
+
+    mlx.launch --hosts mac1,mac2 -- python -m mlx_starflow.generate --prompt-file prompts.txt --num-images 8
+
+Batch parallel (the default in a group): every rank loads the whole model and
+samples its own contiguous share of the (prompt, seed) pairs; the images are then
+gathered, so every rank returns the group's Result and rank 0 writes the files.
+An image depends only on its prompt and seed (its noise comes from its own seed,
+and sampling is row by row), so the images are those of one machine whatever the
+group size.
+
+Pipeline parallel (`pipeline_parallel=True`, `--pipeline-parallel`): the deep
+block's layers are split into contiguous ranges, one per rank, and each rank reads
+only its own layers' weights (the safetensors file is loaded lazily). Per token (or
+Jacobi chunk) the hidden state goes from rank to rank with send/recv; every rank
+runs the same sampler loop (sample.py) on the last rank's output, which all_gather
+shares. KV caches stay with their layers. Rank 0 also holds the shallow blocks, the
+text encoder, the denoiser and the VAE; the other ranks hold their layers and the
+block's small input and output projections.
+
+Failures: every rank reports how its part went before results are gathered, so a
+rank's error (or a cancel on rank 0) stops every rank with that rank's message. A
+rank that dies closes its connections: the others raise GroupError at their next
+exchange. Joining the group is bounded by a timeout (MLX's own connect waits
+forever): a rank that cannot connect exits with a message naming the fix.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from typing import Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .flow import Flow, FlowBlock, IdentityBlock, _rows
+from .pipeline import Cancelled, Event, GenerateOptions, Pipeline, Result
+from .sample import sample_steps
+
+__all__ = ["GroupError", "init", "launched", "load", "generate_steps", "shares", "throughput", "PipelineBlock"]
+
+CONNECT_TIMEOUT_ENV = "MLX_STARFLOW_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 120.0  # seconds: ranks start together, but ssh and imports take a while
+# Backends by what their launcher sets (mlx.launch for ring and JACCL, mpirun for MPI).
+BACKENDS = (("jaccl", ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")), ("ring", ("MLX_HOSTFILE",)),
+            ("mpi", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")), ("nccl", ("MLX_WORLD_SIZE",)))
+GO, STOP = 0, 1  # the control word that precedes every hidden state sent down the pipeline
+
+
+class GroupError(RuntimeError):
+    """The group cannot go on: a rank failed or lost its connection, or the ranks disagree."""
+
+
+class Stopped(Exception):
+    """Raised on ranks > 0 of a pipeline when rank 0 stopped sampling (it says why)."""
+
+
+# -- joining the group --------------------------------------------------------------------
+
+
+def backend() -> Optional[str]:
+    """The backend the launcher prepared this process for, or None (a single process)."""
+    for name, keys in BACKENDS:
+        if any(k in os.environ for k in keys):
+            return name
+    return None
+
+
+def launched() -> bool:
+    """True when started by a launcher for a group of more than one process."""
+    name = backend()
+    if name == "ring":  # mlx.launch gives a single host an empty hostfile
+        try:
+            return os.path.getsize(os.environ["MLX_HOSTFILE"]) > 2
+        except OSError:
+            return True  # a missing hostfile: let init name the problem
+    return name is not None
+
+
+# Runs beside a rank while it joins: MLX's connect holds the interpreter until every peer
+# answers, so no thread of ours could time it out. Exits quietly once told (or orphaned).
+_WATCHDOG = """
+import os, select, signal, sys
+pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], timeout)[0]:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGTERM)
+"""
+
+
+def _connect_timeout(timeout) -> float:
+    value = os.environ.get(CONNECT_TIMEOUT_ENV) if timeout is None else timeout
+    if value is None:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(value)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{CONNECT_TIMEOUT_ENV} must be a number of seconds > 0, not {value!r}")
+    return value
+
+
+def init(timeout: Optional[float] = None) -> Optional[mx.distributed.Group]:
+    """The group this process was launched into, or None for a single process (no
+    launcher, or a launcher with one host). Joining waits at most `timeout` seconds
+    (default $MLX_STARFLOW_CONNECT_TIMEOUT, else 120): a rank that cannot reach its
+    peers by then prints why and is terminated."""
+    if not launched():
+        return None
+    timeout = _connect_timeout(timeout)
+    rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
+    message = (f"error: rank {rank} could not join the group within {timeout:g} s. Check that every host runs "
+               f"this same command, that the addresses in the hostfile are the hosts' own and reachable "
+               f"from each other, and that no firewall blocks the ports ({CONNECT_TIMEOUT_ENV} sets the wait)")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+                                stdin=subprocess.PIPE)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend())
+    except RuntimeError as e:
+        raise GroupError(f"cannot start the distributed group ({backend()} backend): {e}") from None
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
+    return group if group.size() > 1 else None
+
+
+# -- exchanging small things ------------------------------------------------------------------
+
+
+def _comm_error(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]"))
+
+
+def _lost(group, e) -> GroupError:
+    return GroupError(f"rank {group.rank()} of {group.size()} lost its connection to the group ({e}): "
+                      "another rank stopped (see its error) or its machine is unreachable")
+
+
+def _exchange(group, arrays):
+    """Evaluate collectives, turning a lost connection into a GroupError."""
+    try:
+        mx.eval(arrays)
+    except RuntimeError as e:
+        if _comm_error(e):
+            raise _lost(group, e) from None
+        raise
+    return arrays
+
+
+def gather_bytes(group, data: bytes) -> List[bytes]:
+    """Every rank's bytes, on every rank."""
+    n = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group)
+    lengths = _exchange(group, n).tolist()
+    buf = np.zeros(max(lengths), dtype=np.uint8)
+    buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.array(_exchange(group, mx.distributed.all_gather(mx.array(buf)[None], group=group)))
+    return [rows[r, :k].tobytes() for r, k in enumerate(lengths)]
+
+
+def barrier(group):
+    _exchange(group, mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=group))
+
+
+def shares(n: int, size: int) -> List[range]:
+    """n items split into `size` contiguous ranges, the first n % size one longer."""
+    out, start = [], 0
+    for r in range(size):
+        k = n // size + (r < n % size)
+        out.append(range(start, start + k))
+        start += k
+    return out
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (Cancelled, Stopped)):
+        return "cancelled"
+    return f"{type(error).__name__}: {error}"
+
+
+def agree(group, error: Optional[BaseException] = None, fingerprint: str = "", own: bool = True):
+    """Every rank says how its part went (and what it was asked, as a fingerprint).
+    If one failed, every rank raises: the failing rank its own error (unless own is
+    False), the others a GroupError naming it (Cancelled if it was cancelled); ranks
+    asked different things raise a ValueError."""
+    rows = [json.loads(b) for b in gather_bytes(group, json.dumps(
+        ["ok" if error is None else _describe(error), fingerprint]).encode())]
+    if error is not None and not isinstance(error, Stopped):
+        if own:
+            raise error
+        return
+    for r, (status, _) in enumerate(rows):
+        if status == "cancelled":
+            raise Cancelled(f"rank {r} cancelled")
+        if status != "ok":
+            raise GroupError(f"rank {r} of {group.size()} failed: {status}")
+    if error is not None:  # stopped by rank 0 without a reason: should not happen
+        raise GroupError(f"rank 0 stopped the group's sampling ({error})")
+    differ = [r for r, (_, fp) in enumerate(rows) if fp != rows[0][1]]
+    if differ:
+        raise ValueError(f"the ranks were not asked the same thing (rank {differ[0]} differs from rank 0): "
+                         "every rank must run the same command with the same options")
+
+
+def _run_agreed(group, fn):
+    """fn() on every rank, then agreement: a failure anywhere raises everywhere."""
+    result, error = None, None
+    try:
+        result = fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # shared with the other ranks, then raised here by agree
+        error = e
+    agree(group, error)
+    return result
+
+
+# -- pipeline parallel: the deep block split by layers ----------------------------------------------
+
+
+class PipelineBlock(FlowBlock):
+    """The deep block on one rank of a pipeline: `attn_blocks` holds only this rank's
+    layers (`layers`, a range of the block's layer indices) and their KV caches.
+
+    Rank 0 embeds the inputs; each rank runs its layers and sends the hidden state to
+    the next; the last rank's output is shared with all ranks, which apply the head
+    and run the same sampler loop. A control word (go or stop, rows, tokens) precedes
+    each hidden state, so rank 0 can stop the others cleanly (`abort`)."""
+
+    @classmethod
+    def split(cls, block: FlowBlock, group, layers: range) -> "PipelineBlock":
+        block.attn_blocks = block.attn_blocks[layers.start : layers.stop]
+        block.__class__ = cls
+        block.group, block.layers = group, layers
+        return block
+
+    @property
+    def width(self) -> int:
+        return self.proj_in.weight.shape[0]
+
+    def _hidden(self, first, shape, rope, caches, mlps=None):
+        """This rank's layers over the hidden state of `shape` (rank 0 computes it with
+        first(), the others receive it). Returns (output, sends still to evaluate)."""
+        g = self.group
+        rank, size = g.rank(), g.size()
+        dtype = self.proj_in.weight.dtype
+        pending = []
+        if rank == 0:
+            pending.append(mx.distributed.send(mx.array([GO, shape[0], shape[1]], dtype=mx.int32), 1, group=g))
+            h = first()
+        else:
+            ctrl = mx.distributed.recv((3,), mx.int32, rank - 1, group=g)
+            flag, rows, n = _exchange(g, ctrl).tolist()
+            if rank < size - 1:
+                pending.append(mx.distributed.send(ctrl, rank + 1, group=g))
+            if flag == STOP:
+                _exchange(g, pending)
+                raise Stopped("rank 0 stopped")
+            if (rows, n) != tuple(shape[:2]):
+                raise GroupError(f"rank {rank} expected a hidden state of {shape[0]} rows x {shape[1]} tokens, "
+                                 f"rank {rank - 1} sends {rows} x {n}: the ranks are not sampling the same thing")
+            h = mx.distributed.recv(shape, dtype, rank - 1, group=g)
+        for i, (layer, cache) in enumerate(zip(self.attn_blocks, caches)):
+            h = layer(h, rope, cache, None if mlps is None else mlps[i])
+        if h.dtype != dtype:
+            raise TypeError(f"the hidden state changed type ({dtype} -> {h.dtype}) in layers {self.layers}: "
+                            "load the model with one dtype")
+        if rank < size - 1:  # after the control word
+            h = mx.distributed.send(mx.depends(h, pending) if pending else h, rank + 1, group=g)
+            pending = [h]
+        return h, pending
+
+    def step(self, inputs, start, caches, rope, cond, mlps=None):
+        B, n = inputs.shape[:2]
+        shape = (B, n, self.width)
+        pos = caches[0].offset
+        h, pending = self._hidden(lambda: self.embed(inputs, start, cond), shape, _rows(rope, pos, pos + n),
+                                  caches, mlps)
+        g, size = self.group, self.group.size()
+        mine = h if g.rank() == size - 1 else mx.depends(mx.zeros(shape, dtype=h.dtype), pending)
+        h = mx.distributed.all_gather(mine, group=g)[(size - 1) * B :]
+        return h if mlps is not None else self.head(h)
+
+    def prefill(self, text, rope, caches):
+        shape = (text.shape[0], text.shape[1], self.width)
+        _, pending = self._hidden(lambda: self.text_prefix(text), shape, _rows(rope, 0, text.shape[1]), caches)
+        _exchange(self.group, [c.state for c in caches] + pending)
+
+    def abort(self):
+        """On rank 0, between steps: tell the other ranks, waiting for the next hidden
+        state, that sampling stopped (they raise Stopped)."""
+        if self.group.rank() == 0:
+            _exchange(self.group, mx.distributed.send(mx.array([STOP, 0, 0], dtype=mx.int32), 1, group=self.group))
+
+    def affine(self, *args, **kwargs):
+        raise ValueError("the density of a pipeline-parallel deep block (likelihood, inversion, score "
+                         "denoising) is not available: only sampling is split across ranks")
+
+
+def pipeline_block(flow: Flow) -> Optional[PipelineBlock]:
+    block = flow.blocks[-1]
+    return block if isinstance(block, PipelineBlock) else None
+
+
+def _load_part(path, group, dtype=None, quantize=None) -> Flow:
+    """A converted folder's flow with only this rank's share of the deep block's
+    layers (rank 0 also keeps the shallow blocks and the denoiser), checked and
+    loaded as weights.load_flow does. Only the kept tensors are ever read: mx.load
+    maps the file lazily and the dropped layers are never evaluated."""
+    from pathlib import Path
+
+    from .quant import quant_args, quantize_like
+    from .torch_reader import CheckpointError
+    from .weights import _parse_dtype, _warn_unquantized, load_checked, quantize_model, read_config
+
+    path = Path(path)
+    w_path = path / "model.safetensors"
+    if not (path / "config.json").is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors)")
+    cfg = read_config(path)
+    want = quant_args(quantize)
+    if want and cfg.quantization and want != {k: cfg.quantization[k] for k in ("bits", "group_size")}:
+        raise ValueError(f"{path} is already quantized to {cfg.quantization['bits']} bits (group size "
+                         f"{cfg.quantization['group_size']}): load the unquantized folder to quantize it otherwise")
+    mx_dtype = _parse_dtype(dtype)
+    rank, size = group.rank(), group.size()
+    flow = Flow(cfg)  # parameters are lazy: what is dropped below is never computed
+    top = len(flow.blocks) - 1
+    deep = flow.blocks[top]
+    n = len(deep.attn_blocks)
+    if n < size:
+        raise ValueError(f"the deep block has {n} layers: pipeline parallel takes at most {n} ranks, not {size}")
+    layers = shares(n, size)[rank]
+    PipelineBlock.split(deep, group, layers)
+    elsewhere = ()  # names of what rank 0 holds alone
+    if rank > 0:
+        flow.blocks[:top] = [IdentityBlock() for _ in range(top)]
+        elsewhere = (*(f"blocks.{i}." for i in range(top)), "learnable_self_denoiser.", f"blocks.{top}.proj_txt.")
+        if "learnable_self_denoiser" in flow:
+            del flow.learnable_self_denoiser
+        if "proj_txt" in deep:
+            del deep.proj_txt
+    try:
+        stored = mx.load(str(w_path))
+    except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
+        raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
+    prefix = f"blocks.{top}.attn_blocks."
+    weights = {}
+    for k, v in stored.items():
+        i, _, rest = k[len(prefix):].partition(".")
+        if k.startswith(prefix) and i.isdigit():
+            if int(i) in layers:
+                weights[f"{prefix}{int(i) - layers.start}.{rest}"] = v
+        elif not k.startswith(elsewhere):
+            weights[k] = v
+    del stored
+    if cfg.quantization:
+        quantize_like(flow, weights, cfg.quantization)
+    load_checked(flow, weights, w_path, mx_dtype)
+    del weights
+    if want and not cfg.quantization:
+        _warn_unquantized(quantize_model(flow, **want), want["group_size"])
+        cfg.quantization = want
+    mx.eval(flow.parameters())
+    return flow
+
+
+class _NoText:
+    """The text 'encoder' of ranks > 0 in a pipeline: only rank 0 embeds the prompt,
+    the others need the embeddings' shape alone."""
+
+    def __init__(self, cfg):
+        self.shape = (cfg.txt_size, cfg.txt_dim)
+
+    def encode(self, prompts):
+        return mx.zeros((len(prompts), *self.shape))
+
+    def release(self):
+        pass
+
+
+def _pipeline_part(where, group, dtype, quantize, q_group_size, text_dtype, text_quantize, vae_dtype,
+                   keep_text_encoder, vae_tile, model) -> Pipeline:
+    from .pipeline import _auto_dtype
+    from .weights import DTYPES
+
+    if dtype == "auto":
+        dtype = _auto_dtype(where.flow)
+    q = {"bits": quantize, "group_size": q_group_size} if quantize else None
+    from . import device
+
+    flow = device.prepare(_load_part(where.flow, group, dtype=dtype, quantize=q))
+    info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder, "vae": where.vae,
+            "dtype": dtype, "quantize": quantize, "pipeline_parallel": group.size()}
+    if group.rank() > 0:
+        return Pipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
+    text_loader = vae_loader = None
+    if where.text_encoder is not None:
+        from .text import load_text_encoder
+
+        tq = {"bits": text_quantize, "group_size": q_group_size} if text_quantize else None
+
+        def text_loader():
+            return load_text_encoder(where.text_encoder, txt_size=flow.config.txt_size, dtype=DTYPES[text_dtype],
+                                     quantize=tq)
+    if where.vae is not None:
+        from .vae import load_vae
+
+        def vae_loader(encoder: bool):
+            return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
+    pipe = Pipeline(flow, text_loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info, vae_loader)
+    pipe.vae_tile = vae_tile
+    return pipe
+
+
+def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = False, **kwargs) -> Pipeline:
+    """Pipeline.from_pretrained on every rank of `group` (same arguments). Rank 0
+    resolves the model first (a download or a conversion happens once, into a cache
+    the others may share), then the others. With pipeline_parallel each rank loads
+    only its share of the deep block (see PipelineBlock). A failure on any rank
+    raises on every rank."""
+    from .hub import DEFAULT_MODEL, resolve
+
+    model = DEFAULT_MODEL if model is None else model
+    if group is None:
+        if pipeline_parallel:
+            raise ValueError("pipeline parallel needs a group of several processes: start them with mlx.launch")
+        return Pipeline.from_pretrained(model, **kwargs)
+    names = ("checkpoint", "config", "text_encoder", "vae")
+
+    def find():
+        return resolve(model, **{k: kwargs.get(k) for k in names})
+
+    # Rank 0 resolves alone first: a download or a conversion into a cache that the
+    # ranks may share (one machine, a network folder) must not race.
+    _run_agreed(group, find if group.rank() == 0 else (lambda: None))
+    if not pipeline_parallel:
+        return _run_agreed(group, lambda: Pipeline.from_pretrained(model, **kwargs))
+    options = dict(dtype="auto", quantize=None, q_group_size=64, text_dtype="float32", text_quantize=None,
+                   vae_dtype="float32", keep_text_encoder=False, vae_tile=None)
+    unknown = set(kwargs) - set(options) - set(names)
+    if unknown:
+        raise TypeError(f"unknown loading option(s) {', '.join(sorted(unknown))}")
+    options.update({k: v for k, v in kwargs.items() if k in options})
+
+    def part():
+        return _pipeline_part(find(), group, model=model, **options)
+
+    return _run_agreed(group, part)
+
+
+# -- generation in a group ---------------------------------------------------------------------
+
+
+def _fingerprint(opts: GenerateOptions, seeded: bool, mode: str) -> str:
+    """What a rank was asked, as a digest: every rank of a group must be asked the same."""
+    fields = {k: getattr(opts, k) for k in GenerateOptions.names() if k not in ("latents", "seed")}
+    fields.update(mode=mode, seed=list(opts.seed) if seeded else None)
+    if opts.latents is not None:
+        fields["latents"] = hashlib.sha256(np.array(opts.latents).tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generate_steps(pipe: Pipeline, group, opts: GenerateOptions) -> Iterator[Event]:
+    """Pipeline.generate_steps(..., group=group): every rank makes the same call and
+    gets its own events, then a last one whose Result holds the whole group's images,
+    latents and seeds, in order, on every rank. Batch parallel, unless the pipeline
+    was loaded pipeline-parallel (load). Result.timings holds each stage's slowest
+    rank, "rank N" each rank's own seconds and "gather" the exchange; peak_memory is
+    the largest rank's. Options are checked, and compared across the ranks, before
+    the first event."""
+    seeded = opts.seed is not None or opts.latents is not None
+    block = pipeline_block(pipe.flow)
+    mode = "batch"
+    if block is not None:
+        mode = f"pipeline {group.size()}"
+        if (block.group.rank(), block.group.size()) != (group.rank(), group.size()):
+            raise ValueError("this pipeline was loaded pipeline-parallel on another group")
+
+    def check():
+        resolved = pipe.resolve_options(opts)
+        if block is not None and resolved.denoise == "score":
+            raise ValueError("the score denoising step needs the whole deep block on one machine: with pipeline "
+                             "parallel use denoise='none' (--denoise none), or a model with a learned denoiser")
+        return resolved
+
+    resolved, error = None, None
+    try:
+        resolved = check()
+    except (ValueError, TypeError) as e:
+        error = e
+    agree(group, error, "" if error else _fingerprint(resolved, seeded, mode))
+    opts = resolved
+    if not seeded:  # each rank drew its own random seeds: rank 0's count
+        seeds = mx.distributed.all_gather(mx.array(opts.seed, dtype=mx.int64)[None], group=group)
+        opts.seed = _exchange(group, seeds)[0].tolist()
+    if block is None:
+        return _batch(pipe, group, opts)
+    return _pipelined(pipe, group, opts, block)
+
+
+def _local(group, events, on_close=None):
+    """Run this rank's part (a generator of Events), passing its events on; returns
+    (its Result or None, its error or None, seconds). A lost connection raises; a
+    consumer that stops iterating (a cancel) is reported to the group first."""
+    result, error, start = None, None, time.perf_counter()
+    try:
+        for event in events:
+            if event.result is None:
+                yield event
+            else:
+                result = event.result
+    except GeneratorExit:
+        if on_close:
+            on_close()
+        agree(group, Cancelled("cancelled"), own=False)
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        if _comm_error(e):
+            raise _lost(group, e) from None
+        if on_close and not isinstance(e, Stopped):
+            on_close()
+        error = e
+    return result, error, time.perf_counter() - start
+
+
+def _batch(pipe, group, opts):
+    part = shares(len(opts.batch_prompts), group.size())[group.rank()]
+    events = iter(())
+    if len(part):
+        mine = replace(opts, prompts=[opts.batch_prompts[i] for i in part], num_images=1,
+                       seed=[opts.seed[i] for i in part] if opts.seed else None,
+                       latents=None if opts.latents is None else opts.latents[part.start : part.stop])
+        events = pipe.generate_steps(mine)
+    result, error, seconds = yield from _local(group, events)
+    agree(group, error)
+    yield Event("decode", 1, 1, result=_gather(pipe, group, opts, result, seconds))
+
+
+def _pipelined(pipe, group, opts, block):
+    if group.rank() == 0:
+        finished = []  # the deep block is done on every rank: nothing to stop any more
+
+        def watch(events):
+            for event in events:
+                if event.stage == "deep" and event.done == event.total:
+                    finished.append(True)
+                yield event
+
+        result, error, seconds = yield from _local(
+            group, watch(pipe.generate_steps(opts)), on_close=lambda: None if finished else block.abort())
+    else:
+        result, error, seconds = yield from _local(group, _follow(pipe, opts))
+        if error is not None and not isinstance(error, Stopped):
+            raise error  # mid-pipeline: rank 0 cannot be told; it stops when this process ends
+    agree(group, error)
+    yield Event("decode", 1, 1, result=_gather(pipe, group, opts, result, seconds))
+
+
+def _follow(pipe, opts):
+    """Ranks > 0 of a pipeline: the deep block's sampler loop, on the same noise as
+    rank 0 (the text is only a shape here: rank 0 embeds it)."""
+    mx.reset_peak_memory()
+    y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
+    x = opts.latents if opts.latents is not None else pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
+    for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi):
+        yield Event("deep", step.done, step.total, step)
+
+
+STAGE_NAMES = ("text", "deep", "shallow", "denoise", "decode")
+
+
+def _gather(pipe, group, opts, result: Optional[Result], seconds: float) -> Result:
+    """The group's Result on every rank, from each rank's own (None: no images)."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    count = 0 if result is None else len(result.images)
+    arrays = [np.asarray(im) for im in result.images] if count else []
+    meta = {"count": count, "seconds": seconds, "timings": result.timings if count else {},
+            "peak": result.peak_memory if count else mx.get_peak_memory(),
+            "params": result.params if count else None,
+            "image": [list(arrays[0].shape), result.images[0].mode] if count else None}
+    metas = [json.loads(b) for b in gather_bytes(group, json.dumps(meta).encode())]
+    first = next(m for m in metas if m["count"])
+    shape, mode = first["image"]
+    k = max(m["count"] for m in metas)
+    lat_shape = pipe.latent_shape(opts.height, opts.width)
+    images = np.zeros((k, *shape), dtype=np.uint8)
+    latents = np.zeros((k, *lat_shape), dtype=np.float32)
+    if count:
+        images[:count] = np.stack(arrays)
+        latents[:count] = np.array(result.latents.astype(mx.float32))
+    all_images, all_latents = _exchange(group, [mx.distributed.all_gather(mx.array(images), group=group),
+                                                mx.distributed.all_gather(mx.array(latents), group=group)])
+    keep = [r * k + i for r, m in enumerate(metas) for i in range(m["count"])]
+    all_images = np.array(all_images)[keep]
+    timings = {s: max(m["timings"].get(s, 0.0) for m in metas) for s in STAGE_NAMES
+               if any(s in m["timings"] for m in metas)}
+    timings.update({f"rank {r}": m["seconds"] for r, m in enumerate(metas)})
+    timings["gather"] = time.perf_counter() - t0
+    return Result(images=[Image.fromarray(a, mode=mode) for a in all_images], latents=all_latents[mx.array(keep)],
+                  seeds=list(opts.seed), prompts=list(opts.batch_prompts), timings=timings,
+                  peak_memory=max(m["peak"] for m in metas), params=first["params"])
+
+
+def throughput(pipe: Pipeline, group, prompts, num_images: int = 1, seed=0, **options) -> dict:
+    """One timed generation over the group (every rank calls it with the same
+    arguments), for the benchmark: {"ranks": [{"rank", "images", "seconds"}],
+    "images", "seconds" (the group's, from a barrier to every image gathered),
+    "images_per_minute"}, on every rank."""
+    barrier(group)
+    t0 = time.perf_counter()
+    result = pipe.generate(prompts, group=group, num_images=num_images, seed=seed, **options)
+    seconds = time.perf_counter() - t0
+    n = len(result.images)
+    counts = [len(p) for p in shares(n, group.size())]
+    if pipeline_block(pipe.flow) is not None:
+        counts = [n] + [0] * (group.size() - 1)
+    ranks = [{"rank": r, "images": counts[r], "seconds": result.timings[f"rank {r}"]} for r in range(group.size())]
+    return {"ranks": ranks, "images": n, "seconds": seconds, "images_per_minute": 60.0 * n / seconds}
