@@ -358,17 +358,17 @@ class Worker:
         if job.client_gone():
             self.count("cancelled")
             return
-        self.count("started")
         t0 = time.perf_counter()
         out = job.output
         steps = None
         try:
             try:
                 steps = job.start()
-            except ValueError as e:  # a check only the worker can make (an edit's images)
+            except ValueError as e:  # a check made here, where MLX runs (an edit's images): still a 400
                 self.count("invalid")
                 job.events.put(("invalid", str(e)))
                 return
+            self.count("started")
             result, stage, last, shown = None, None, 0.0, 0
             for event in steps:
                 if job.client_gone():
@@ -668,9 +668,16 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body(MAX_UPLOAD)
         self._check_origin()
         self._check_key()
+        from .edit import check_strength
+
         try:
             fields, images, mask = parse_multipart(self.headers.get("Content-Type", ""), body)
             opts, output, extra = parse_request(self.server.pipe, fields, self.server.max_images, EDIT_PARAMS)
+            if "strength" in extra:
+                try:
+                    check_strength(extra["strength"])
+                except ValueError as e:
+                    raise ApiError(400, str(e), "strength") from None
         except ApiError:
             self.server.worker.count("invalid")
             raise
@@ -684,9 +691,13 @@ class Handler(BaseHTTPRequestHandler):
                               negative_prompt=opts.negative_prompt, sampler=opts.sampler, denoise=opts.denoise,
                               jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
                               jacobi_max_iter=opts.jacobi_max_iter, height=opts.height, width=opts.width,
-                              notes=lambda note: None, **extra)
+                              notes=self._note, **extra)
 
         self._run(Job(start, output, self.connection))
+
+    def _note(self, note: str):  # what an edit adjusted (a resized mask): the server's log
+        if not self.server.quiet:
+            print(f"note: {note}", file=sys.stderr)
 
     # -- running a job and answering
 
@@ -838,8 +849,10 @@ def parse_multipart(content_type: str, body: bytes):
             try:
                 picture = Image.open(io.BytesIO(payload))
                 picture.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise ApiError(400, f"'{name}' is not an image this server can read ({e})", name.rstrip("[]"))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                field = name.rstrip("[]")
+                raise ApiError(400, f"'{field}' is not an image file this server can read (PNG, JPEG, WebP, ...)",
+                               field) from None
             if name == "mask":
                 mask = picture
             else:

@@ -420,3 +420,48 @@ def test_command_line_refuses_bad_options_before_loading():
         r = subprocess.run([sys.executable, "-m", "mlx_starflow.server", "--model", "demo", "--port", str(port)],
                            capture_output=True, text=True, timeout=60, env={**os.environ})
         assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+# -- edits ------------------------------------------------------------------------------------
+
+
+def png_file(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_edits_with_the_openai_client_keep_what_the_mask_keeps(server):
+    pytest.importorskip("mlx_starflow.edit", reason="image edits arrive with mlx_starflow/edit.py")
+    import numpy as np
+
+    from mlx_starflow.shapes import draw, prompt_to_class
+
+    source = draw(prompt_to_class("red circle"), np.random.default_rng(0))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :16] = 255  # white: the left half may change; black: the right half stays
+    c = client(server)
+    before = health(server)
+    r = c.images.edit(image=("red.png", png_file(source), "image/png"), mask=("mask.png", png_file(mask), "image/png"),
+                      prompt="blue circle", extra_body={"source_prompt": "red circle", "strength": 1.0, "seed": 4,
+                                                        **FAST})
+    im = png(r.data[0].b64_json)
+    params = json.loads(im.text["parameters"])
+    assert im.size == (32, 32) and params["operation"] == "edit" and params["source_prompt"] == "red circle"
+    assert params["prompt"] == "blue circle" and params["strength"] == 1.0 and params["seed"] == 4
+    edited = np.asarray(im.convert("RGB"))
+    assert (edited[:, 16:] == source[:, 16:]).all()  # kept bit for bit
+    assert not (edited[:, :16] == source[:, :16]).all()  # fresh noise under the mask: changed
+
+    for kwargs, param, words in (
+            ({"image": ("x.png", b"not a picture", "image/png")}, "image", "not an image file"),
+            ({"image": ("red.png", png_file(source), "image/png"), "extra_body": {"strength": 2}}, "strength",
+             "strength must be a number in [0, 1]"),
+            ({"image": ("red.png", png_file(source), "image/png"), "n": 0}, "n", "from 1 to 10")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.images.edit(prompt="blue circle", **kwargs)
+        assert e.value.body["param"] == param and words in e.value.body["message"]
+    status, _, body = request(server, "POST", "/v1/images/edits", {"prompt": "blue circle"})
+    assert status == 400 and "multipart/form-data" in body["error"]["message"]
+    after = health(server)
+    assert after["started"] == before["started"] + 1 and after["completed"] == before["completed"] + 1
