@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .config import ConfigError
+from .quant import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 from .torch_reader import CheckpointError
 from .weights import DTYPES, WeightsError, convert_starflow, convert_tarflow
 
@@ -25,8 +26,8 @@ def starflow_parser():
                         "config's VAE is an SD-VAE, 8 pixels per latent)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the transformer linear layers")
-    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--q-bits", type=int, default=4, choices=BITS)
+    p.add_argument("--q-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     return p
 

@@ -16,13 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .quant import quant_args, quantize_linear
-
-
-class WeightsError(ValueError):
-    """Weights that do not fit the model: says which file or key and why."""
+from .weights import WeightsError, load_checked
 
 
 @dataclass
@@ -284,37 +280,19 @@ def check_dtype(dtype):
         raise ValueError(f"unsupported T5 dtype {dtype}; use mx.bfloat16 or mx.float32")
 
 
-def load_weights_strict(model: nn.Module, weights: dict, source) -> None:
-    """Load every parameter of `model` from `weights`, checking names and shapes."""
-    params = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise WeightsError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise WeightsError(f"{source}: unknown weights {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(params[k].shape):
-            raise WeightsError(
-                f"{source}: weight {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}"
-            )
-    model.load_weights(list(weights.items()), strict=True)
-
-
 def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
     """Load the T5 encoder of a Hugging Face folder.
 
     dtype: mx.float32 or mx.bfloat16 (float16 is refused: T5 overflows in it).
-    quantize: None, the bits (8 or 4) for the linear layers, or {"bits", "group_size"}.
+    quantize: None, the bits (8 or 4) for the linear layers, or {"bits", "group_size"}
+        (quant.quant_args); the embeddings stay in full precision.
     """
     check_dtype(dtype)
-    q = quant_args(quantize) if quantize else None
+    q = quant_args(quantize)
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
     model = T5Encoder(T5Config.from_dict(config))
-    weights = sanitize(read_weights(folder))
-    weights = {k: v.astype(dtype) for k, v in weights.items()}
-    load_weights_strict(model, weights, folder)
+    load_checked(model, sanitize(read_weights(folder)), folder, dtype)
     if q:
         quantize_linear(model, **q)
     model.eval()

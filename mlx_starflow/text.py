@@ -21,8 +21,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .hub import download, is_repo_id
-from .quant import quant_args, quantize, quantize_linear
-from .t5 import check_dtype, load_t5, load_weights_strict, read_weights
+from .quant import quant_args, quantize_like, quantize_linear
+from .t5 import load_t5, read_weights
+from .weights import load_checked
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -195,11 +196,6 @@ def tokenize(tokenizer: Tokenizer, prompts, txt_size: int):
     return tokenizer(list(prompts), txt_size)
 
 
-def _cast(weights: dict, dtype) -> dict:
-    # Quantized checkpoints hold integer weights: only floats change dtype.
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-
-
 def _gemma_key(key: str) -> str:
     """Published Gemma key -> mlx-lm's name (`model.` + the decoder's own name)."""
     for prefix in ("language_model.model.", "model.language_model."):
@@ -210,6 +206,26 @@ def _gemma_key(key: str) -> str:
     if key.startswith(("embed_tokens.", "layers.", "norm.")):  # a bare GemmaModel
         return "model." + key
     return key
+
+
+def sanitize(weights: dict, model) -> dict:
+    """Published Gemma weights (a causal LM, a multimodal Gemma 3, a bare GemmaModel)
+    in the names of `model`, mlx-lm's Gemma or the embedding alone."""
+    weights = {_gemma_key(k): v for k, v in weights.items()}
+    return model.sanitize(weights) if hasattr(model, "sanitize") else weights  # gemma3_text: no lm_head
+
+
+def _load(model, folder: Path, config: dict, weights: dict, dtype, quantize):
+    """Strict loading of sanitized Gemma weights, quantized as stored (mlx-community
+    checkpoints), then as asked: Gemma's token embedding is a large share of its
+    weights (256k rows), so it is quantized too."""
+    if config.get("quantization"):
+        quantize_like(model, weights, config["quantization"])
+    load_checked(model, weights, folder, dtype)
+    if quantize:
+        quantize_linear(model, **quantize, embeddings=True)
+    model.eval()
+    mx.eval(model.parameters())
 
 
 def _gemma_text_config(config: dict) -> dict:
@@ -264,14 +280,6 @@ class _TanhGeluMLP(nn.Module):
         return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _prequantize(model, config, weights):
-    # mlx-community checkpoints come quantized: mirror their layout before loading.
-    q = config.get("quantization")
-    if q:
-        quantize(model, q["bits"], q["group_size"],
-                 lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
-
-
 def _load_gemma(folder: Path, config: dict, dtype, quantize):
     """mlx-lm's Gemma model with the decoder weights; no lm_head."""
     from mlx_lm.models import gemma, gemma2, gemma3_text
@@ -308,23 +316,19 @@ def _load_gemma(folder: Path, config: dict, dtype, quantize):
     def wanted(key):
         return _gemma_key(key).startswith(("model.embed_tokens.", "model.layers.", "model.norm."))
 
-    weights = {_gemma_key(k): v for k, v in read_weights(folder, wanted).items()}
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)  # gemma3_text: drops the unused lm_head
-    _prequantize(model, config, weights)
-    load_weights_strict(model, _cast(weights, dtype), folder)
-    if quantize:
-        # Gemma's token embedding is a large share of its weights (256k rows).
-        quantize_linear(model, **quant_args(quantize), embeddings=True)
-    model.eval()
-    mx.eval(model.parameters())
+    _load(model, folder, config, sanitize(read_weights(folder, wanted), model), dtype, quantize)
     return model, text, types
 
 
 class _Embedding(nn.Module):
+    """Gemma's token embedding alone (STARFlow's embedding conditioning)."""
+
     def __init__(self, vocab_size, dims):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, dims)
+
+    def sanitize(self, weights):
+        return {k[len("model."):]: v for k, v in weights.items()}
 
 
 def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
@@ -333,16 +337,12 @@ def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
     def wanted(key):
         return _gemma_key(key).startswith("model.embed_tokens.")
 
-    weights = {_gemma_key(k)[len("model."):]: v for k, v in read_weights(folder, wanted).items()}
-    if "embed_tokens.weight" not in weights:
+    weights = read_weights(folder, wanted)
+    table = [v for k, v in weights.items() if _gemma_key(k) == "model.embed_tokens.weight"]
+    if not table:
         raise ValueError(f"{folder}: no embed_tokens weight in the checkpoint")
-    vocab = weights["embed_tokens.weight"].shape[0]
-    model = _Embedding(vocab, text["hidden_size"])
-    _prequantize(model, config, weights)
-    load_weights_strict(model, _cast(weights, dtype), folder)
-    if quantize:
-        quantize_linear(model, **quant_args(quantize), embeddings=True)
-    mx.eval(model.parameters())
+    model = _Embedding(table[0].shape[0], text["hidden_size"])
+    _load(model, folder, config, sanitize(weights, model), dtype, quantize)
     return model, text
 
 
@@ -435,8 +435,9 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
     txt_size: tokens per prompt (128 for the 3B STARFlow model).
     dtype: mx.float32 or mx.bfloat16 (T5 refuses float16).
     quantize: None, or 8 (or 4) bits for the linear layers (and Gemma's token
-        embedding), or {"bits", "group_size"} (group size 64 by default); layers whose
-        input width is not a multiple of the group size stay as they are.
+        embedding), or {"bits", "group_size"} (quant.quant_args; group size 64 by
+        default); layers whose input width is not a multiple of the group size stay
+        as they are.
     mode: None (final hidden states) or "embed" (Gemma only: STARFlow's
         token-embedding conditioning, `embed(ids) * sqrt(hidden)` after its chat template).
     """
@@ -444,8 +445,7 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
         raise ValueError(f"txt_size must be a positive int, got {txt_size!r}")
     if mode not in (None, "hidden", "embed"):
         raise ValueError(f"mode must be None or 'embed', got {mode!r}")
-    if quantize:
-        quant_args(quantize)  # 4 or 8 bits, or {"bits", "group_size"}: refuse others before loading
+    quantize = quant_args(quantize)  # refused before anything is read
     folder, tok_folder = _resolve(path)
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
@@ -458,7 +458,6 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
     if model_type == "t5":
         if mode == "embed":
             raise ValueError("mode='embed' is for Gemma models; T5 gives its encoder's hidden states")
-        check_dtype(dtype)
         model = load_t5(folder, dtype=dtype, quantize=quantize)
         return TextEncoder("t5", mode, model, tok_folder, txt_size, model.width)
     if mode == "embed":

@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .hub import download, is_repo_id
+from .weights import load_checked
 
 
 @dataclass
@@ -481,7 +482,7 @@ def _resolve(path) -> Path:
     return _local(p)
 
 
-def load_weights(weights_path: Path) -> dict:
+def _read(weights_path: Path) -> dict:
     if weights_path.suffix == ".safetensors":
         return mx.load(str(weights_path))
     from .torch_reader import load_pth
@@ -502,7 +503,7 @@ def load_vae(path, dtype=mx.float32, encoder: bool = True) -> VAE:
     path = _resolve(path)
     config = VAEConfig.from_folder(path)
     weights_path = _find_weights(path)
-    weights = sanitize(load_weights(weights_path))
+    weights = sanitize(_read(weights_path))
 
     vae = VAE(config)
     if not encoder:
@@ -510,22 +511,7 @@ def load_vae(path, dtype=mx.float32, encoder: bool = True) -> VAE:
         if "quant_conv" in vae:
             del vae.quant_conv
         weights = {k: v for k, v in weights.items() if not k.startswith(("encoder.", "quant_conv."))}
-    expected = dict(nn.utils.tree_flatten(vae.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        msg = [f"{weights_path}: weights do not match the config"]
-        for what, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                more = " ..." if len(keys) > 10 else ""
-                msg.append(f"{what} keys ({len(keys)}): {', '.join(keys[:10])}{more}")
-        raise ValueError("; ".join(msg))
-    for k, v in weights.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(
-                f"{weights_path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
-            )
-    vae.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    load_checked(vae, weights, weights_path, dtype)
     mx.eval(vae.parameters())
     vae.eval()
     return vae

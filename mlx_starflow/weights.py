@@ -1,5 +1,6 @@
-"""Checkpoints: strict key checks, conversion of the reference .pth files to MLX
-model folders (config.json + model.safetensors), loading them back, quantization."""
+"""Checkpoints: the one strict loader (every model loads through load_checked and
+fails with WeightsError), conversion of the reference .pth files to MLX model folders
+(config.json + model.safetensors), loading them back, quantizing a flow."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .config import FlowConfig, read_reference_yaml, starflow_config_from_args, tarflow_config_from_shapes
 from .flow import Flow
-from .quant import quantize
+from .quant import quant_args, quantize_like, quantize_linear
 from .torch_reader import CheckpointError, load_pth
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -35,7 +36,7 @@ IGNORED = re.compile(r"^(var|feat_rope(_gen)?\.freqs_(cos|sin))$|(^|\.)attn_mask
 
 
 class WeightsError(ValueError):
-    """Checkpoint weights that do not match the model: names the keys."""
+    """Weights that do not match the model (of any model here): names the keys."""
 
 
 def _names(keys, limit=8):
@@ -59,6 +60,13 @@ def check_weights(model: nn.Module, weights: dict, source="checkpoint"):
         raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
 
 
+def load_checked(model: nn.Module, weights: dict, source, dtype=None):
+    """The one strict loader: check_weights, then load `weights` (already in the
+    model's names: see each model's sanitize) with float weights cast to dtype."""
+    check_weights(model, weights, source=str(source))
+    model.load_weights([(k, _to_mx(v, dtype)) for k, v in weights.items()], strict=True)
+
+
 def _to_mx(v, dtype=None):
     """An mx.array of v, floats cast to dtype (None keeps the checkpoint's own)."""
     a = v if isinstance(v, mx.array) else mx.array(v)
@@ -69,8 +77,10 @@ def _shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def _used(sd):
-    return {k: v for k, v in sd.items() if not IGNORED.search(k)}
+def sanitize(state_dict: dict) -> dict:
+    """A reference flow's state dict in the Flow's names: the same names, without the
+    buffers that hold no learned state (IGNORED)."""
+    return {k: v for k, v in state_dict.items() if not IGNORED.search(k)}
 
 
 def _parse_dtype(dtype):
@@ -140,10 +150,11 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
     of the model's VAE: its config sets the latent grid (pixels per latent); without
     it the config's VAE must be one known by name (the SD-VAE family, 8)."""
     mx_dtype = _parse_dtype(dtype)
+    quantize = quant_args(quantize)
     args = dict(config) if isinstance(config, dict) else read_reference_yaml(config)
     factor = None
     if vae is not None:
-        from .vae import VAEConfig  # only converting needs the VAE module
+        from .vae import VAEConfig  # here: vae.py loads its weights through this module
 
         factor = VAEConfig.from_folder(vae).downsample_factor
     starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
@@ -182,7 +193,7 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
     if out.exists() and not force:  # say so before the slow part
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     model = Flow(cfg)
-    used = _used(sd)
+    used = sanitize(sd)
     check_weights(model, used, source=str(checkpoint))
     weights = {}
     for k in list(used):  # one tensor at a time, so the checkpoint is never held twice
@@ -190,40 +201,28 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
         sd.pop(k)
         mx.eval(weights[k])
     if quantize:
-        model.load_weights(list(weights.items()))
+        load_checked(model, weights, checkpoint)
         _warn_unquantized(quantize_model(model, **quantize), quantize["group_size"])
-        cfg.quantization = dict(quantize)
+        cfg.quantization = quantize
         weights = dict(tree_flatten(model.parameters()))
     licence = _model_licence(checkpoint) if cfg.model_type == "starflow" else None
     return save_model(out, cfg, weights, force=force, extra={"source": source},
                       files={"LICENSE_MODEL": licence} if licence else None)
 
 
-# Only the transformer's linear layers are quantized: proj_in/proj_out/proj_txt, norms
-# and embeddings stay in full precision (they are small and set the affine maps).
-def _quantizable(group_size):
-    def pred(path, module):
-        if not isinstance(module, nn.Linear) or ".attn_blocks." not in f".{path}":
-            return False
-        return module.weight.shape[-1] % group_size == 0
-    return pred
-
-
-def quantize_model(model, bits=4, group_size=64):
-    """Quantize the transformer linears in place; returns the paths left unquantized."""
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"quantization bits must be one of 2, 3, 4, 5, 6, 8, not {bits}")
-    skipped = [p for p, m in model.named_modules()
-               if isinstance(m, nn.Linear) and ".attn_blocks." in f".{p}" and m.weight.shape[-1] % group_size]
-    fits = _quantizable(group_size)
+def quantize_model(model: Flow, bits=4, group_size=64) -> list:
+    """Quantize a flow in place by the one rule (quant.quantizable: its transformer
+    linears, not proj_in/proj_out/proj_txt); returns the paths left unquantized."""
     # One transformer layer at a time, evaluated: weights loaded lazily from a file are
     # then never all resident in full precision at once (a 3B bf16 folder quantized on
     # the fly to 4 bits peaks at 9.9 GB otherwise, at about 3 GB this way).
-    layers = [(p, m) for p, m in model.named_modules() if re.fullmatch(r"(.+\.)?attn_blocks\.\d+", p)]
-    for path, layer in layers:
-        quantize(layer, bits, group_size, lambda p, m, path=path: fits(f"{path}.{p}", m))
-        mx.eval(layer.parameters())
-    return skipped
+    skipped = []
+    for path, layer in model.named_modules():
+        if re.fullmatch(r"(.+\.)?attn_blocks\.\d+", path):
+            skipped += quantize_linear(layer, bits, group_size, prefix=f"{path}.")
+            mx.eval(layer.parameters())
+    skipped += quantize_linear(model, bits, group_size)  # whatever else the rule takes
+    return list(dict.fromkeys(skipped))
 
 
 def _warn_unquantized(paths, group_size):
@@ -248,39 +247,37 @@ def conversion_version(path) -> int:
         return 0
 
 
-def load_flow(path, dtype: Optional[str] = None, quantize: Optional[dict] = None) -> Flow:
-    """Load a converted model folder. dtype casts float weights; quantize
-    ({"bits", "group_size"}) quantizes on the fly; a folder already quantized
-    accepts only its own quantization (its full-precision weights are gone)."""
+def load_flow(path, dtype: Optional[str] = None, quantize=None) -> Flow:
+    """Load a converted model folder. dtype casts float weights; quantize (bits, or
+    {"bits", "group_size"}: see quant.quant_args) quantizes on the fly; a folder
+    already quantized accepts only its own quantization (its full-precision weights
+    are gone)."""
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors); "
                                 "convert a checkpoint with convert/starflow.py or convert/tarflow.py")
     cfg = read_config(path)
-    if quantize and cfg.quantization:
-        want = {"bits": quantize["bits"], "group_size": quantize.get("group_size", 64)}
+    want = quant_args(quantize)
+    if want and cfg.quantization:
         have = {"bits": cfg.quantization["bits"], "group_size": cfg.quantization["group_size"]}
         if want != have:
             raise ValueError(
                 f"{path} is already quantized to {have['bits']} bits (group size {have['group_size']}); "
                 f"to quantize to {want['bits']} bits (group size {want['group_size']}), load the "
                 "unquantized folder (or convert the checkpoint again)")
+    mx_dtype = _parse_dtype(dtype)
     model = Flow(cfg)
-    if cfg.quantization:
-        quantize_model(model, **cfg.quantization)
     try:
         weights = mx.load(str(w_path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
         raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
-    check_weights(model, weights, source=str(w_path))
-    if dtype is not None:
-        mx_dtype = _parse_dtype(dtype)
-        weights = {k: _to_mx(v, mx_dtype) for k, v in weights.items()}
-    model.load_weights(list(weights.items()))
+    if cfg.quantization:
+        quantize_like(model, weights, cfg.quantization)
+    load_checked(model, weights, w_path, mx_dtype)
     del weights  # the lazily loaded arrays would stay resident once evaluated
-    if quantize and not cfg.quantization:
-        _warn_unquantized(quantize_model(model, **quantize), quantize["group_size"])
-        cfg.quantization = dict(quantize)
+    if want and not cfg.quantization:
+        _warn_unquantized(quantize_model(model, **want), want["group_size"])
+        cfg.quantization = want
     mx.eval(model.parameters())
     return model

@@ -2,7 +2,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_starflow.quant import QuantizedLinear, quantize_linear
+import pytest
+
+from mlx_starflow.quant import QuantizedLinear, quant_args, quantizable, quantize_linear
 
 
 def test_quantized_linear_accumulates_in_float32():
@@ -31,3 +33,32 @@ def test_quantize_linear_makes_ours():
     skipped = quantize_linear(model, bits=8, group_size=64)
     assert type(model.layers[0]) is QuantizedLinear
     assert type(model.layers[2]) is nn.Linear and skipped == ["layers.2"]
+
+
+def test_one_validator_of_bits_and_group_size():
+    assert quant_args(None) is None and quant_args(0) is None
+    assert quant_args(8) == {"bits": 8, "group_size": 64}
+    assert quant_args({"bits": 4}) == {"bits": 4, "group_size": 64}
+    assert quant_args({"bits": 4, "group_size": 128}) == {"bits": 4, "group_size": 128}
+    for bad in (3, 6, True, "8", {"bits": 8, "group_size": 48}, {"bits": 8, "group": 64}, {"group_size": 64}):
+        with pytest.raises(ValueError, match="4 or 8 bits with group size 32, 64, 128"):
+            quant_args(bad)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        quantize_linear(nn.Linear(64, 8), bits=2, group_size=64)
+
+
+def test_one_rule_for_which_layers():
+    linear, embedding = nn.Linear(64, 8), nn.Embedding(10, 64)
+    assert quantizable("blocks.0.attn_blocks.1.attention.qkv", linear, 64)
+    assert quantizable("model.layers.0.self_attn.q_proj", linear, 32)
+    assert not quantizable("blocks.0.attention.q", nn.Linear(48, 8), 64)  # input width
+    for kept in ("blocks.3.proj_in", "blocks.3.proj_out", "blocks.3.proj_txt", "learnable_self_denoiser.proj_in"):
+        assert not quantizable(kept, linear, 64)
+    assert not quantizable("shared", embedding, 64)  # token embeddings only where asked (Gemma)
+    assert quantizable("model.embed_tokens", embedding, 64, embeddings=True)
+    assert not quantizable("norm", nn.LayerNorm(64), 64)
+    # The flow's denoiser and blocks keep their outer projections, whatever the model
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model.proj_in = nn.Linear(64, 64)
+    assert quantize_linear(model, bits=4, group_size=64, prefix="blocks.0.") == []
+    assert type(model.proj_in) is nn.Linear and type(model.layers[0]) is QuantizedLinear

@@ -14,7 +14,8 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from mlx_starflow.quant import QuantizedLinear
-from mlx_starflow.t5 import T5Config, WeightsError, load_t5, read_weights, relative_position_buckets
+from mlx_starflow.t5 import T5Config, load_t5, read_weights, relative_position_buckets
+from mlx_starflow.weights import WeightsError
 
 CONFIGS = {
     # FLAN-T5 style, with d_kv * num_heads (32) != d_model (48).

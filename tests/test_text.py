@@ -331,6 +331,22 @@ def test_gemma_quantized_layers(tmp_path):
     assert np.array_equal(np.array(again.encode_ids(ids, mask)), np.array(y))
 
 
+def test_gemma_strict_loading(tmp_path):
+    # One strict loader and one error for every model (weights.load_checked, WeightsError).
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_starflow.weights import WeightsError
+
+    make_gemma(tmp_path, "gemma2")
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="missing 1 tensors the model needs: model.layers.1.mlp.up_proj.weight"):
+        load_text_encoder(tmp_path, txt_size=8)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        load_text_encoder(tmp_path, txt_size=8, quantize=3)
+
+
 def test_diffusers_layout_bare_gemma_model(tmp_path):
     # Lumina-style repos: text_encoder/ holds a bare GemmaModel (no "model." prefix)
     # and tokenizer/ its tokenizer.

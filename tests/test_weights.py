@@ -293,3 +293,7 @@ def test_quantizing_a_quantized_folder(reference, tmp_path):
     for other in ({"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 64}):
         with pytest.raises(ValueError, match=r"already quantized to 8 bits \(group size 32\).*unquantized folder"):
             load_flow(q, quantize=other)
+    # The converter asks the same validator (quant.quant_args) as the loaders, before any work
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        convert_starflow(ckpt, cfg, tmp_path / "q3", quantize={"bits": 3, "group_size": 32})
+    assert not (tmp_path / "q3").exists()
