@@ -47,7 +47,7 @@ import numpy as np
 from .flow import Flow, IdentityBlock
 
 __all__ = ["ScoreResult", "score", "load_images", "open_image", "batch_size_for", "noise_draw", "shared_blocks",
-           "score_stage", "main"]
+           "log_densities", "score_stage", "main"]
 
 MEMORY_BUDGET = 1 << 30  # bytes of activations a batch of the density pass may take
 MAX_BATCH = 256
@@ -239,15 +239,52 @@ def _through(flow: Flow, tokens, y, blocks, h: int, w: int):
     return tokens, logdet
 
 
+def log_densities(flow: Flow, x, y=None, *, batch_size: Optional[int] = None,
+                  on_batch: Optional[Callable] = None) -> np.ndarray:
+    """log p(x_i | y_j) in nats for every input x_i of x (N, H, W, C), in the
+    flow's own space, and every conditioning row y_j of y (P rows: text
+    embeddings, one-hot class rows or TarFlow class ids; None for an unconditional
+    model): (N, P) float64. Pairs go through the density pass in batches of
+    batch_size (default batch_size_for(flow)); the blocks before the first one the
+    prompt enters run once per input. on_batch(pairs done) is called after each
+    batch (one sync each)."""
+    flow.check_input(x, "x")
+    N, (h, w) = x.shape[0], flow.grid(x)
+    D = math.prod(x.shape[1:])
+    P = 1 if y is None else y.shape[0]
+    bs = batch_size or batch_size_for(flow)
+    cut = shared_blocks(flow)
+    shared = [_through(flow, flow.patchify(x[s : s + bs]), None, flow.blocks[:cut], h, w) for s in range(0, N, bs)]
+    mx.eval(shared)
+    tokens = mx.concatenate([t for t, _ in shared])
+    ld0 = mx.concatenate([ld for _, ld in shared])
+    pairs = np.array([(i, j) for i in range(N) for j in range(P)])
+    out = np.zeros((N, P))
+    for s in range(0, len(pairs), bs):
+        i, j = pairs[s : s + bs, 0], pairs[s : s + bs, 1]
+        ii = mx.array(i)
+        z, ld = _through(flow, tokens[ii], None if y is None else y[mx.array(j)], flow.blocks[cut:], h, w)
+        lp = ld0[ii] + ld - 0.5 * mx.sum(mx.square(z), axis=(1, 2)) - 0.5 * D * math.log(2 * math.pi)
+        out[i, j] = np.array(lp, dtype=np.float64)  # one sync per batch
+        if on_batch is not None:
+            on_batch(s + len(i))
+    return out
+
+
 def _count(value, name, low):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
     return int(value)
 
 
+def _unconditional(pipe) -> bool:
+    return pipe.classes is None and not pipe.config.txt_dim
+
+
 def resolve_prompts(pipe, prompts) -> List[str]:
     """The prompts to score: "all" (alone) is every class of a class-conditional
-    model; class models need class names or ids ("" is unconditional)."""
+    model; class models need class names or ids; "" is the unconditional density
+    (the only prompt of an unconditional model)."""
     from .pipeline import check_prompts as strings
 
     cl = pipe.classes
@@ -257,6 +294,8 @@ def resolve_prompts(pipe, prompts) -> List[str]:
                              "this model takes text prompts: give them")
         return cl.labels
     prompts = strings(prompts)
+    if _unconditional(pipe) and any(p.strip() for p in prompts):
+        raise ValueError('this model is unconditional: its only prompt is "" (the image\'s density)')
     if cl is not None:
         for p in prompts:
             if p.strip() or cl.one_hot:  # TarFlow's "" is its mean class embedding (see _conditioning)
@@ -264,9 +303,11 @@ def resolve_prompts(pipe, prompts) -> List[str]:
     return prompts
 
 
-def _conditioning(pipe, prompts) -> mx.array:
+def _conditioning(pipe, prompts) -> Optional[mx.array]:
     """One row per prompt, each prompt's text encoded once (the text encoder is then freed)."""
     cl = pipe.classes
+    if _unconditional(pipe):
+        return None
     if cl is not None and not cl.one_hot:  # TarFlow: a negative label is the mean class embedding
         return mx.array([cl.index(p) if p.strip() else -1 for p in prompts])
     return pipe.conditioning(prompts)[1]
@@ -343,7 +384,8 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
         report("text", 0, 1)
         t0 = time.perf_counter()
         y = _conditioning(pipe, prompts)
-        mx.eval(y)
+        if y is not None:
+            mx.eval(y)
         timings["text"] = time.perf_counter() - t0
         report("text", 1, 1)
 
@@ -362,6 +404,7 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
             timings["encode"] = time.perf_counter() - t0
         shape = tuple(base.shape)
         D = math.prod(shape[1:])
+        pipe.flow.check_input(base, "images")
 
         def draw(k):
             if given is not None:
@@ -372,32 +415,14 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
                 return (u + noise_draw(seed, k, K, shape, uniform=True)) / 128 - 1
             return base
 
-        flow = pipe.flow
-        flow.check_input(base, "images")
-        h, w = flow.grid(base)
-        cut = shared_blocks(flow)
         P = len(prompts)
-        bs = batch_size or batch_size_for(flow)
-        pairs = np.array([(i, j) for i in range(N) for j in range(P)])
-        total, done = K * len(pairs), 0
+        total = K * N * P
         nll = np.zeros((N, P))
         t0 = time.perf_counter()
         report("score", 0, total)
-        for k in range(K):
-            xk = draw(k)
-            shared = [_through(flow, flow.patchify(xk[s : s + bs]), None, flow.blocks[:cut], h, w)
-                      for s in range(0, N, bs)]
-            mx.eval(shared)
-            tokens = mx.concatenate([t for t, _ in shared])
-            ld0 = mx.concatenate([ld for _, ld in shared])
-            for s in range(0, len(pairs), bs):
-                i, j = pairs[s : s + bs, 0], pairs[s : s + bs, 1]
-                ii = mx.array(i)
-                z, ld = _through(flow, tokens[ii], y[mx.array(j)], flow.blocks[cut:], h, w)
-                lp = ld0[ii] + ld - 0.5 * mx.sum(mx.square(z), axis=(1, 2)) - 0.5 * D * math.log(2 * math.pi)
-                nll[i, j] -= np.array(lp, dtype=np.float64)  # one sync per batch
-                done += len(i)
-                report("score", done, total)
+        for k in range(K):  # an unconditional model's (N, 1) broadcasts over its "" prompts
+            nll -= log_densities(pipe.flow, draw(k), y, batch_size=batch_size,
+                                 on_batch=lambda done, k=k: report("score", k * N * P + done, total))
         timings["score"] = time.perf_counter() - t0
         nll /= K
         if pixels:  # [-1, 1] -> 8-bit levels: 128 per unit for the dequantized image, 127.5 for u/127.5 - 1
@@ -414,7 +439,7 @@ def score_stage(flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats
                 seed: int = 0) -> dict:
     """The benchmark's `score` stage: the density pass as `score` runs it (batches of
     batch_size_for(flow) by default), on random inputs of the flow's own shape with
-    one prompt's conditioning y (its first row). The VAE encoding of latent models is
+    one prompt's conditioning (the first row of y). The VAE encoding of latent models is
     not included. Returns the batch, seconds per batch (median, min, max),
     images per second and MLX's peak memory (weights included)."""
     from .machine import times
@@ -423,10 +448,10 @@ def score_stage(flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats
     bs = batch_size or batch_size_for(flow)
     side = cfg.input_size
     x = mx.random.normal((bs, side, side, cfg.in_channels), key=mx.random.key(seed))
-    yb = None if y is None else mx.repeat(y[:1], bs, axis=0)
-    mx.eval(x, *([] if yb is None else [yb]))
+    y = None if y is None else y[:1]
+    mx.eval(x, *([] if y is None else [y]))
     mx.reset_peak_memory()
-    ts = times(lambda: mx.eval(flow.log_prob(x, yb)), repeats, warmup)
+    ts = times(lambda: log_densities(flow, x, y, batch_size=bs), repeats, warmup)
     med = statistics.median(ts)
     return {"batch": bs, "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
             "images_per_second": bs / med, "peak_memory": mx.get_peak_memory()}
@@ -452,8 +477,8 @@ def parser():
                "(--noise-samples). STARFlow models with a VAE score " + LATENT_NOTE + ": the image is encoded "
                "(the scaled posterior mean) and the flow gives the latent's density given the prompt, in bits "
                "per latent dimension. Guidance does not enter the likelihood.")
-    p.add_argument("--image", metavar="FILE", nargs="+", required=True, help="one or more still RGB images")
-    p.add_argument("--prompt", metavar="P", nargs="+", required=True,
+    p.add_argument("--image", metavar="FILE", nargs="*", required=True, help="one or more still RGB images")
+    p.add_argument("--prompt", metavar="P", nargs="*", required=True,
                    help="one or more prompts; for a class-conditional model class names or ids, or 'all' for "
                         "every class; '' is the unconditional density")
     gen = {a.dest: a for a in generate.parser()._actions}
@@ -518,6 +543,11 @@ def main(argv=None) -> int:
                              ("--batch-size", args.batch_size, 1)):
             if v is not None and v < low:
                 raise ValueError(f"{flag} must be at least {low}, not {v}")
+        if not args.image:
+            raise ValueError("--image: give at least one image file")
+        if not args.prompt:
+            raise ValueError("--prompt: give at least one prompt (or 'all' for every class of a class-conditional "
+                             "model)")
         out = Path(args.json) if args.json else None
         if out is not None:
             check_writable([out], args.overwrite)
