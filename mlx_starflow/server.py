@@ -27,7 +27,8 @@ A server bound to the loopback answers only requests addressed to a loopback nam
 (no DNS rebinding), and no server accepts a POST from a page of another origin: a
 web page the user visits cannot drive it. Another host is bound only when asked,
 with a warning unless --api-key is given (then every /v1 request needs it as a
-bearer token, compared in constant time).
+bearer token, compared in constant time). Images asked for by URL are served without
+the key: their names are random (128 bits), the URL itself is the permission.
 """
 
 import argparse
@@ -542,7 +543,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._drain = length
             raise ApiError(413, f"the request body is {length} bytes; at most {limit} are read here")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # a client that stalls mid-body (the connection's timeout)
+            body = b""
         if len(body) < length:
             self.close_connection = True
             raise ApiError(400, "the request body ended before its Content-Length")
