@@ -8,7 +8,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -407,19 +406,24 @@ def test_command_line_server_under_load(tmp_path):
         log.close()
 
 
-def test_command_line_refuses_bad_options_before_loading():
+def test_command_line_refuses_bad_options_and_a_taken_port_before_loading(capsys, monkeypatch):
+    from mlx_starflow import server as server_module
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
     for args, words in ((["--max-queue", "-1"], "--max-queue must be at least 0"),
-                        (["--port", "70000"], "--port must be 0..65535")):
-        r = subprocess.run([sys.executable, "-m", "mlx_starflow.server", *args], capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr
+                        (["--port", "70000"], "--port must be 0..65535"),
+                        (["--max-images", "0"], "--max-images must be at least 1")):
+        assert server_module.main(args) == 1
+        assert words in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "mlx_starflow.server", "--model", "demo", "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, env={**os.environ})
-        assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+        assert server_module.main(["--model", "demo", "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 # -- edits ------------------------------------------------------------------------------------
