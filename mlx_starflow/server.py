@@ -945,12 +945,17 @@ def parser():
     from .generate import LOAD_OPTIONS, HelpFormatter
     from .generate import parser as generate_parser
 
-    p = argparse.ArgumentParser(prog="python -m mlx_starflow.server", formatter_class=HelpFormatter,
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    p = argparse.ArgumentParser(prog=name if name.startswith("mlx-starflow-") else "python -m mlx_starflow.server",
+                                formatter_class=HelpFormatter,
                                 description="Serve a STARFlow model over the OpenAI images API, with a web page.")
     # The model options are generate's own (one definition of each flag).
     for action in generate_parser()._actions:
         if action.dest in ("model",) + LOAD_OPTIONS:
             p._add_action(action)
+    p.add_argument("--keep-text-encoder", action="store_true",
+                   help="keep the text encoder loaded between requests (faster prompts, more memory); "
+                        "by default it is loaded for each request and freed after encoding")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but the loopback lets other machines in")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
@@ -987,7 +992,7 @@ def main(argv=None):
                                             text_encoder=args.text_encoder, vae=args.vae, checkpoint=args.checkpoint,
                                             config=args.config, text_dtype=args.text_dtype,
                                             text_quantize=args.text_quantize, vae_dtype=args.vae_dtype,
-                                            vae_tile=args.vae_tile))
+                                            vae_tile=args.vae_tile, keep_text_encoder=args.keep_text_encoder))
     except (ValueError, ModelNotFound, FileNotFoundError) as e:
         server.close()
         print(f"error: {e}", file=sys.stderr)
