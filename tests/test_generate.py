@@ -42,7 +42,7 @@ def test_help_describes_every_option_and_its_default(capsys):
         if not action.option_strings or action.dest == "help":
             continue
         assert action.help, f"{action.option_strings[0]} has no description"
-        if action.dest in ("prompt", "from_image"):
+        if action.dest in ("prompt", "prompt_file", "from_image"):
             continue  # what to draw, not a setting: nothing to default to
         switch = action.nargs == 0  # --overwrite, --metadata, ...: off unless given
         shown = action.default not in (None, False, "")  # the formatter prints "(default: ...)"
@@ -128,7 +128,8 @@ def test_from_image_errors(tmp_path, capsys):
         assert err.startswith(f"error: --from-image {tmp_path / name}: ") and says in err, err
     with pytest.raises(SystemExit):
         main(["--model", "demo"])  # neither --prompt nor --from-image
-    assert "--prompt (or --from-image)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "arguments are required: --prompt" in err and "--from-image" in err
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
