@@ -195,7 +195,7 @@ def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
         resolve("apple/starflow")
     with pytest.raises(ModelNotFound, match="expected one converted model"):
         resolve(str(tmp_path))
-    with pytest.raises(ModelNotFound, match="neither"):
+    with pytest.raises(ModelNotFound, match="no such file or folder"):
         resolve(str(tmp_path / "nothing" / "here"))
 
 
@@ -230,7 +230,7 @@ def test_command_line(release, cache, tmp_path):
     (["--cfg", "-1"], ">= 0"),
     (["--num-images", "0"], "num-images"),
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
-    (["--model", "/no/such/model"], "neither"),
+    (["--model", "/no/such/model"], "no such file or folder"),
     (["--jacobi-block-size", "0"], "block size"),
 ])
 def test_command_line_mistakes(release, cache, tmp_path, args, match):
@@ -341,23 +341,43 @@ def test_demo_model_from_the_command_line(tmp_path):
 
 
 def test_ctrl_c_stops_cleanly(tmp_path):
+    import fcntl
+    import pty
     import signal
+    import struct
+    import termios
     import time
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # stderr on a terminal (a pty), where the progress bars are drawn
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm draws nothing 0 columns wide
     proc = subprocess.Popen([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt",
                              "red circle", "--num-images", "64", "--output", str(tmp_path / "x-{index}.png")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
     seen = b""
     deadline = time.time() + 60
     while b"Deep block" not in seen and time.time() < deadline:  # wait until sampling runs
-        chunk = os.read(proc.stderr.fileno(), 4096)
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
         if not chunk:
             break
         seen += chunk
     assert b"Deep block" in seen, seen.decode(errors="replace")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    err = (seen + err).decode(errors="replace")
+    proc.communicate(timeout=60)
+    while True:  # what the child wrote after the bar
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    err = seen.decode(errors="replace")
     assert proc.returncode == 130 and "interrupted: no image was written" in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
