@@ -21,6 +21,7 @@ import numpy as np
 from . import device
 from .flow import Flow
 from .hub import DEFAULT_MODEL, resolve
+from .quant import quant_args
 from .sample import Jacobi, Step, check_guidance, sample_steps
 from .weights import DTYPES, load_flow
 
@@ -245,12 +246,15 @@ class Pipeline:
                             ("vae_dtype", vae_dtype)):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
+        quants = {}
         for name, value in (("quantize", quantize), ("text_quantize", text_quantize)):
-            if value not in (None, 4, 8):
-                raise ValueError(f"{name} must be 4 or 8 bits, not {value!r}")
+            try:  # the one quantization policy (quant.py)
+                quants[name] = quant_args({"bits": value, "group_size": q_group_size} if value else None)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if vae_tile is not None and vae_tile < 2:
             raise ValueError(f"vae_tile must be at least 2 latents, not {vae_tile}")
-        q = {"bits": quantize, "group_size": q_group_size} if quantize else None
+        q, tq = quants["quantize"], quants["text_quantize"]
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
         if dtype == "auto":
             dtype = _auto_dtype(where.flow)
@@ -260,7 +264,6 @@ class Pipeline:
             from .text import load_text_encoder
 
             txt_size, td = flow.config.txt_size, DTYPES[text_dtype]
-            tq = {"bits": text_quantize, "group_size": q_group_size} if text_quantize else None
 
             def loader():
                 return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
@@ -272,7 +275,11 @@ class Pipeline:
                 return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
         info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder,
                 "vae": where.vae, "dtype": dtype, "quantize": quantize}
-        pipe = cls(flow, loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info, vae_loader)
+        decoder = vae_loader(False) if vae_loader else None
+        if decoder is not None and decoder.downsample_factor != flow.config.pixels_per_latent:
+            raise ValueError(f"the VAE {where.vae} downsamples by {decoder.downsample_factor} but the model was converted "
+                             f"for {flow.config.pixels_per_latent}; convert it again with this VAE (--vae FOLDER)")
+        pipe = cls(flow, loader, decoder, keep_text_encoder, info, vae_loader)
         pipe.vae_tile = vae_tile
         return pipe
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .hub import download, is_repo_id
+from .hub import download, is_repo_id, patterns
 from .quant import quant_args, quantize_like, quantize_linear
 from .t5 import load_t5, read_weights
 from .weights import load_checked
@@ -52,10 +52,9 @@ _GEMMA3_DEFAULTS = {
 
 
 def _download(repo_id: str) -> Path:
-    patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*"]
-    folder = download(repo_id, patterns, "text encoder")
+    folder = download(repo_id, None, "text encoder")  # hub.PATTERNS: the files the engine reads
     if not any(folder.glob("model*.safetensors")):
-        folder = download(repo_id, patterns + ["pytorch_model*.bin"], "text encoder")
+        folder = download(repo_id, patterns("text encoder") + ["pytorch_model*.bin"], "text encoder")
     return folder
 
 

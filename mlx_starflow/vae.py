@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .hub import download, is_repo_id
+from .hub import download, is_repo_id, patterns
 from .weights import load_checked
 
 
@@ -454,13 +454,11 @@ def _find_weights(path: Path) -> Path:
 def _download(repo_id: str) -> Path:
     """Fetch only the VAE config and weights of a Hugging Face repo (the repo
     itself, or the vae/ folder of a full diffusers pipeline)."""
-    names = ["config.json", "diffusion_pytorch_model.safetensors"]
-    patterns = names + [f"vae/{n}" for n in names]
-    p = download(repo_id, patterns, "VAE")
-    if not any((q / names[1]).is_file() for q in (p, p / "vae")):
+    p = download(repo_id, None, "VAE")  # hub.PATTERNS: the files the engine reads
+    if not any((q / "diffusion_pytorch_model.safetensors").is_file() for q in (p, p / "vae")):
         # Older repos ship only a .bin (read by the tensor-only reader).
         bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
-        p = download(repo_id, patterns + bins, "VAE")
+        p = download(repo_id, patterns("VAE") + bins, "VAE")
     return p
 
 

@@ -381,3 +381,33 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     err = seen.decode(errors="replace")
     assert proc.returncode == 130 and "interrupted: no image was written" in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_vae_of_two_levels_generates_at_its_own_scale(tmp_path, monkeypatch):
+    """The latent grid comes from the VAE (2 ** (levels - 1)), not an assumed 8:
+    16x16 images from 8x8 latents, the flow's sample and the VAE's decoding as the
+    reference computes them (the flow as built from the reference weights, diffusers)."""
+    import diffusers
+    import torch
+
+    from mlx_starflow.sample import sample
+    from tiny_release import make_release
+
+    monkeypatch.setenv("MLX_STARFLOW_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "release"
+    root.mkdir()
+    model, _ = make_release(root, img_size=16, vae_channels=(8, 8))
+    pipe = Pipeline.from_pretrained(str(root))
+    assert pipe.latent_shape() == (8, 8, 4) and pipe.image_size() == 16
+    noise = np.random.default_rng(0).normal(size=(1, 8, 8, 4)).astype(np.float32)
+    r = pipe.generate("a cat", latents=noise, guidance=2.0, sampler="sequential", denoise="none")
+    assert r.images[0].size == (16, 16) and r.params["height"] == 16
+    y = pipe.conditioning(["a cat"], "", guided=True)[0]
+    ref = sample(model, mx.array(noise), y, 2.0)
+    np.testing.assert_allclose(np.array(r.latents), np.array(ref), rtol=1e-4, atol=1e-4)
+    vae = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
+    with torch.no_grad():
+        z = torch.from_numpy(np.array(r.latents)).permute(0, 3, 1, 2) / vae.config.scaling_factor
+        x = vae.decode(z).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+    expected = np.round((x[0] + 1) * 127.5)
+    assert np.abs(np.asarray(r.images[0], dtype=np.float32) - expected).max() <= 1
