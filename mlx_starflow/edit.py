@@ -1,0 +1,562 @@
+"""Editing by exact inversion: image in, image out.
+
+    python -m mlx_starflow.edit --model demo --image red.png --source-prompt "red circle" \\
+        --prompt "blue circle" --strength 0.5
+
+A normalizing flow inverts exactly: `sample.invert` gives the very noise from which
+sampling, with the same prompt and guidance, gives an image's latents back. An edit
+inverts the image under its source prompt, blends that noise with fresh noise,
+
+    z' = sqrt(1 - s^2) z + s e        (variance preserving: z' stays standard normal)
+
+(strength s: 0 keeps the image's own noise, 1 ignores the image), and samples z'
+under the new prompt, then denoises and decodes as `generate` does. With a mask
+(white = may change) only the tokens under it get the blended noise; after sampling
+the latents outside it are pasted back, so that region is the source's bit for bit in
+latent space. A variation is an edit whose prompt is the source prompt.
+"""
+
+import hashlib
+import io
+import math
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .sample import invert as flow_invert, sampling_order
+from .pipeline import Cancelled, Event, GenerateOptions, Result, check_prompts
+
+__all__ = ["invert", "edit", "edit_steps", "variation", "blend", "invert_stage", "main"]
+
+DEFAULT_STRENGTH = 0.5
+# A mask is black (keep) and white (may change); resampling and compression blur its
+# edges, so this share of its pixels may be grey (between MASK_LOW and MASK_HIGH).
+MASK_GREY = 0.05
+MASK_LOW, MASK_HIGH = 0.2, 0.8
+COLOUR_MODES = ("RGB", "RGBA", "P")  # P (a palette) is converted to RGB
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+
+def check_strength(strength) -> float:
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        s = math.nan
+    if isinstance(strength, bool) or not (0.0 <= s <= 1.0):
+        raise ValueError(f"strength must be a number in [0, 1] (0: the image's own noise, 1: fresh noise), "
+                         f"not {strength!r}")
+    return s
+
+
+def blend(z, noise, strength: float):
+    """The variance-preserving blend sqrt(1 - s^2) z + s e of the inverted noise z and fresh noise."""
+    s = check_strength(strength)
+    if s == 0.0:
+        return z
+    if s == 1.0:
+        return noise
+    return math.sqrt(1.0 - s * s) * z + s * noise
+
+
+@dataclass
+class Picture:
+    """One image as given: PIL image (None for an array), its sha256, where it came from, its size."""
+
+    image: object
+    sha256: str
+    name: Optional[str]
+    size: tuple  # (width, height)
+    array: Optional[np.ndarray] = None  # an image given as pixels in [-1, 1] (H, W, C)
+
+
+def _open(item, what: str) -> Picture:
+    """A path, PIL image or array -> Picture; ValueError naming a missing, unreadable or animated file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"{what} {path}: no such file")
+        data = path.read_bytes()
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{what} {path}: not an image this program can read ({e})") from None
+        if getattr(img, "n_frames", 1) > 1:
+            raise ValueError(f"{what} {path}: an animated image of {img.n_frames} frames; give a single still image")
+        return Picture(img, hashlib.sha256(data).hexdigest(), str(path), img.size)
+    if isinstance(item, Image.Image):
+        if getattr(item, "n_frames", 1) > 1:
+            raise ValueError(f"{what}: an animated image of {item.n_frames} frames; give a single still image")
+        pixels = np.asarray(item)
+        return Picture(item, hashlib.sha256(pixels.tobytes()).hexdigest(), None, item.size)
+    if isinstance(item, (mx.array, np.ndarray)):
+        a = np.array(item.astype(mx.float32) if isinstance(item, mx.array) else item, dtype=np.float32)
+        return Picture(None, hashlib.sha256(a.tobytes()).hexdigest(), None, (a.shape[1], a.shape[0]), a)
+    raise ValueError(f"{what} must be a file path, a PIL image or an array, not {type(item).__name__}")
+
+
+def _items(images) -> list:
+    if isinstance(images, (mx.array, np.ndarray)) and images.ndim == 4:
+        return [images[i] for i in range(images.shape[0])]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _colour(pic: Picture, what: str):
+    """The picture as an RGB PIL image, or a ValueError for other modes."""
+    img = pic.image
+    label = f"{what} {pic.name}" if pic.name else what
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode not in COLOUR_MODES:
+        kind = "a grayscale" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else f"a {img.mode}"
+        raise ValueError(f"{label} is {kind} image; the model takes colour (RGB) images: convert it first "
+                         f"(e.g. Image.open(path).convert('RGB'))")
+    if img.mode == "RGBA":
+        if np.asarray(img)[..., 3].min() < 255:
+            raise ValueError(f"{label} has transparent pixels; flatten it onto a background first")
+        img = img.convert("RGB")
+    return img
+
+
+def load_sources(images, size, factor: int) -> tuple:
+    """Images -> (pixels (B, H, W, 3) in [-1, 1] at size (width, height), their Pictures).
+    Files and PIL images are resized to cover the size and centre-cropped; arrays must
+    already have it."""
+    from .vae import from_pil
+
+    pics, rows = [], []
+    for item in _items(images):
+        pic = _open(item, "image")
+        if pic.array is not None:
+            a = pic.array
+            if a.ndim != 3 or a.shape[-1] != 3 or pic.size != tuple(size):
+                raise ValueError(f"an image given as an array must be (height, width, 3) = "
+                                 f"({size[1]}, {size[0]}, 3) in [-1, 1], got {a.shape}")
+            rows.append(mx.array(a)[None])
+        else:
+            rows.append(from_pil(_colour(pic, "image"), size=tuple(size), factor=factor))
+        pics.append(pic)
+    if not pics:
+        raise ValueError("give at least one image")
+    return mx.concatenate(rows), pics
+
+
+def _binary(pic: Picture, label: str) -> np.ndarray:
+    """A mask picture -> bool (H, W), white = True; ValueError if it is not (nearly) black and white."""
+    if pic.array is not None:  # values in [0, 1] (or bool)
+        a = pic.array[..., 0] if pic.array.ndim == 3 and pic.array.shape[-1] == 1 else pic.array
+    else:
+        img = pic.image
+        if img.mode == "P":
+            img = img.convert("RGB")
+        if img.mode in ("RGBA", "LA"):  # alpha does not mark the region; the colour does
+            img = img.convert(img.mode[:-1])
+        if img.mode == "1":
+            img = img.convert("L")
+        if img.mode not in ("L", "RGB", "I", "I;16", "F"):
+            raise ValueError(f"{label}: a {img.mode} image is not a mask; give a black and white image")
+        a = np.asarray(img, dtype=np.float32)
+        top = {"I": 65535.0, "I;16": 65535.0, "F": 1.0}.get(img.mode, 255.0)
+        a = a / top
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+        raise ValueError(f"{label} must be (height, width) or (height, width, 3), got shape {a.shape}")
+    channels = a if a.ndim == 3 else a[..., None]
+    grey = (channels > MASK_LOW) & (channels < MASK_HIGH)
+    # A pixel black in one channel and white in another is a colour, not a mask value.
+    mixed = (channels >= 0.5).any(-1) != (channels >= 0.5).all(-1)
+    unclear = float((grey.any(-1) | mixed).mean())
+    if unclear > MASK_GREY:
+        raise ValueError(f"{label} is not a mask: {unclear:.0%} of its pixels are neither black nor white "
+                         f"(at most {MASK_GREY:.0%} may be, at blurred edges). A mask is white where the "
+                         f"image may change and black where it must stay")
+    return channels.mean(-1) >= 0.5
+
+
+def load_mask(mask, pics: List[Picture], size, pipe) -> tuple:
+    """The mask for each source -> (bool (B, h, w, 1) on the latent grid: True = may change,
+    notes, the mask's Picture). A token may change if any of its pixels is white. A mask of another size
+    than its image is resized to it first (with a note), then cropped as the image was."""
+    from PIL import Image
+
+    from .vae import from_pil
+
+    pic = _open(mask, "mask")
+    label = f"mask {pic.name}" if pic.name else "mask"
+    white = _binary(pic, label)
+    cfg = pipe.config
+    f, p = cfg.pixels_per_latent, cfg.patch_size
+    t = f * p  # pixels per token side
+    notes, rows = [], []
+    for src in pics:
+        m = Image.fromarray(white.astype(np.uint8) * 255, mode="L")
+        if m.size != src.size:
+            notes.append(f"{label} is {m.size[0]}x{m.size[1]}, its image {src.size[0]}x{src.size[1]}: "
+                         f"resized to the image")
+            m = m.resize(src.size, Image.Resampling.BILINEAR)
+        if src.array is None:  # the image's own resize and centre crop
+            px = np.array(from_pil(m, size=tuple(size), factor=f)[0, ..., 0]) > 0.0
+        else:
+            px = np.asarray(m) >= 128
+        H, W = px.shape
+        tok = px.reshape(H // t, t, W // t, t).any(axis=(1, 3))
+        rows.append(np.repeat(np.repeat(tok, p, axis=0), p, axis=1)[..., None])
+    return mx.array(np.stack(rows)), notes, pic
+
+
+# -- inversion ----------------------------------------------------------------------------
+
+
+def _resolve(pipe, prompts: List[str], B: int, **options) -> GenerateOptions:
+    """GenerateOptions for B images of the prompts (1 or B of them), checked and with
+    the model's defaults, as `generate` would resolve them."""
+    if len(prompts) not in (1, B):
+        raise ValueError(f"{len(prompts)} prompts for {B} images: give one prompt, or one per image")
+    return pipe.resolve_options(GenerateOptions(prompts, num_images=B // len(prompts), **options))
+
+
+def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_prompt: str = "") -> mx.array:
+    """Images or latents -> the noise (B, H, W, C) that `pipe.generate(prompt, latents=noise,
+    guidance=guidance, sampler="sequential", denoise="none")` maps back to them.
+
+    latents: (B, H, W, C) as `generate` returns them; image: file path(s), PIL image(s)
+    or pixels (B, H, W, 3) in [-1, 1], VAE-encoded for STARFlow. One prompt, or one per
+    image. guidance None: the model's default, as in `generate`."""
+    if (image is None) == (latents is None):
+        raise ValueError("give either image= or latents= to invert")
+    prompts = check_prompts(prompt)
+    with pipe._lock:
+        if image is not None:
+            h, w, _ = pipe.latent_shape()
+            f = pipe.config.pixels_per_latent
+            pixels, _ = load_sources(image, (w * f, h * f), f)
+            latents = pipe.encode_images(pixels)
+        x = latents if isinstance(latents, mx.array) else mx.array(latents)
+        if x.ndim != 4:
+            raise ValueError(f"latents must be (batch, height, width, channels), got shape {tuple(x.shape)}")
+        f = pipe.config.pixels_per_latent
+        # the sampler does not matter here: any model inverts (sequential is checked for none)
+        opts = _resolve(pipe, prompts, x.shape[0], guidance=guidance, negative_prompt=negative_prompt, latents=x,
+                        height=x.shape[1] * f, width=x.shape[2] * f, sampler="sequential")
+        return _invert(pipe, opts)
+
+
+def _invert(pipe, opts: GenerateOptions) -> mx.array:
+    """The guided inverse of opts.latents under opts' prompts and guidance."""
+    y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
+    z = flow_invert(pipe.flow, opts.latents, y, opts.guidance)
+    mx.eval(z)
+    return z
+
+
+# -- editing ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _text_encoder_kept(pipe):
+    """Keep the text encoder loaded across the source and target prompts (one load per edit)."""
+    keep = pipe.keep_text_encoder
+    pipe.keep_text_encoder = True
+    try:
+        yield
+    finally:
+        pipe.keep_text_encoder = keep
+        pipe._release_text()
+
+
+def _timed(events: Iterator[Event], timings: dict) -> Iterator[Event]:
+    """Pass the events on, adding the time spent producing each to its stage (not the
+    consumer's time between them)."""
+    t = time.perf_counter()
+    for event in events:
+        timings[event.stage] = timings.get(event.stage, 0.0) + time.perf_counter() - t
+        yield event
+        t = time.perf_counter()
+
+
+def edit_steps(pipe, image, prompt, *, source_prompt="", negative_prompt: str = "",
+               strength: float = DEFAULT_STRENGTH, guidance=None, seed=None, mask=None, num_images: int = 1,
+               sampler=None, denoise: str = "auto", jacobi_block_size: int = 16, jacobi_threshold: float = 1e-3,
+               jacobi_max_iter: int = 32, height=None, width=None, notes: Optional[Callable] = None) -> Iterator[Event]:
+    """The edit as a generator of Events ("encode", "invert", then generate's stages); the
+    last carries the Result. Everything is checked before the first event (images, mask,
+    strength, options); stop iterating to cancel. See `edit`."""
+    s = check_strength(strength)
+    prompts, sources = check_prompts(prompt), check_prompts(source_prompt)
+    opts = GenerateOptions(prompts, negative_prompt=negative_prompt, num_images=num_images, seed=seed,
+                           guidance=guidance, sampler=sampler, jacobi_block_size=jacobi_block_size,
+                           jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, denoise=denoise,
+                           height=height, width=width)
+    opts = pipe.resolve_options(opts)  # checks everything generate checks, fills the model's defaults
+    f = pipe.config.pixels_per_latent
+    pixels, pics = load_sources(image, (opts.width, opts.height), f)
+    B = len(opts.batch_prompts)
+    if len(sources) == len(prompts):  # one per prompt, as the prompts are repeated
+        sources = [p for p in sources for _ in range(opts.num_images)]
+    if len(pics) not in (1, B) or len(sources) not in (1, B):
+        raise ValueError(f"{len(pics)} images and {len(sources)} source prompts for {B} edits "
+                         f"({len(prompts)} prompts x {num_images}): give one of each, or one per edit")
+    sources = sources * B if len(sources) == 1 else sources
+    pipe.check_prompts(sources)
+    keep = None
+    if mask is not None:
+        keep, mask_notes, mpic = load_mask(mask, pics, (opts.width, opts.height), pipe)
+        for note in mask_notes:
+            (notes or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+    if pixels.shape[0] == 1 and B > 1:
+        pixels = mx.repeat(pixels, B, axis=0)
+        pics = pics * B
+    params = {"operation": "variation" if sources == opts.batch_prompts else "edit",
+              "source_prompt": sources[0] if len(set(sources)) == 1 else sources, "strength": s,
+              "source_sha256": pics[0].sha256 if len({p.sha256 for p in pics}) == 1 else [p.sha256 for p in pics]}
+    names = {Path(p.name).name for p in pics if p.name}
+    if names:
+        params["source_file"] = names.pop() if len(names) == 1 else sorted(names)
+    if mask is not None:
+        params["mask_sha256"] = mpic.sha256
+        if mpic.name:
+            params["mask_file"] = Path(mpic.name).name
+    return _edit(pipe, opts, pixels, sources, s, keep, params)
+
+
+def _edit(pipe, opts, pixels, sources, strength, keep, params) -> Iterator[Event]:
+    timings = {}
+    with pipe._lock, _text_encoder_kept(pipe):
+        mx.reset_peak_memory()
+        events = _timed(_edit_stages(pipe, opts, pixels, sources, strength, keep), timings)
+        for event in events:
+            if event.result is not None:
+                r = event.result
+                r.params = {**r.params, **params}
+                r.seeds, r.timings = list(opts.seed), dict(timings)
+                r.peak_memory = max(r.peak_memory, mx.get_peak_memory())
+            yield event
+
+
+def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]:
+    yield Event("encode", 0, 1)
+    x = pipe.encode_images(pixels)
+    yield Event("encode", 1, 1)
+    shape = x.shape[1:]
+    fresh = pipe.noise(opts.seed, shape)
+    if strength < 1.0 or keep is not None:
+        yield Event("invert", 0, 1)
+        z = _invert(pipe, replace(opts, prompts=sources, num_images=1, latents=x))
+        yield Event("invert", 1, 1)
+        noise = blend(z, fresh, strength)
+        if keep is not None:
+            noise = mx.where(keep, noise, z)
+    else:
+        noise = fresh
+    peak = mx.get_peak_memory()
+    run = replace(opts, latents=noise, seed=None)
+    steps = pipe.generate_steps(run)
+    if keep is None:  # the pipeline's own stages to the end
+        for event in steps:
+            if event.result is not None:
+                event.result.peak_memory = max(event.result.peak_memory, peak)
+            yield event
+        return
+    # Masked: stop the pipeline when the sample is finished, paste the kept latents back,
+    # then denoise and decode here (the pipeline has no hook between those stages).
+    try:
+        for event in steps:
+            yield event
+            if event.step is not None and event.step.x is not None:
+                sampled = event.step.x
+                break
+    finally:
+        steps.close()
+    run = pipe.resolve_options(run)
+    out = mx.where(keep, sampled, x)
+    if run.denoise != "none":
+        yield Event("denoise", 0, 1)
+        y = pipe.encode(run.batch_prompts)
+        den = pipe.flow.learned_denoise(out, y) if run.denoise == "learned" else pipe.flow.denoise(out, y)
+        out = mx.where(keep, den, x)  # the kept region stays the source's, exactly
+        mx.eval(out)
+        yield Event("denoise", 1, 1)
+    yield Event("decode", 0, 1)
+    images = pipe.decode(out)
+    params = {"guidance": run.guidance, "sampler": run.sampler, "denoise": run.denoise,
+              "negative_prompt": run.negative_prompt, "model": pipe.info.get("model"),
+              "height": run.height, "width": run.width}
+    if run.jacobi is not None:
+        params.update(jacobi_block_size=run.jacobi_block_size, jacobi_threshold=run.jacobi_threshold,
+                      jacobi_max_iter=run.jacobi_max_iter)
+    result = Result(images=images, latents=out, seeds=[], prompts=list(run.batch_prompts),
+                    peak_memory=max(peak, mx.get_peak_memory()), params=params)
+    yield Event("decode", 1, 1, result=result)
+
+
+def edit(pipe, image, prompt, *, progress: Optional[Callable] = None, **options) -> Result:
+    """Edit image(s) towards prompt by exact inversion; returns generate's Result (images,
+    latents, seeds, params with the edit's own: source_prompt, strength, the source's
+    sha256, the mask's).
+
+    image: file path(s), PIL image(s) (resized to cover the model's size and centre-
+    cropped) or pixels (B, H, W, 3) in [-1, 1]; one image for every prompt, or one each.
+    source_prompt: what the image shows, the prompt it is inverted under ("" by default).
+    strength: 0 keeps the image's own noise, 1 fresh noise from `seed`.
+    mask: a black and white image (path, PIL or (H, W) array), white = may change; the
+    rest of the latents are the source's exactly. A mask of another size is resized to
+    the image's with a note (warnings.warn, or `notes(message)`).
+    Other options as generate's: negative_prompt, guidance, seed, num_images, sampler,
+    jacobi_*, denoise, height, width. progress(stage, done, total) as in generate:
+    returning False cancels (raises Cancelled)."""
+    steps = edit_steps(pipe, image, prompt, **options)
+    for event in steps:
+        if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
+            steps.close()
+            raise Cancelled(event.stage)
+    if progress is not None:
+        progress(event.stage, event.done, event.total)
+    return event.result
+
+
+def variation(pipe, image, prompt, strength: float = DEFAULT_STRENGTH, **options) -> Result:
+    """Image to image under the same prompt: an edit whose source prompt is the prompt."""
+    return edit(pipe, image, prompt, source_prompt=prompt, strength=strength, **options)
+
+
+# -- benchmark ----------------------------------------------------------------------------
+
+
+def invert_stage(flow, latents, y=None, guidance: float = 0.0, repeats: int = 3) -> dict:
+    """Time the guided inversion of latents (B, H, W, C) under y (as sample.invert takes
+    it): one parallel pass per block, no token loop. Returns the seconds of each run,
+    their median, the tokens inverted per run and MLX's peak memory."""
+    mx.eval(latents, y if y is not None else mx.array(0))
+    times = []
+    mx.reset_peak_memory()
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        mx.eval(flow_invert(flow, latents, y, guidance))
+        times.append(time.perf_counter() - t0)
+    h, w = flow.grid(latents)
+    return {"seconds": times, "median": float(np.median(times)), "tokens": latents.shape[0] * h * w,
+            "blocks": len(sampling_order(flow)), "peak_memory": mx.get_peak_memory()}
+
+
+# -- the command line ---------------------------------------------------------------------
+
+STAGES = {"encode": "Encoding image", "invert": "Inverting"}
+
+
+def add_options(p):
+    """The editing options, shared by `edit` and `generate --init-image` (a variation)."""
+    g = p.add_argument_group("editing by exact inversion")
+    g.add_argument("--image", "--init-image", dest="image", metavar="IMAGE", default=None,
+                   help="the image to edit (required for edit; with generate: a variation of it under the "
+                        "prompt): resized to cover the model's size and centre-cropped")
+    g.add_argument("--source-prompt", metavar="P", default=None,
+                   help="what the image shows: it is inverted to its noise under this prompt (default: empty "
+                        "for edit; the prompt itself for generate --init-image)")
+    g.add_argument("--strength", metavar="S", type=float, default=None,
+                   help=f"0 keeps the image's own noise (the closest edit), 1 draws fresh noise from the seed "
+                        f"(ignores the image); blended as sqrt(1 - s^2) z + s e (default: {DEFAULT_STRENGTH})")
+    g.add_argument("--mask", metavar="IMAGE", default=None,
+                   help="black and white image, white where the image may change: the rest is kept exactly "
+                        "(in latent space); resized to the image if its size differs")
+
+
+def wants_edit(args) -> bool:
+    """Whether a `generate` command line asks for an image edit (a variation)."""
+    return any(getattr(args, k, None) is not None for k in ("image", "source_prompt", "strength", "mask"))
+
+
+def parser():
+    from .generate import parser as generate_parser
+
+    p = generate_parser()
+    if "--image" not in p._option_string_actions:
+        add_options(p)
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    p.prog = "mlx-starflow-edit" if name.startswith("mlx-starflow-") else "python -m mlx_starflow.edit"
+    p.description = ("Edit an image with STARFlow on MLX by exact inversion: the image is inverted to its noise "
+                     "under --source-prompt, blended with fresh noise by --strength and sampled under --prompt.")
+    p.set_defaults(output="edit-{seed}.png")
+    return p
+
+
+def run(args, variation: bool = False) -> int:
+    """Edit as the command line asks (parsed by `parser`); the exit status. For
+    `generate --init-image`, variation: the source prompt is the prompt."""
+    from .generate import LOAD_OPTIONS, STAGES as GENERATE_STAGES, Bars, check_writable, output_paths, save
+    from .hub import ModelNotFound
+    from .pipeline import Pipeline, expand_seeds
+
+    def note(message):
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+    bars = Bars(not args.no_progress)
+    try:
+        if args.image is None:
+            raise ValueError("--init-image: give the image to start from" if variation
+                             else "--image: give the image to edit")
+        strength = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength)
+        # Unreadable files and wrong modes fail before the model is loaded.
+        _colour(_open(args.image, "image"), "image")
+        if args.mask is not None:
+            pic = _open(args.mask, "mask")
+            _binary(pic, f"mask {pic.name}")
+        count = len(args.prompt) * args.num_images
+        seeds = expand_seeds(args.seed, count)
+        paths = output_paths(args.output, seeds, count)
+        check_writable(paths, args.overwrite)
+        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
+                                        text_encoder=args.text_encoder, vae=args.vae,
+                                        checkpoint=args.checkpoint, config=args.config,
+                                        text_dtype=args.text_dtype, text_quantize=args.text_quantize,
+                                        vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
+        source = args.source_prompt if args.source_prompt is not None else args.prompt if variation else ""
+        result = edit(pipe, args.image, args.prompt, source_prompt=source, strength=strength, mask=args.mask,
+                      negative_prompt=args.negative_prompt, num_images=args.num_images, seed=seeds,
+                      guidance=args.cfg, sampler=args.sampler, jacobi_block_size=args.jacobi_block_size,
+                      jacobi_threshold=args.jacobi_threshold, jacobi_max_iter=args.jacobi_max_iter,
+                      denoise=args.denoise, height=args.height, width=args.width, progress=bars, notes=note)
+        bars.close()
+        loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
+        save(result, paths, args.metadata, loaded_with)
+    except (KeyboardInterrupt, Cancelled):
+        bars.close()
+        print("interrupted: no image was written", file=sys.stderr)
+        return 130
+    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError) as e:
+        bars.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path, flush=True)
+    if args.verbose:
+        labels = {**GENERATE_STAGES, **STAGES}
+        for stage, sec in result.timings.items():
+            print(f"{labels.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
+        print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .generate import parse_args
+
+    p = parser()
+    try:
+        args = parse_args(p, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

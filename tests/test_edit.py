@@ -1,0 +1,359 @@
+"""Editing by exact inversion (mlx_starflow/edit.py): through the Pipeline API on a tiny
+release in the original formats (T5 text, SD-style VAE) and on the bundled demo model,
+and through `python -m mlx_starflow.edit`."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_starflow import shapes
+from mlx_starflow.edit import blend, invert_stage, load_mask
+from mlx_starflow.generate import read_metadata
+from mlx_starflow.pipeline import Cancelled, Pipeline
+from tiny_release import make_release
+
+
+def rel(a, b):
+    a, b = np.array(a), np.array(b)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def rel_norm(a, b):
+    a, b = np.array(a), np.array(b)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    old = os.environ.get("MLX_STARFLOW_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MLX_STARFLOW_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MLX_STARFLOW_CACHE")
+    else:
+        os.environ["MLX_STARFLOW_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    make_release(root)  # 16x16 images, 8x8x4 latents, a 2x VAE
+    # The random encoder's latents are ~0.1 with SD's 0.18215; scaled to about unit size,
+    # as the real VAE's scaled latents are, so an image's latents are in the flow's range
+    # (far smaller ones are out of this untrained flow's range: x = z s + mu cancels).
+    cfg = root / "vae" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "scaling_factor": 2.0}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(release, cache):
+    return Pipeline.from_pretrained(str(release))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Pipeline.from_pretrained("demo")
+
+
+@pytest.fixture(scope="module")
+def red(demo):
+    """Generated red circles (the demo's own sampling, seed 100...) and their centroids."""
+    r = demo.generate("red circle", num_images=4, seed=100)
+    assert all(shapes.classify(np.asarray(im)) == ("red", "circle") for im in r.images)
+    return r
+
+
+def centroid(image):
+    """Centre of mass (x, y) in pixels of the shape: pixels more than half way from the
+    background colour to the foreground colour the checker finds."""
+    a = np.asarray(image, dtype=np.float32)
+    f = shapes.features(a)
+    axis = f["foreground"] - f["background"]
+    t = np.clip((a - f["background"]) @ axis / float(axis @ axis), 0, 1)
+    t = np.where(t > 0.5, t, 0.0)
+    yy, xx = np.mgrid[0 : a.shape[0], 0 : a.shape[1]] + 0.5
+    return np.array([(t * xx).sum(), (t * yy).sum()]) / t.sum()
+
+
+# -- exact inversion through the Pipeline API ---------------------------------------------
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_generate_inverts_pipe_invert_text_model(pipe, w):
+    x = mx.array(np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32))
+    z = pipe.invert("a red fox", latents=x, guidance=w)
+    assert z.shape == x.shape
+    back = pipe.generate("a red fox", num_images=2, latents=z, guidance=w, sampler="sequential", denoise="none")
+    assert rel(back.latents, x) < 1e-4
+    # and the other way: the noise generate started from comes back
+    again = pipe.invert("a red fox", latents=back.latents, guidance=w)
+    assert rel(again, z) < 1e-4
+
+
+@pytest.mark.parametrize("w", [1.0, 3.6])
+def test_generate_inverts_pipe_invert_demo(demo, red, w):
+    x = red.latents
+    z = demo.invert("red circle", latents=x, guidance=w)
+    back = demo.generate("red circle", num_images=4, latents=z, guidance=w, sampler="sequential", denoise="none")
+    # float32 rounding (cached token steps against one causal pass) grows with guidance
+    # through the four blocks: measured max error 5e-5 of the largest value at w = 1 (the
+    # demo's default), 1.6e-4 at w = 2..3.6; as a relative norm 4e-6 and 8e-6.
+    assert rel_norm(back.latents, x) < 1e-4
+    assert rel(back.latents, x) < (1e-4 if w == 1.0 else 3e-4)
+
+
+def test_default_guidance_is_generates(demo, red):
+    # guidance None means the model's own default on both sides (the demo's is 1.0)
+    z = demo.invert("red circle", latents=red.latents[:1])
+    np.testing.assert_allclose(np.array(z), np.array(demo.invert("red circle", latents=red.latents[:1], guidance=1.0)))
+
+
+def test_tarflow_pipeline_round_trip():
+    from test_flow import tiny_tarflow
+
+    pipe = Pipeline(tiny_tarflow())  # class ids as prompts, linear guidance
+    x = mx.array(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 8, 8, 3)).astype(np.float32))
+    z = pipe.invert(["2", "0"], latents=x, guidance=1.5)
+    back = pipe.generate(["2", "0"], latents=z, guidance=1.5, sampler="sequential", denoise="none")
+    assert rel(back.latents, x) < 1e-4
+
+
+def test_invert_an_image_is_inverting_its_encoding(pipe):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    z = pipe.invert("a cat", image=img, guidance=1.0)
+    from mlx_starflow.vae import from_pil
+
+    x = pipe.encode_images(from_pil(img, size=16, factor=2))
+    np.testing.assert_allclose(np.array(z), np.array(pipe.invert("a cat", latents=x, guidance=1.0)), atol=1e-6)
+    with pytest.raises(ValueError, match="either image= or latents="):
+        pipe.invert("a cat")
+
+
+def test_jacobi_round_trip_error_follows_its_threshold(pipe):
+    # Jacobi stops a chunk when an iteration changes it by less than the threshold (a
+    # relative mean square), so the round trip is off by about sqrt(threshold) in relative
+    # norm (measured: 0.28, 0.034, 2.6e-4 at 1e-2, 1e-4, 1e-8). A chunk of n tokens is
+    # exact after n iterations, so threshold 0 with max_iter = block size is exact.
+    x = mx.array(np.random.default_rng(5).normal(size=(1, 8, 8, 4)).astype(np.float32))
+    z = pipe.invert("a dog", latents=x, guidance=2.0)
+    errors = []
+    for t, iters in ((1e-2, 64), (1e-4, 64), (1e-8, 64), (0.0, 16)):
+        out = pipe.generate("a dog", latents=z, guidance=2.0, sampler="jacobi", jacobi_block_size=16,
+                            jacobi_threshold=t, jacobi_max_iter=iters, denoise="none").latents
+        errors.append(rel_norm(out, x))
+        assert errors[-1] < max(5 * t**0.5, 1e-4), (t, errors)
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+
+
+# -- strength and masks ------------------------------------------------------------------
+
+
+def test_blend_is_variance_preserving():
+    z, e = mx.random.normal((200000,), key=mx.random.key(0)), mx.random.normal((200000,), key=mx.random.key(1))
+    for s in (0.0, 0.3, 0.7, 1.0):
+        assert abs(float(mx.std(blend(z, e, s))) - 1.0) < 0.01
+    assert blend(z, e, 0.0) is z and blend(z, e, 1.0) is e
+
+
+def test_strength_zero_with_the_source_prompt_reproduces_the_latents(pipe, demo, red):
+    # STARFlow: the image's latents come back (compared in latent space, no denoising)
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    r = pipe.edit(img, "a cat", source_prompt="a cat", strength=0.0, guidance=2.0, sampler="sequential",
+                  denoise="none")
+    from mlx_starflow.vae import from_pil
+
+    assert rel(r.latents, pipe.encode_images(from_pil(img, size=16, factor=2))) < 1e-4
+    # pixel model: the pixels themselves
+    pixels = red.latents
+    r = demo.edit(pixels, "red circle", source_prompt="red circle", strength=0.0, num_images=4, denoise="none")
+    assert rel(r.latents, pixels) < 1e-4
+
+
+def test_strength_one_ignores_the_image(demo, red):
+    a = demo.edit(red.images[0], "blue circle", source_prompt="red circle", strength=1.0, seed=9, denoise="none")
+    b = demo.edit(red.images[1], "blue circle", strength=1.0, seed=9, denoise="none")
+    fresh = demo.generate("blue circle", seed=9, denoise="none")
+    np.testing.assert_array_equal(np.array(a.latents), np.array(fresh.latents))
+    np.testing.assert_array_equal(np.array(b.latents), np.array(fresh.latents))
+    assert a.seeds == [9] and a.params["strength"] == 1.0
+
+
+@pytest.mark.parametrize("denoise", ["none", "score"])
+def test_masked_edit_keeps_the_rest_bit_identical(demo, red, denoise):
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 4:28] = True  # token rows 2..4 (4x4 pixel tokens)
+    from mlx_starflow.vae import from_pil
+
+    src = from_pil(red.images[0])  # the pixel model's latents are the image's pixels
+    r = demo.edit(red.images[0], "blue circle", source_prompt="red circle", strength=0.8, seed=1, mask=mask,
+                  denoise=denoise)
+    out, x = np.array(r.latents[0]), np.array(src[0])
+    np.testing.assert_array_equal(out[~mask], x[~mask])
+    assert np.abs(out[mask] - x[mask]).max() > 0.1
+    assert r.params["mask_sha256"] == hashlib.sha256(mask.astype(np.float32).tobytes()).hexdigest()
+
+
+def test_an_all_white_mask_is_no_mask(demo, red):
+    # the masked path finishes the stages itself: it must agree with the pipeline's own
+    kw = dict(source_prompt="red circle", strength=0.5, seed=4)
+    a = demo.edit(red.images[0], "green circle", **kw)
+    b = demo.edit(red.images[0], "green circle", mask=np.ones((32, 32)), **kw)
+    np.testing.assert_allclose(np.array(b.latents), np.array(a.latents), atol=1e-6)
+    assert {k: v for k, v in b.params.items() if k != "mask_sha256"} == a.params
+    assert b.seeds == a.seeds == [4] and set(b.timings) == set(a.timings)
+
+
+def test_mask_tokens_resizing_and_rules(demo, red):
+    pics = [type("P", (), {"size": (32, 32), "array": None})()]
+    m = np.zeros((32, 32), np.uint8)
+    m[5, 9] = 255  # one white pixel: its whole 4x4 token may change
+    keep, notes, _ = load_mask(Image.fromarray(m), pics, (32, 32), demo)
+    k = np.array(keep[0, ..., 0])
+    assert k.sum() == 16 and k[4:8, 8:12].all() and notes == []
+    big = np.zeros((64, 64), np.uint8)
+    big[:32] = 255  # top half, at twice the size
+    keep, notes, _ = load_mask(Image.fromarray(big), pics, (32, 32), demo)
+    assert "64x64" in notes[0] and "resized" in notes[0]
+    k = np.array(keep[0, ..., 0])
+    assert k[:16].all() and not k[16:].any()
+    # an RGB black and white mask with soft edges is a mask
+    soft = np.zeros((32, 32, 3), np.uint8)
+    soft[:, 16:] = 255
+    soft[:, 15] = 128
+    assert np.array(load_mask(Image.fromarray(soft), pics, (32, 32), demo)[0][0, :, 12:, 0]).all()
+
+
+# -- what the demo makes of it --------------------------------------------------------------
+
+
+def test_red_circle_becomes_blue_in_place(demo, red):
+    r = demo.edit(red.images, "blue circle", source_prompt="red circle", strength=0.3, seed=7, num_images=4)
+    shifts = []
+    for before, after in zip(red.images, r.images):
+        assert shapes.classify(np.asarray(after)) == ("blue", "circle")
+        shifts.append(np.linalg.norm(centroid(after) - centroid(before)))
+    assert np.median(shifts) < 2.0 and max(shifts) < 4.0, shifts
+
+
+# -- progress, cancelling, bad input ---------------------------------------------------------
+
+
+def test_progress_and_cancel(demo, red):
+    seen = []
+    demo.edit(red.images[0], "blue circle", seed=1, progress=lambda s, d, t: seen.append(s))
+    assert list(dict.fromkeys(seen)) == ["encode", "invert", "text", "deep", "shallow", "denoise", "decode"]
+    with pytest.raises(Cancelled):
+        demo.edit(red.images[0], "blue circle", seed=1, mask=np.ones((32, 32)),
+                  progress=lambda s, d, t: s != "deep")
+    assert demo.generate("red circle", seed=1).images  # still usable
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strength=1.5), r"strength must be a number in \[0, 1\]"),
+    (dict(strength=-0.1), r"strength must be a number in \[0, 1\]"),
+    (dict(strength=float("nan")), r"strength must be a number in \[0, 1\]"),
+    (dict(strength="a lot"), r"strength must be a number in \[0, 1\]"),
+    (dict(mask=np.random.default_rng(0).uniform(size=(32, 32))), "not a mask: .* neither black nor white"),
+    (dict(prompt="purple circle"), "unknown prompt"),
+    (dict(source_prompt="purple circle"), "unknown prompt"),
+    (dict(image=Image.new("L", (32, 32))), "grayscale image"),
+    (dict(image=Image.new("RGBA", (32, 32))), "transparent pixels"),
+    (dict(image=np.zeros((16, 16, 3), np.float32)), "must be \\(height, width, 3\\) = \\(32, 32, 3\\)"),
+    (dict(image=3), "must be a file path, a PIL image or an array"),
+])
+def test_bad_input_fails_before_work(demo, red, kwargs, match):
+    kw = {"image": red.images[0], "prompt": "blue circle", **kwargs}
+    calls = []
+    with pytest.raises(ValueError, match=match):
+        demo.edit(kw.pop("image"), kw.pop("prompt"), progress=lambda *a: calls.append(a), **kw)
+    assert calls == []
+
+
+def test_invert_stage_times_the_inversion(demo, red):
+    y = demo.conditioning(["red circle"] * 4, "", True)[0]
+    out = invert_stage(demo.flow, red.latents, y, 1.0, repeats=2)
+    assert len(out["seconds"]) == 2 and out["tokens"] == 4 * 64 and out["blocks"] == 4 and out["median"] > 0
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "mlx_starflow.edit", *args, "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def red_png(red, tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "red.png"
+    red.images[0].save(path)
+    return path
+
+
+def test_command_line_edit(red_png, tmp_path):
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[8:56, 8:56] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "blue-{seed}.png"
+    r = cli("--model", "demo", "--image", str(red_png), "--source-prompt", "red circle", "--prompt", "blue circle",
+            "--strength", "0.3", "--seed", "5", "--mask", str(mask), "--output", str(out), "--verbose")
+    assert r.returncode == 0, r.stderr
+    written = tmp_path / "blue-5.png"
+    assert r.stdout.split() == [str(written)]
+    assert "note: mask" in r.stderr and "64x64" in r.stderr and "resized" in r.stderr
+    meta = read_metadata(written)
+    assert meta["source_sha256"] == hashlib.sha256(red_png.read_bytes()).hexdigest()
+    assert meta["source_file"] == "red.png" and meta["mask_file"] == "mask.png"
+    assert meta["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert meta["prompt"] == "blue circle" and meta["source_prompt"] == "red circle"
+    assert meta["strength"] == 0.3 and meta["seed"] == 5 and meta["operation"] == "edit"
+    assert meta["guidance"] == 1.0 and meta["model"] == "demo"
+    assert shapes.classify(np.asarray(Image.open(written).convert("RGB")))[0] == "blue"
+
+
+@pytest.mark.parametrize("make,args,match", [
+    (None, ["--strength", "1.5"], "strength must be a number in [0, 1]"),
+    (None, ["--strength", "nan"], "strength must be a number in [0, 1]"),
+    ("gray", [], "grayscale image"),
+    ("junk", [], "not an image this program can read"),
+    ("gif", [], "animated image of 2 frames"),
+    ("missing", [], "no such file"),
+    ("noise_mask", [], "is not a mask"),
+])
+def test_command_line_mistakes(red_png, tmp_path, make, args, match):
+    image, extra = red_png, []
+    if make == "gray":
+        image = tmp_path / "gray.png"
+        Image.new("L", (32, 32), 128).save(image)
+    elif make == "junk":
+        image = tmp_path / "junk.png"
+        image.write_bytes(b"not a png at all")
+    elif make == "gif":
+        image = tmp_path / "anim.gif"
+        frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+        frames[0].save(image, save_all=True, append_images=frames[1:])
+    elif make == "missing":
+        image = tmp_path / "nothing.png"
+    elif make == "noise_mask":
+        noise = tmp_path / "noise.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(noise)
+        extra = ["--mask", str(noise)]
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("--model", "demo", "--image", str(image), "--prompt", "blue circle", "--output",
+            str(out / "x.png"), *extra, *args)
+    assert r.returncode == 1 and match in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert not list(out.iterdir())
