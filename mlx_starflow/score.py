@@ -533,7 +533,6 @@ def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
 def main(argv=None) -> int:
     from .generate import Bars, _atomic_write, check_writable
     from .hub import ModelNotFound
-
     from .pipeline import Cancelled, Pipeline
 
     args = parser().parse_args(argv)
@@ -550,7 +549,9 @@ def main(argv=None) -> int:
                              "model)")
         out = Path(args.json) if args.json else None
         if out is not None:
-            check_writable([out], args.overwrite)
+            if out.exists() and not args.overwrite:
+                raise ValueError(f"{out} already exists; choose another --json file or pass --overwrite")
+            check_writable([out], True)  # its folder exists and is writable
         for path in args.image:  # bad files fail before the model loads
             open_image(path, path)
         pipe = Pipeline.from_pretrained(**{k: getattr(args, k) for k in LOAD_ARGS})

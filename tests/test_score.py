@@ -345,6 +345,18 @@ def test_command_line_existing_json_is_kept(bad_files, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and out.read_text() == "{}"
 
 
+def test_command_line_says_what_it_resized(bad_files, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    assert main(["--model", "demo", "--image", str(bad_files / "big.png"), "--prompt", "red square", "",
+                 "--noise-samples", "1", "--seed", "4", "--json", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"{bad_files / 'big.png'} (64x48, resized and centre-cropped to 32x32)" in text
+    assert "Gaussian noise at the training noise_std 0.1, 1 draw (seed 4)" in text
+    r = json.loads(out.read_text())
+    assert r["images"][0]["resized"] and r["images"][0]["size"] == [64, 48] and r["prompts"] == ["red square", ""]
+    assert r["seed"] == 4 and r["samples"] == 1 and len(r["images"][0]["bits_per_dim"]) == 2
+
+
 def test_zero_shot_classification_of_the_demo_shapes(tmp_path):
     """The shipped demo model names the class of images drawn by the procedural
     generator (not by the model) for >= 90% of 120 (10 per class), through the
