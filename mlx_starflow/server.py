@@ -621,8 +621,7 @@ class Handler(BaseHTTPRequestHandler):
                 "owned_by": "mlx-starflow",
                 # ours: what the page offers
                 "sizes": model_sizes(pipe), "prompts": pipe.classes.labels if pipe.classes is not None else None,
-                "guidance": opts.guidance, "sampler": opts.sampler, "max_images": self.server.max_images,
-                "edits": self.server.can_edit}
+                "guidance": opts.guidance, "sampler": opts.sampler, "max_images": self.server.max_images}
 
     def _models(self, path):
         self._check_key()
@@ -667,8 +666,6 @@ class Handler(BaseHTTPRequestHandler):
         self._run(Job(lambda: pipe.generate_steps(opts), output, self.connection))
 
     def _edits(self, path):
-        if not self.server.can_edit:
-            raise ApiError(404, "image edits are not available in this version", code="not_found")
         body = self._read_body(MAX_UPLOAD)
         self._check_origin()
         self._check_key()
@@ -894,7 +891,6 @@ class Server(ThreadingHTTPServer):
         self.loopback = _is_loopback(host)
         self.created = int(time.time())
         self.page = resources.files("mlx_starflow").joinpath("web/index.html").read_bytes()
-        self.can_edit = _has_edit()
         self.files = Files()
         self.pipe = self.worker = self._thread = None
         if pipe is not None:
@@ -931,14 +927,6 @@ def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
         return None
     return (f"listening on {host} with no authentication: anyone who can reach this machine can use the model. "
             "Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key.")
-
-
-def _has_edit() -> bool:
-    try:
-        from . import edit  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(edit, "edit_steps")
 
 
 def parser():

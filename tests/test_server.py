@@ -436,7 +436,6 @@ def png_file(array) -> bytes:
 
 
 def test_edits_with_the_openai_client_keep_what_the_mask_keeps(server):
-    pytest.importorskip("mlx_starflow.edit", reason="image edits arrive with mlx_starflow/edit.py")
     import numpy as np
 
     from mlx_starflow.shapes import draw, prompt_to_class
