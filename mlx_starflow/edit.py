@@ -17,8 +17,8 @@ latent space. A variation is an edit whose prompt is the source prompt.
 """
 
 import hashlib
-import io
 import math
+import os
 import sys
 import time
 import warnings
@@ -40,7 +40,6 @@ DEFAULT_STRENGTH = 0.5
 # edges, so this share of its pixels may be grey (between MASK_LOW and MASK_HIGH).
 MASK_GREY = 0.05
 MASK_LOW, MASK_HIGH = 0.2, 0.8
-COLOUR_MODES = ("RGB", "RGBA", "P")  # P (a palette) is converted to RGB
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -67,151 +66,122 @@ def blend(z, noise, strength: float):
     return math.sqrt(1.0 - s * s) * z + s * noise
 
 
+def _sha256(item) -> str:
+    """A file's sha256 (as `sha256sum` prints it); for an image in memory, of its pixel bytes."""
+    if isinstance(item, (str, os.PathLike)):
+        return hashlib.sha256(Path(item).read_bytes()).hexdigest()
+    a = np.array(item) if isinstance(item, mx.array) else np.asarray(item)
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def _file_name(item) -> Optional[str]:
+    return Path(item).name if isinstance(item, (str, os.PathLike)) else None
+
+
 @dataclass
-class Picture:
-    """One image as given: PIL image (None for an array), its sha256, where it came from, its size."""
+class Sources:
+    """The images to edit: pixels (B, H, W, 3) in [-1, 1] at the model's size, and per
+    image its size as given (width, height), sha256 and file name (None in memory)."""
 
-    image: object
-    sha256: str
-    name: Optional[str]
-    size: tuple  # (width, height)
-    array: Optional[np.ndarray] = None  # an image given as pixels in [-1, 1] (H, W, C)
+    pixels: mx.array
+    sizes: List[tuple]
+    sha256: List[str]
+    names: List[Optional[str]]
+
+    def params(self) -> dict:
+        """What the PNG metadata records of them: one value, or a list when they differ."""
+        def one(values):
+            return values[0] if len(set(values)) == 1 else values
+
+        out = {"source_sha256": one(self.sha256)}
+        if any(self.names):
+            out["source_file"] = one(self.names)
+        return out
 
 
-def _open(item, what: str) -> Picture:
-    """A path, PIL image or array -> Picture; ValueError naming a missing, unreadable or animated file."""
+def load_sources(images, size) -> Sources:
+    """Paths, PIL images or uint8 arrays (see score.load_images: resized to cover `size`
+    (width, height) and centre-cropped; missing, unreadable, animated, grayscale or smaller
+    images are refused with the reason)."""
+    from .score import _items, load_images
+
+    items = _items(images)
+    pixels, sizes = load_images(items, tuple(size))
+    return Sources(pixels, sizes, [_sha256(i) for i in items], [_file_name(i) for i in items])
+
+
+def _read_mask(mask) -> tuple:
+    """A mask (path, PIL image, or (H, W) array of 0..1 or bool) -> (values (H, W, C) in
+    [0, 1], label for messages)."""
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(item, (str, Path)):
-        path = Path(item)
-        if not path.is_file():
-            raise ValueError(f"{what} {path}: no such file")
-        data = path.read_bytes()
+    label = f"mask {mask}" if isinstance(mask, (str, os.PathLike)) else "mask"
+    if isinstance(mask, (mx.array, np.ndarray)):
+        a = np.array(mask, dtype=np.float32)
+        return (a if a.ndim == 3 else a[..., None]), label
+    if isinstance(mask, (str, os.PathLike)):
+        if not Path(mask).is_file():
+            raise ValueError(f"{label}: no such file")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(mask)
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{what} {path}: not an image this program can read ({e})") from None
-        if getattr(img, "n_frames", 1) > 1:
-            raise ValueError(f"{what} {path}: an animated image of {img.n_frames} frames; give a single still image")
-        return Picture(img, hashlib.sha256(data).hexdigest(), str(path), img.size)
-    if isinstance(item, Image.Image):
-        if getattr(item, "n_frames", 1) > 1:
-            raise ValueError(f"{what}: an animated image of {item.n_frames} frames; give a single still image")
-        pixels = np.asarray(item)
-        return Picture(item, hashlib.sha256(pixels.tobytes()).hexdigest(), None, item.size)
-    if isinstance(item, (mx.array, np.ndarray)):
-        a = np.array(item.astype(mx.float32) if isinstance(item, mx.array) else item, dtype=np.float32)
-        return Picture(None, hashlib.sha256(a.tobytes()).hexdigest(), None, (a.shape[1], a.shape[0]), a)
-    raise ValueError(f"{what} must be a file path, a PIL image or an array, not {type(item).__name__}")
-
-
-def _items(images) -> list:
-    if isinstance(images, (mx.array, np.ndarray)) and images.ndim == 4:
-        return [images[i] for i in range(images.shape[0])]
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-def _colour(pic: Picture, what: str):
-    """The picture as an RGB PIL image, or a ValueError for other modes."""
-    img = pic.image
-    label = f"{what} {pic.name}" if pic.name else what
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode not in COLOUR_MODES:
-        kind = "a grayscale" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else f"a {img.mode}"
-        raise ValueError(f"{label} is {kind} image; the model takes colour (RGB) images: convert it first "
-                         f"(e.g. Image.open(path).convert('RGB'))")
-    if img.mode == "RGBA":
-        if np.asarray(img)[..., 3].min() < 255:
-            raise ValueError(f"{label} has transparent pixels; flatten it onto a background first")
-        img = img.convert("RGB")
-    return img
-
-
-def load_sources(images, size, factor: int) -> tuple:
-    """Images -> (pixels (B, H, W, 3) in [-1, 1] at size (width, height), their Pictures).
-    Files and PIL images are resized to cover the size and centre-cropped; arrays must
-    already have it."""
-    from .vae import from_pil
-
-    pics, rows = [], []
-    for item in _items(images):
-        pic = _open(item, "image")
-        if pic.array is not None:
-            a = pic.array
-            if a.ndim != 3 or a.shape[-1] != 3 or pic.size != tuple(size):
-                raise ValueError(f"an image given as an array must be (height, width, 3) = "
-                                 f"({size[1]}, {size[0]}, 3) in [-1, 1], got {a.shape}")
-            rows.append(mx.array(a)[None])
-        else:
-            rows.append(from_pil(_colour(pic, "image"), size=tuple(size), factor=factor))
-        pics.append(pic)
-    if not pics:
-        raise ValueError("give at least one image")
-    return mx.concatenate(rows), pics
-
-
-def _binary(pic: Picture, label: str) -> np.ndarray:
-    """A mask picture -> bool (H, W), white = True; ValueError if it is not (nearly) black and white."""
-    if pic.array is not None:  # values in [0, 1] (or bool)
-        a = pic.array[..., 0] if pic.array.ndim == 3 and pic.array.shape[-1] == 1 else pic.array
+            raise ValueError(f"cannot read {label} as an image ({e}); give a black and white PNG") from None
+    elif isinstance(mask, Image.Image):
+        img = mask
     else:
-        img = pic.image
-        if img.mode == "P":
-            img = img.convert("RGB")
-        if img.mode in ("RGBA", "LA"):  # alpha does not mark the region; the colour does
-            img = img.convert(img.mode[:-1])
-        if img.mode == "1":
-            img = img.convert("L")
-        if img.mode not in ("L", "RGB", "I", "I;16", "F"):
-            raise ValueError(f"{label}: a {img.mode} image is not a mask; give a black and white image")
-        a = np.asarray(img, dtype=np.float32)
-        top = {"I": 65535.0, "I;16": 65535.0, "F": 1.0}.get(img.mode, 255.0)
-        a = a / top
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+        raise ValueError(f"mask must be a path, a PIL image or an (height, width) array, not {type(mask).__name__}")
+    if getattr(img, "n_frames", 1) > 1:
+        raise ValueError(f"{label} is animated ({img.n_frames} frames); give a single black and white image")
+    if img.mode in ("P", "1", "RGBA", "LA", "PA", "La", "RGBa"):  # alpha does not mark the region; the colour does
+        img = img.convert("RGB" if img.mode in ("P", "RGBA", "PA", "RGBa") else "L")
+    top = {"L": 255.0, "RGB": 255.0, "I": 65535.0, "I;16": 65535.0, "F": 1.0}.get(img.mode)
+    if top is None:
+        raise ValueError(f"{label} is a {img.mode} image, not a mask; give a black and white image")
+    a = np.asarray(img, dtype=np.float32) / top
+    return (a if a.ndim == 3 else a[..., None]), label
+
+
+def mask_values(mask) -> tuple:
+    """A mask -> (bool (H, W), white = True (may change); its label for messages). It must be (nearly) black and
+    white: at most MASK_GREY of its pixels may be grey (between MASK_LOW and MASK_HIGH)
+    or coloured (black in one channel, white in another), else ValueError."""
+    a, label = _read_mask(mask)
+    if a.ndim != 3 or a.shape[-1] not in (1, 3):
         raise ValueError(f"{label} must be (height, width) or (height, width, 3), got shape {a.shape}")
-    channels = a if a.ndim == 3 else a[..., None]
-    grey = (channels > MASK_LOW) & (channels < MASK_HIGH)
-    # A pixel black in one channel and white in another is a colour, not a mask value.
-    mixed = (channels >= 0.5).any(-1) != (channels >= 0.5).all(-1)
-    unclear = float((grey.any(-1) | mixed).mean())
+    grey = ((a > MASK_LOW) & (a < MASK_HIGH)).any(-1)
+    mixed = (a >= 0.5).any(-1) != (a >= 0.5).all(-1)
+    unclear = float((grey | mixed).mean())
     if unclear > MASK_GREY:
         raise ValueError(f"{label} is not a mask: {unclear:.0%} of its pixels are neither black nor white "
                          f"(at most {MASK_GREY:.0%} may be, at blurred edges). A mask is white where the "
                          f"image may change and black where it must stay")
-    return channels.mean(-1) >= 0.5
+    return a.mean(-1) >= 0.5, label
 
 
-def load_mask(mask, pics: List[Picture], size, pipe) -> tuple:
-    """The mask for each source -> (bool (B, h, w, 1) on the latent grid: True = may change,
-    notes, the mask's Picture). A token may change if any of its pixels is white. A mask of another size
-    than its image is resized to it first (with a note), then cropped as the image was."""
+def load_mask(mask, sizes, size, pipe) -> tuple:
+    """The mask for each source image (its size as given, (width, height)) -> (bool
+    (B, h, w, 1) on the latent grid, True = may change; notes). A mask of another size
+    than its image is resized to it (with a note), then resized and cropped as the image
+    was; a token may change if any of its pixels is white."""
     from PIL import Image
 
     from .vae import from_pil
 
-    pic = _open(mask, "mask")
-    label = f"mask {pic.name}" if pic.name else "mask"
-    white = _binary(pic, label)
+    white, label = mask_values(mask)
     cfg = pipe.config
-    f, p = cfg.pixels_per_latent, cfg.patch_size
-    t = f * p  # pixels per token side
+    p, t = cfg.patch_size, cfg.pixels_per_latent * cfg.patch_size  # t: pixels per token side
     notes, rows = [], []
-    for src in pics:
+    for w, h in sizes:
         m = Image.fromarray(white.astype(np.uint8) * 255, mode="L")
-        if m.size != src.size:
-            notes.append(f"{label} is {m.size[0]}x{m.size[1]}, its image {src.size[0]}x{src.size[1]}: "
-                         f"resized to the image")
-            m = m.resize(src.size, Image.Resampling.BILINEAR)
-        if src.array is None:  # the image's own resize and centre crop
-            px = np.array(from_pil(m, size=tuple(size), factor=f)[0, ..., 0]) > 0.0
-        else:
-            px = np.asarray(m) >= 128
+        if m.size != (w, h):
+            notes.append(f"{label} is {m.size[0]}x{m.size[1]}, its image {w}x{h}: resized to the image")
+            m = m.resize((w, h), Image.Resampling.BILINEAR)
+        px = np.array(from_pil(m, size=tuple(size), factor=1)[0, ..., 0]) > 0.0
         H, W = px.shape
         tok = px.reshape(H // t, t, W // t, t).any(axis=(1, 3))
         rows.append(np.repeat(np.repeat(tok, p, axis=0), p, axis=1)[..., None])
-    return mx.array(np.stack(rows)), notes, pic
+    return mx.array(np.stack(rows)), notes
 
 
 # -- inversion ----------------------------------------------------------------------------
@@ -239,8 +209,7 @@ def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_pr
         if image is not None:
             h, w, _ = pipe.latent_shape()
             f = pipe.config.pixels_per_latent
-            pixels, _ = load_sources(image, (w * f, h * f), f)
-            latents = pipe.encode_images(pixels)
+            latents = pipe.encode_images(load_sources(image, (w * f, h * f)).pixels)
         x = latents if isinstance(latents, mx.array) else mx.array(latents)
         if x.ndim != 4:
             raise ValueError(f"latents must be (batch, height, width, channels), got shape {tuple(x.shape)}")
@@ -298,34 +267,26 @@ def edit_steps(pipe, image, prompt, *, source_prompt="", negative_prompt: str = 
                            jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, denoise=denoise,
                            height=height, width=width)
     opts = pipe.resolve_options(opts)  # checks everything generate checks, fills the model's defaults
-    f = pipe.config.pixels_per_latent
-    pixels, pics = load_sources(image, (opts.width, opts.height), f)
+    src = load_sources(image, (opts.width, opts.height))
     B = len(opts.batch_prompts)
     if len(sources) == len(prompts):  # one per prompt, as the prompts are repeated
         sources = [p for p in sources for _ in range(opts.num_images)]
-    if len(pics) not in (1, B) or len(sources) not in (1, B):
-        raise ValueError(f"{len(pics)} images and {len(sources)} source prompts for {B} edits "
+    if len(src.sizes) not in (1, B) or len(sources) not in (1, B):
+        raise ValueError(f"{len(src.sizes)} images and {len(sources)} source prompts for {B} edits "
                          f"({len(prompts)} prompts x {num_images}): give one of each, or one per edit")
     sources = sources * B if len(sources) == 1 else sources
     pipe.check_prompts(sources)
+    params = {"operation": "variation" if sources == opts.batch_prompts else "edit",
+              "source_prompt": sources[0] if len(set(sources)) == 1 else sources, "strength": s, **src.params()}
     keep = None
     if mask is not None:
-        keep, mask_notes, mpic = load_mask(mask, pics, (opts.width, opts.height), pipe)
+        keep, mask_notes = load_mask(mask, src.sizes, (opts.width, opts.height), pipe)
         for note in mask_notes:
             (notes or (lambda m: warnings.warn(m, stacklevel=3)))(note)
-    if pixels.shape[0] == 1 and B > 1:
-        pixels = mx.repeat(pixels, B, axis=0)
-        pics = pics * B
-    params = {"operation": "variation" if sources == opts.batch_prompts else "edit",
-              "source_prompt": sources[0] if len(set(sources)) == 1 else sources, "strength": s,
-              "source_sha256": pics[0].sha256 if len({p.sha256 for p in pics}) == 1 else [p.sha256 for p in pics]}
-    names = {Path(p.name).name for p in pics if p.name}
-    if names:
-        params["source_file"] = names.pop() if len(names) == 1 else sorted(names)
-    if mask is not None:
-        params["mask_sha256"] = mpic.sha256
-        if mpic.name:
-            params["mask_file"] = Path(mpic.name).name
+        params["mask_sha256"] = _sha256(mask)
+        if _file_name(mask):
+            params["mask_file"] = _file_name(mask)
+    pixels = src.pixels if src.pixels.shape[0] == B else mx.repeat(src.pixels, B, axis=0)
     return _edit(pipe, opts, pixels, sources, s, keep, params)
 
 
@@ -495,6 +456,7 @@ def run(args, variation: bool = False) -> int:
     from .generate import LOAD_OPTIONS, STAGES as GENERATE_STAGES, Bars, check_writable, output_paths, save
     from .hub import ModelNotFound
     from .pipeline import Pipeline, expand_seeds
+    from .score import open_image
 
     def note(message):
         print(f"note: {message}", file=sys.stderr, flush=True)
@@ -505,11 +467,10 @@ def run(args, variation: bool = False) -> int:
             raise ValueError("--init-image: give the image to start from" if variation
                              else "--image: give the image to edit")
         strength = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength)
-        # Unreadable files and wrong modes fail before the model is loaded.
-        _colour(_open(args.image, "image"), "image")
+        # Unreadable files, wrong modes and masks that are not masks fail before the model is loaded.
+        open_image(args.image)
         if args.mask is not None:
-            pic = _open(args.mask, "mask")
-            _binary(pic, f"mask {pic.name}")
+            mask_values(args.mask)
         count = len(args.prompt) * args.num_images
         seeds = expand_seeds(args.seed, count)
         paths = output_paths(args.output, seeds, count)
