@@ -181,6 +181,8 @@ def test_latents_scored_through_the_vae(latent_pipe):
     np.testing.assert_allclose(n.bits_per_dim[:, 0], ref, rtol=1e-5)
     with pytest.raises(ValueError, match="dequantization is for pixel models"):
         pipe.score(images, "a cat", dequant_samples=2)
+    with pytest.raises(ValueError, match='"all" means every class of a class-conditional model'):
+        pipe.score(images, "all")
 
 
 class _spy:
