@@ -299,6 +299,19 @@ def test_tarflow_prompts(tarflow):
     assert r.prompts == [str(i) for i in range(tarflow.classes.num_classes)]
 
 
+def test_unconditional_model_scores_the_empty_prompt():
+    from test_flow import tiny_tarflow
+
+    pipe = Pipeline(tiny_tarflow(num_classes=0))
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    noise = np.random.default_rng(1).random((2, 8, 8, 3))
+    r = pipe.score(images, "", dequant_noise=noise)
+    x = mx.array(((images + noise) / 256.0) * 2 - 1, dtype=mx.float32)
+    np.testing.assert_allclose(r.bits_per_dim[:, 0], reference_bpd(pipe.flow, x, None, 128), rtol=1e-5)
+    with pytest.raises(ValueError, match='this model is unconditional: its only prompt is ""'):
+        pipe.score(images, "a cat")
+
+
 # -- batches, progress, cancelling -----------------------------------------------------------
 
 
