@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import rand, randomize, tiny_flow
+from helpers import rand, tiny_flow
 from mlx_starflow import demo, shapes
 from mlx_starflow.machine import openblas_path
 from mlx_starflow.pipeline import Cancelled, Pipeline
