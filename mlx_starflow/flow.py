@@ -316,6 +316,12 @@ class Denoiser(nn.Module):
         return self.proj_out(h).astype(mx.float32)
 
 
+def log_normal(z):
+    """log N(z; 0, I) per sample, summed over every axis but the first."""
+    D = math.prod(z.shape[1:])
+    return -0.5 * mx.sum(mx.square(z).reshape(z.shape[0], -1), axis=1) - 0.5 * D * math.log(2 * math.pi)
+
+
 class Flow(nn.Module):
     """A STARFlow or TarFlow model."""
 
@@ -389,27 +395,34 @@ class Flow(nn.Module):
         """Data -> noise. x (B, H, W, C); returns z (same shape, float32) and the
         total log-determinant per sample (B,). `recompute`: see FlowBlock.affine."""
         self.check_input(x, "x")
-        B = x.shape[0]
+        self.check_text(y, x.shape[0])
         h, w = self.grid(x)
-        text = self.check_text(y, B)
-        tokens = self.patchify(x).astype(mx.float32)
+        tokens, logdet = self.through(self.patchify(x), y, h, w, recompute=recompute)
+        return self.unpatchify(tokens, h, w), logdet
+
+    def through(self, tokens, y, h: int, w: int, blocks=None, recompute=False):
+        """Tokens (B, N, D) of an h x w grid through `blocks` (default: all, a run of
+        self.blocks) in the density direction -> (tokens, log-determinant (B,)). y as
+        __call__ takes it, or None where none of `blocks` is conditioned."""
+        B = tokens.shape[0]
+        text = y if self.config.txt_dim else None
+        tokens = tokens.astype(mx.float32)
         logdet = mx.zeros((B,), dtype=mx.float32)
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             if isinstance(block, IdentityBlock):
                 continue
             t = text if block.has_text else None
             rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
             tokens, ld = block(tokens, rope, t, block.class_rows(y if text is None else None, B), recompute)
             logdet = logdet + ld
-        return self.unpatchify(tokens, h, w), logdet
+        return tokens, logdet
 
     forward = __call__
 
     def log_prob(self, x, y=None, recompute=False):
         """Exact log p(x | y) per sample, in nats, of the flow's input space."""
         z, logdet = self(x, y, recompute)
-        D = math.prod(z.shape[1:])
-        return -0.5 * mx.sum(mx.square(z), axis=(1, 2, 3)) - 0.5 * D * math.log(2 * math.pi) + logdet
+        return log_normal(z) + logdet
 
     def bits_per_dim(self, x, y=None):
         D = math.prod(x.shape[1:])

@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .flow import Flow, IdentityBlock
+from .flow import Flow, IdentityBlock, log_normal
 
 __all__ = ["ScoreResult", "score", "load_images", "open_image", "batch_size_for", "noise_draw", "shared_blocks",
            "log_densities", "score_stage", "main"]
@@ -222,23 +222,6 @@ def shared_blocks(flow: Flow) -> int:
     return n
 
 
-def _through(flow: Flow, tokens, y, blocks, h: int, w: int):
-    """Tokens (B, N, D) through `blocks` (a run of flow.blocks) in the density
-    direction, as Flow.__call__ runs them -> (tokens, log-determinant (B,))."""
-    B = tokens.shape[0]
-    tokens = tokens.astype(mx.float32)
-    text = None if y is None else flow.check_text(y, B)
-    logdet = mx.zeros((B,), dtype=mx.float32)
-    for block in blocks:
-        if isinstance(block, IdentityBlock):
-            continue
-        t = text if block.has_text else None
-        rope = flow.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
-        tokens, ld = block(tokens, rope, t, block.class_rows(y if text is None else None, B))
-        logdet = logdet + ld
-    return tokens, logdet
-
-
 def log_densities(flow: Flow, x, y=None, *, batch_size: Optional[int] = None,
                   on_batch: Optional[Callable] = None) -> np.ndarray:
     """log p(x_i | y_j) in nats for every input x_i of x (N, H, W, C), in the
@@ -250,11 +233,10 @@ def log_densities(flow: Flow, x, y=None, *, batch_size: Optional[int] = None,
     batch (one sync each)."""
     flow.check_input(x, "x")
     N, (h, w) = x.shape[0], flow.grid(x)
-    D = math.prod(x.shape[1:])
     P = 1 if y is None else y.shape[0]
     bs = batch_size or batch_size_for(flow)
     cut = shared_blocks(flow)
-    shared = [_through(flow, flow.patchify(x[s : s + bs]), None, flow.blocks[:cut], h, w) for s in range(0, N, bs)]
+    shared = [flow.through(flow.patchify(x[s : s + bs]), None, h, w, flow.blocks[:cut]) for s in range(0, N, bs)]
     mx.eval(shared)
     tokens = mx.concatenate([t for t, _ in shared])
     ld0 = mx.concatenate([ld for _, ld in shared])
@@ -263,8 +245,8 @@ def log_densities(flow: Flow, x, y=None, *, batch_size: Optional[int] = None,
     for s in range(0, len(pairs), bs):
         i, j = pairs[s : s + bs, 0], pairs[s : s + bs, 1]
         ii = mx.array(i)
-        z, ld = _through(flow, tokens[ii], None if y is None else y[mx.array(j)], flow.blocks[cut:], h, w)
-        lp = ld0[ii] + ld - 0.5 * mx.sum(mx.square(z), axis=(1, 2)) - 0.5 * D * math.log(2 * math.pi)
+        z, ld = flow.through(tokens[ii], None if y is None else y[mx.array(j)], h, w, flow.blocks[cut:])
+        lp = ld0[ii] + ld + log_normal(z)
         out[i, j] = np.array(lp, dtype=np.float64)  # one sync per batch
         if on_batch is not None:
             on_batch(s + len(i))
