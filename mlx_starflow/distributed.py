@@ -30,8 +30,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
@@ -39,12 +40,15 @@ import numpy as np
 
 from .flow import Flow, FlowBlock, IdentityBlock, _rows
 from .pipeline import Cancelled, Event, GenerateOptions, Pipeline, Result
-from .sample import sample_steps
+from .sample import Jacobi, sample_steps
 
-__all__ = ["GroupError", "init", "launched", "load", "generate_steps", "shares", "throughput", "PipelineBlock"]
+__all__ = ["GroupError", "init", "launched", "load", "generate_steps", "throughput", "PipelineBlock", "shares",
+           "broadcast_seeds", "on_rank0"]
 
 CONNECT_TIMEOUT_ENV = "MLX_STARFLOW_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 120.0  # seconds: ranks start together, but ssh and imports take a while
+STEP_TIMEOUT_ENV = "MLX_STARFLOW_STEP_TIMEOUT"
+DEFAULT_STEP_TIMEOUT = 600.0  # seconds one sampling step may wait for the others (a 3B token on a CPU: ~6)
 # Backends by what their launcher sets (mlx.launch for ring and JACCL, mpirun for MPI).
 BACKENDS = (("jaccl", ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")), ("ring", ("MLX_HOSTFILE",)),
             ("mpi", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")), ("nccl", ("MLX_WORLD_SIZE",)))
@@ -93,17 +97,51 @@ if not select.select([sys.stdin], [], [], timeout)[0]:
 """
 
 
-def _connect_timeout(timeout) -> float:
-    value = os.environ.get(CONNECT_TIMEOUT_ENV) if timeout is None else timeout
+def _seconds(env, default, value=None) -> float:
+    value = os.environ.get(env) if value is None else value
     if value is None:
-        return DEFAULT_CONNECT_TIMEOUT
+        return default
     try:
-        value = float(value)
+        seconds = float(value)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{CONNECT_TIMEOUT_ENV} must be a number of seconds > 0, not {value!r}")
-    return value
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{env} must be a number of seconds > 0, not {value!r}")
+    return seconds
+
+
+class _Stall:
+    """Ends this process with a message when an exchange of the sampling loop makes
+    no progress for the step timeout: MLX's ring backend can wait forever on a peer
+    that died in the middle of an exchange. beat() when an exchange starts, stop()
+    when the loop reports progress. (mx.eval releases the interpreter, so a thread
+    can watch it.)"""
+
+    def __init__(self):
+        self.deadline, self.thread, self.message = None, None, ""
+
+    def beat(self, group):
+        timeout = _seconds(STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT)
+        self.message = (f"error: rank {group.rank()} of {group.size()}: sampling made no progress for {timeout:g} s: "
+                        f"another rank stopped or is unreachable ({STEP_TIMEOUT_ENV} sets the wait)")
+        self.deadline = time.monotonic() + timeout
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, daemon=True, name="mlx-starflow-stall")
+            self.thread.start()
+
+    def stop(self):
+        self.deadline = None
+
+    def _watch(self):
+        while True:
+            time.sleep(0.25)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                sys.stderr.write(self.message + "\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+
+_stall = _Stall()
 
 
 def init(timeout: Optional[float] = None) -> Optional[mx.distributed.Group]:
@@ -113,7 +151,7 @@ def init(timeout: Optional[float] = None) -> Optional[mx.distributed.Group]:
     peers by then prints why and is terminated."""
     if not launched():
         return None
-    timeout = _connect_timeout(timeout)
+    timeout = _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT, timeout)
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
     message = (f"error: rank {rank} could not join the group within {timeout:g} s. Check that every host runs "
                f"this same command, that the addresses in the hostfile are the hosts' own and reachable "
@@ -163,6 +201,22 @@ def gather_bytes(group, data: bytes) -> List[bytes]:
     return [rows[r, :k].tobytes() for r, k in enumerate(lengths)]
 
 
+def broadcast_seeds(group, seeds: Sequence[int]) -> List[int]:
+    """Rank 0's seeds on every rank (each rank may have drawn its own random ones)."""
+    if group is None:
+        return list(seeds)
+    gathered = mx.distributed.all_gather(mx.array(list(seeds), dtype=mx.int64)[None], group=group)
+    return _exchange(group, gathered)[0].tolist()
+
+
+def on_rank0(group, fn):
+    """fn() on rank 0 only (everything for a single process), its failure raised on
+    every rank: checks of what only rank 0 touches, such as the output files."""
+    if group is None:
+        return fn()
+    return _run_agreed(group, fn if group.rank() == 0 else (lambda: None))
+
+
 def barrier(group):
     _exchange(group, mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=group))
 
@@ -188,8 +242,11 @@ def agree(group, error: Optional[BaseException] = None, fingerprint: str = "", o
     If one failed, every rank raises: the failing rank its own error (unless own is
     False), the others a GroupError naming it (Cancelled if it was cancelled); ranks
     asked different things raise a ValueError."""
-    rows = [json.loads(b) for b in gather_bytes(group, json.dumps(
-        ["ok" if error is None else _describe(error), fingerprint]).encode())]
+    try:
+        rows = [json.loads(b) for b in gather_bytes(group, json.dumps(
+            ["ok" if error is None else _describe(error), fingerprint]).encode())]
+    except ValueError:  # another rank was at another exchange
+        raise GroupError("the ranks are out of step: every rank must run the same program and options") from None
     if error is not None and not isinstance(error, Stopped):
         if own:
             raise error
@@ -250,6 +307,7 @@ class PipelineBlock(FlowBlock):
         rank, size = g.rank(), g.size()
         dtype = self.proj_in.weight.dtype
         pending = []
+        _stall.beat(g)
         if rank == 0:
             pending.append(mx.distributed.send(mx.array([GO, shape[0], shape[1]], dtype=mx.int32), 1, group=g))
             h = first()
@@ -295,6 +353,7 @@ class PipelineBlock(FlowBlock):
         """On rank 0, between steps: tell the other ranks, waiting for the next hidden
         state, that sampling stopped (they raise Stopped)."""
         if self.group.rank() == 0:
+            _stall.beat(self.group)
             _exchange(self.group, mx.distributed.send(mx.array([STOP, 0, 0], dtype=mx.int32), 1, group=self.group))
 
     def affine(self, *args, **kwargs):
@@ -438,7 +497,7 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
 
     # Rank 0 resolves alone first: a download or a conversion into a cache that the
     # ranks may share (one machine, a network folder) must not race.
-    _run_agreed(group, find if group.rank() == 0 else (lambda: None))
+    on_rank0(group, find)
     if not pipeline_parallel:
         return _run_agreed(group, lambda: Pipeline.from_pretrained(model, **kwargs))
     options = dict(dtype="auto", quantize=None, q_group_size=64, text_dtype="float32", text_quantize=None,
@@ -497,8 +556,7 @@ def generate_steps(pipe: Pipeline, group, opts: GenerateOptions) -> Iterator[Eve
     agree(group, error, "" if error else _fingerprint(resolved, seeded, mode))
     opts = resolved
     if not seeded:  # each rank drew its own random seeds: rank 0's count
-        seeds = mx.distributed.all_gather(mx.array(opts.seed, dtype=mx.int64)[None], group=group)
-        opts.seed = _exchange(group, seeds)[0].tolist()
+        opts.seed = broadcast_seeds(group, opts.seed)
     if block is None:
         return _batch(pipe, group, opts)
     return _pipelined(pipe, group, opts, block)
@@ -511,6 +569,7 @@ def _local(group, events, on_close=None):
     result, error, start = None, None, time.perf_counter()
     try:
         for event in events:
+            _stall.stop()
             if event.result is None:
                 yield event
             else:
@@ -520,7 +579,7 @@ def _local(group, events, on_close=None):
             on_close()
         agree(group, Cancelled("cancelled"), own=False)
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, GroupError):  # no exchange after a lost connection: it could wait forever
         raise
     except Exception as e:
         if _comm_error(e):
@@ -528,17 +587,57 @@ def _local(group, events, on_close=None):
         if on_close and not isinstance(e, Stopped):
             on_close()
         error = e
+    finally:
+        _stall.stop()
     return result, error, time.perf_counter() - start
+
+
+class GroupJacobi(Jacobi):
+    """Jacobi sampling whose stopping rule sees the whole group's batch. The rule
+    measures an iteration's change over the whole batch (as the reference does), so
+    a rank judging its own share alone would stop at other iterations than one
+    process sampling every image: sum the squares over the group instead."""
+
+    def __init__(self, jacobi: Jacobi, group):
+        super().__init__(jacobi.block_size, jacobi.threshold, jacobi.max_iter)
+        self.group = group
+
+    def change(self, new, old):
+        _stall.beat(self.group)
+        sums = mx.stack([mx.sum(mx.square(new - old)), mx.sum(mx.square(new))])
+        total = mx.distributed.all_sum(sums, group=self.group)
+        return total[0] / total[1]
+
+
+# sample.py measures a Jacobi iteration's change with Jacobi.change: the hook GroupJacobi needs.
+SHARED_JACOBI = "change" in vars(Jacobi)
+
+
+@dataclass
+class _GroupOptions(GenerateOptions):
+    """A rank's share of a batch-parallel call: Jacobi decided over the whole group."""
+
+    group: object = None
+
+    @property
+    def jacobi(self):
+        jacobi = GenerateOptions.jacobi.fget(self)
+        return None if jacobi is None else GroupJacobi(jacobi, self.group)
 
 
 def _batch(pipe, group, opts):
     part = shares(len(opts.batch_prompts), group.size())[group.rank()]
     events = iter(())
+    shared = opts.sampler == "jacobi" and SHARED_JACOBI  # then every rank takes part in every iteration
+    if shared:
+        opts = _GroupOptions(**{f.name: getattr(opts, f.name) for f in fields(GenerateOptions)}, group=group)
     if len(part):
         mine = replace(opts, prompts=[opts.batch_prompts[i] for i in part], num_images=1,
                        seed=[opts.seed[i] for i in part] if opts.seed else None,
                        latents=None if opts.latents is None else opts.latents[part.start : part.stop])
         events = pipe.generate_steps(mine)
+    elif shared:
+        events = _follow(pipe, opts, empty=True)
     result, error, seconds = yield from _local(group, events)
     agree(group, error)
     yield Event("decode", 1, 1, result=_gather(pipe, group, opts, result, seconds))
@@ -564,12 +663,21 @@ def _pipelined(pipe, group, opts, block):
     yield Event("decode", 1, 1, result=_gather(pipe, group, opts, result, seconds))
 
 
-def _follow(pipe, opts):
-    """Ranks > 0 of a pipeline: the deep block's sampler loop, on the same noise as
-    rank 0 (the text is only a shape here: rank 0 embeds it)."""
+def _follow(pipe, opts, empty=False):
+    """The sampler loop alone, for a rank that takes part in every exchange of it
+    but whose images are made elsewhere: ranks > 0 of a pipeline (on the same noise
+    as rank 0; the text is only a shape there, rank 0 embeds it), and with `empty`,
+    a batch-parallel rank without images (a batch of none) in the group's Jacobi
+    decisions."""
     mx.reset_peak_memory()
-    y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
-    x = opts.latents if opts.latents is not None else pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
+    if empty:
+        cfg = pipe.config
+        x = mx.zeros((0, *pipe.latent_shape(opts.height, opts.width)))
+        y = mx.zeros((0, cfg.txt_size, cfg.txt_dim)) if pipe.classes is None else pipe.classes.encode([])
+    else:
+        y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
+        x = opts.latents if opts.latents is not None else pipe.noise(opts.seed, pipe.latent_shape(opts.height,
+                                                                                                opts.width))
     for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi):
         yield Event("deep", step.done, step.total, step)
 

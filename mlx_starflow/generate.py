@@ -53,7 +53,9 @@ def parser():
     p = argparse.ArgumentParser(prog=_prog(), formatter_class=HelpFormatter, epilog=MODEL_DEFAULTS,
                                 description="Generate images with STARFlow on MLX.")
     p.add_argument("--prompt", metavar="P", nargs="+", default=None,
-                   help="one or more prompts (required unless --from-image gives it)")
+                   help="one or more prompts (required unless --prompt-file or --from-image gives them)")
+    p.add_argument("--prompt-file", metavar="FILE", default=None,
+                   help="prompts from a text file, one a line (blank lines skipped), after any --prompt")
     p.add_argument("--negative-prompt", metavar="P", default="",
                    help="the prompt guidance steers away from (default: empty)")
     p.add_argument("--from-image", metavar="PNG", default=None,
@@ -115,6 +117,9 @@ def parser():
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal)")
+    p.add_argument("--pipeline-parallel", action="store_true",
+                   help="under mlx.launch: split the deep block's layers across the machines, each loading only "
+                        "its own (default under mlx.launch: each machine samples its share of the images)")
     return p
 
 
@@ -174,10 +179,24 @@ def parse_args(p, argv):
     args = p.parse_args(argv)
     if args.from_image:
         args = p.parse_args(metadata_args(args.from_image, p) + argv)
-    elif not args.prompt:
-        p.error("the following arguments are required: --prompt (or --from-image)")
+    elif not args.prompt and not args.prompt_file:
+        p.error("the following arguments are required: --prompt (or --prompt-file, or --from-image)")
     check_args(args)
+    if args.prompt_file:
+        args.prompt = (args.prompt or []) + prompt_lines(args.prompt_file)
     return args
+
+
+def prompt_lines(path) -> list:
+    """The prompts of a --prompt-file: one a line, surrounding spaces and blank lines dropped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt-file {path}: cannot read it ({e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompt in it (one prompt a line)")
+    return prompts
 
 
 def output_paths(template: str, seeds, count: int):
@@ -287,26 +306,30 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from .pipeline import Cancelled, Pipeline, expand_seeds
+    from . import distributed
+    from .pipeline import Cancelled, expand_seeds
 
     bars = Bars(not args.no_progress)
     try:
+        group = distributed.init()  # several processes under mlx.launch: rank 0 checks and writes the files
         count = len(args.prompt) * args.num_images
-        seeds = expand_seeds(args.seed, count)
+        seeds = distributed.broadcast_seeds(group, expand_seeds(args.seed, count))
         paths = output_paths(args.output, seeds, count)
-        check_writable(paths, args.overwrite)
-        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
-                                        text_encoder=args.text_encoder, vae=args.vae,
-                                        checkpoint=args.checkpoint, config=args.config,
-                                        text_dtype=args.text_dtype, text_quantize=args.text_quantize,
-                                        vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
+        distributed.on_rank0(group, lambda: check_writable(paths, args.overwrite))
+        pipe = distributed.load(args.model, group, args.pipeline_parallel, dtype=args.dtype, quantize=args.quantize,
+                                text_encoder=args.text_encoder, vae=args.vae,
+                                checkpoint=args.checkpoint, config=args.config,
+                                text_dtype=args.text_dtype, text_quantize=args.text_quantize,
+                                vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
         result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                seed=seeds, guidance=args.cfg, sampler=args.sampler,
                                jacobi_block_size=args.jacobi_block_size, jacobi_threshold=args.jacobi_threshold,
                                jacobi_max_iter=args.jacobi_max_iter, denoise=args.denoise, height=args.height,
-                               width=args.width, progress=bars)
+                               width=args.width, progress=bars, group=group)
         bars.close()
         loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
+        if group is not None and group.rank() > 0:
+            return 0
         save(result, paths, args.metadata, loaded_with)
     except KeyboardInterrupt:
         bars.close()
@@ -316,7 +339,7 @@ def main(argv=None):
         bars.close()
         print("cancelled: no image was written", file=sys.stderr)
         return 130
-    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError, distributed.GroupError) as e:
         bars.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
