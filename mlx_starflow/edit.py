@@ -464,8 +464,10 @@ def run(args, variation: bool = False) -> int:
     bars = Bars(not args.no_progress)
     try:
         if args.image is None:
-            raise ValueError("--init-image: give the image to start from" if variation
-                             else "--image: give the image to edit")
+            raise ValueError("--init-image: give the image to start from (--strength, --source-prompt and --mask "
+                             "vary an image)" if variation else "--image: give the image to edit")
+        if getattr(args, "pipeline_parallel", False):
+            raise ValueError("--pipeline-parallel: editing runs on one machine")
         strength = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength)
         # Unreadable files, wrong modes and masks that are not masks fail before the model is loaded.
         open_image(args.image)
