@@ -35,7 +35,9 @@ from .pipeline import Cancelled, Event, GenerateOptions, Result, check_prompts
 
 __all__ = ["invert", "edit", "edit_steps", "variation", "blend", "invert_stage", "main"]
 
-DEFAULT_STRENGTH = 0.5
+# On the demo the colour follows the new prompt at every strength and the centre stays
+# within a pixel (median) up to 0.3 (docs/demo.md).
+DEFAULT_STRENGTH = 0.3
 # A mask is black (keep) and white (may change); resampling and compression blur its
 # edges, so this share of its pixels may be grey (between MASK_LOW and MASK_HIGH).
 MASK_GREY = 0.05
