@@ -420,8 +420,8 @@ def add_options(p):
     """The editing options, shared by `edit` and `generate --init-image` (a variation)."""
     g = p.add_argument_group("editing by exact inversion")
     g.add_argument("--image", "--init-image", dest="image", metavar="IMAGE", default=None,
-                   help="the image to edit (required for edit; with generate: a variation of it under the "
-                        "prompt): resized to cover the model's size and centre-cropped")
+                   help="the image to edit, resized to cover the model's size and centre-cropped (required by "
+                        "edit; generate's default: none, fresh noise; with one, a variation of it under the prompt)")
     g.add_argument("--source-prompt", metavar="P", default=None,
                    help="what the image shows: it is inverted to its noise under this prompt (default: empty "
                         "for edit; the prompt itself for generate --init-image)")
@@ -430,7 +430,7 @@ def add_options(p):
                         f"(ignores the image); blended as sqrt(1 - s^2) z + s e (default: {DEFAULT_STRENGTH})")
     g.add_argument("--mask", metavar="IMAGE", default=None,
                    help="black and white image, white where the image may change: the rest is kept exactly "
-                        "(in latent space); resized to the image if its size differs")
+                        "(in latent space); resized to the image if its size differs (default: none, all may change)")
 
 
 def wants_edit(args) -> bool:

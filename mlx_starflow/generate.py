@@ -120,6 +120,9 @@ def parser():
     p.add_argument("--pipeline-parallel", action="store_true",
                    help="under mlx.launch: split the deep block's layers across the machines, each loading only "
                         "its own (default under mlx.launch: each machine samples its share of the images)")
+    from .edit import add_options  # --init-image, --strength, --source-prompt, --mask: a variation (edit.py)
+
+    add_options(p)
     return p
 
 
@@ -306,6 +309,10 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from .edit import run, wants_edit
+
+    if wants_edit(args):  # image to image: edit.run samples from the image's own noise
+        return run(args, variation=True)
     from . import distributed
     from .pipeline import Cancelled, expand_seeds
 

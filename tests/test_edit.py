@@ -358,3 +358,21 @@ def test_command_line_mistakes(red_png, tmp_path, make, args, match):
     assert r.returncode == 1 and match in r.stderr, r.stderr
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert not list(out.iterdir())
+
+
+def test_generate_init_image_is_a_variation(red_png, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = tmp_path / "var.png"
+    r = subprocess.run([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt", "red circle",
+                        "--init-image", str(red_png), "--strength", "0", "--denoise", "none", "--output", str(out),
+                        "--no-progress"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    meta = read_metadata(out)
+    assert meta["operation"] == "variation" and meta["source_prompt"] == "red circle" and meta["strength"] == 0.0
+    # strength 0 under its own prompt, no denoising: the image itself, to 8-bit rounding
+    diff = np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(Image.open(red_png), np.int16))
+    assert diff.max() <= 1
+    bad = subprocess.run([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt", "red circle",
+                          "--strength", "0.5", "--output", str(tmp_path / "no.png"), "--no-progress"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "--init-image: give the image" in bad.stderr and not (tmp_path / "no.png").exists()
