@@ -202,8 +202,9 @@ def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_pr
     guidance=guidance, sampler="sequential", denoise="none")` maps back to them.
 
     latents: (B, H, W, C) as `generate` returns them; image: file path(s), PIL image(s)
-    or pixels (B, H, W, 3) in [-1, 1], VAE-encoded for STARFlow. One prompt, or one per
-    image. guidance None: the model's default, as in `generate`."""
+    or uint8 arrays, resized to cover the model's size and centre-cropped, then
+    VAE-encoded for STARFlow. One prompt, or one per image. guidance None: the model's
+    default, as in `generate`."""
     if (image is None) == (latents is None):
         raise ValueError("give either image= or latents= to invert")
     prompts = check_prompts(prompt)
@@ -367,8 +368,9 @@ def edit(pipe, image, prompt, *, progress: Optional[Callable] = None, **options)
     latents, seeds, params with the edit's own: source_prompt, strength, the source's
     sha256, the mask's).
 
-    image: file path(s), PIL image(s) (resized to cover the model's size and centre-
-    cropped) or pixels (B, H, W, 3) in [-1, 1]; one image for every prompt, or one each.
+    image: file path(s), PIL image(s) or uint8 arrays (H, W, 3), resized to cover the
+    model's size and centre-cropped (score.load_images); one image for every edit, or
+    one each (B = prompts x num_images).
     source_prompt: what the image shows, the prompt it is inverted under ("" by default).
     strength: 0 keeps the image's own noise, 1 fresh noise from `seed`.
     mask: a black and white image (path, PIL or (H, W) array), white = may change; the

@@ -19,6 +19,7 @@ from mlx_starflow.edit import blend, invert_stage, load_mask
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.pipeline import Cancelled, Pipeline
 from mlx_starflow.vae import from_pil
+from test_pipeline import cache  # noqa: F401 (the fixture: a private convert-once cache)
 from tiny_release import make_release
 
 
@@ -30,18 +31,6 @@ def rel(a, b):
 def rel_norm(a, b):
     a, b = np.array(a), np.array(b)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    old = os.environ.get("MLX_STARFLOW_CACHE")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["MLX_STARFLOW_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("MLX_STARFLOW_CACHE")
-    else:
-        os.environ["MLX_STARFLOW_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
