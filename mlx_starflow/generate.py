@@ -7,6 +7,7 @@ written whole or not at all.
 """
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import os
@@ -130,17 +131,27 @@ def _finite_at_least(low):
     return lambda v: math.isfinite(v) and v >= low
 
 
-# Checked before loading anything, so a mistake names the flag the user typed.
-CHECKS = (
-    ("cfg", "--cfg", _finite_at_least(0), "guidance must be >= 0 and finite"),
-    ("jacobi_threshold", "--jacobi-threshold", _finite_at_least(0), "the Jacobi threshold must be >= 0 and finite"),
-    ("jacobi_block_size", "--jacobi-block-size", _finite_at_least(1), "the Jacobi block size must be at least 1"),
-    ("jacobi_max_iter", "--jacobi-max-iter", _finite_at_least(1), "must be at least 1"),
-    ("num_images", "--num-images", _finite_at_least(1), "must be at least 1"),
-    ("height", "--height", _finite_at_least(1), "must be at least 1 pixel"),
-    ("width", "--width", _finite_at_least(1), "must be at least 1 pixel"),
-    ("vae_tile", "--vae-tile", _finite_at_least(2), "must be at least 2 latents"),
-)
+# Loading options checked before anything loads (generation options: GenerateOptions.validate).
+CHECKS = (("vae_tile", "--vae-tile", _finite_at_least(2), "must be at least 2 latents"),)
+# GenerateOptions fields whose flag is not --<field-name>.
+FLAGS = {"guidance": "--cfg", "prompts": "--prompt"}
+
+
+def options(args):
+    """The command line's generation options: the API's GenerateOptions, validated
+    here before anything loads, its errors naming the flag the user typed."""
+    from .pipeline import GenerateOptions
+    from .sample import OptionError
+
+    opts = GenerateOptions(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                           seed=args.seed, guidance=args.cfg, sampler=args.sampler,
+                           jacobi_block_size=args.jacobi_block_size, jacobi_threshold=args.jacobi_threshold,
+                           jacobi_max_iter=args.jacobi_max_iter, denoise=args.denoise, height=args.height,
+                           width=args.width)
+    try:
+        return opts.validate()
+    except OptionError as e:
+        raise ValueError(f"{FLAGS.get(e.option, '--' + e.option.replace('_', '-'))}: {e}") from None
 
 
 def check_args(args):
@@ -187,6 +198,7 @@ def parse_args(p, argv):
     check_args(args)
     if args.prompt_file:
         args.prompt = (args.prompt or []) + prompt_lines(args.prompt_file)
+    args.options = options(args)
     return args
 
 
@@ -328,11 +340,7 @@ def main(argv=None):
                                 checkpoint=args.checkpoint, config=args.config,
                                 text_dtype=args.text_dtype, text_quantize=args.text_quantize,
                                 vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
-        result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                               seed=seeds, guidance=args.cfg, sampler=args.sampler,
-                               jacobi_block_size=args.jacobi_block_size, jacobi_threshold=args.jacobi_threshold,
-                               jacobi_max_iter=args.jacobi_max_iter, denoise=args.denoise, height=args.height,
-                               width=args.width, progress=bars, group=group)
+        result = pipe.generate(replace(args.options, seed=seeds), progress=bars, group=group)
         bars.close()
         loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
         if group is not None and group.rank() > 0:

@@ -22,7 +22,7 @@ from . import device
 from .flow import Flow
 from .hub import DEFAULT_MODEL, resolve
 from .quant import quant_args
-from .sample import Jacobi, Step, check_guidance, sample_steps
+from .sample import Jacobi, OptionError, Step, is_whole, check_guidance, sample_steps
 from .weights import DTYPES, load_flow
 
 __all__ = ["Pipeline", "Result", "Cancelled", "ClassEncoder", "GenerateOptions", "Event"]
@@ -110,22 +110,26 @@ class GenerateOptions:
     latents: Optional[object] = None  # the initial noise (B, H, W, C) instead of seeds
 
     def validate(self) -> "GenerateOptions":
-        self.prompts = check_prompts(self.prompts)
-        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, not {self.num_images!r}")
+        """Raises OptionError naming the option; returns self."""
+        try:
+            self.prompts = check_prompts(self.prompts)
+        except ValueError as e:
+            raise OptionError("prompts", str(e)) from None
+        if not is_whole(self.num_images) or self.num_images < 1:
+            raise OptionError("num_images", f"num_images must be at least 1 (a whole number), not {self.num_images!r}")
         if self.guidance is not None:
             self.guidance = check_guidance(self.guidance)
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+            raise OptionError("sampler", f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
         Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
         if self.denoise not in DENOISE:
-            raise ValueError(f"denoise must be one of {', '.join(DENOISE)}, not {self.denoise!r}")
+            raise OptionError("denoise", f"denoise must be one of {', '.join(DENOISE)}, not {self.denoise!r}")
         if not isinstance(self.negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
+            raise OptionError("negative_prompt", "negative_prompt must be a string")
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+            if v is not None and (not is_whole(v) or v < 1):
+                raise OptionError(name, f"{name} must be at least 1 pixel (a whole number), not {v!r}")
         return self
 
     @property

@@ -17,6 +17,19 @@ import mlx.core as mx
 from .flow import Flow, FlowBlock, IdentityBlock
 
 
+class OptionError(ValueError):
+    """A sampling or generation option out of range; `option` names it, so a command
+    line can name the flag the user typed."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class Jacobi:
     """Block-wise Jacobi sampling: chunks of `block_size` tokens, each iterated to
@@ -27,12 +40,15 @@ class Jacobi:
     max_iter: int = 32
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"Jacobi block size must be an integer >= 1, not {self.block_size!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"Jacobi max_iter must be an integer >= 1, not {self.max_iter!r}")
-        if not math.isfinite(self.threshold) or self.threshold < 0:
-            raise ValueError(f"Jacobi threshold must be a finite number >= 0, not {self.threshold!r}")
+        if not is_whole(self.block_size) or self.block_size < 1:
+            raise OptionError("jacobi_block_size",
+                              f"the Jacobi block size must be at least 1 (a whole number), not {self.block_size!r}")
+        if not is_whole(self.max_iter) or self.max_iter < 1:
+            raise OptionError("jacobi_max_iter",
+                              f"the Jacobi max_iter must be at least 1 (a whole number), not {self.max_iter!r}")
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise OptionError("jacobi_threshold",
+                              f"the Jacobi threshold must be >= 0 and finite, not {self.threshold!r}")
 
 
 def check_guidance(guidance) -> float:
@@ -40,9 +56,9 @@ def check_guidance(guidance) -> float:
     try:
         w = float(guidance)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance must be a number >= 0, not {guidance!r}") from None
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, not {guidance!r}")
+        w = math.nan
+    if isinstance(guidance, bool) or not math.isfinite(w) or w < 0:
+        raise OptionError("guidance", f"guidance must be >= 0 and finite, not {guidance!r}")
     return w
 
 

@@ -144,8 +144,8 @@ def test_concurrent_calls_are_serialised(pipe):
     (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
     (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
     (dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32)), "latents must have shape"),
-    (dict(prompt="x", guidance=float("nan")), "guidance must be a finite number"),
-    (dict(prompt="x", guidance=float("inf")), "guidance must be a finite number"),
+    (dict(prompt="x", guidance=float("nan")), "guidance must be >= 0 and finite"),
+    (dict(prompt="x", guidance=float("inf")), "guidance must be >= 0 and finite"),
     (dict(prompt="x", jacobi_threshold=-0.1), "threshold"),
     (dict(prompt="x", num_images=True), "num_images"),
 ])
