@@ -397,20 +397,28 @@ def variation(pipe, image, prompt, strength: float = DEFAULT_STRENGTH, **options
 # -- benchmark ----------------------------------------------------------------------------
 
 
-def invert_stage(flow, latents, y=None, guidance: float = 0.0, repeats: int = 3) -> dict:
-    """Time the guided inversion of latents (B, H, W, C) under y (as sample.invert takes
-    it): one parallel pass per block, no token loop. Returns the seconds of each run,
-    their median, the tokens inverted per run and MLX's peak memory."""
-    mx.eval(latents, y if y is not None else mx.array(0))
-    times = []
+def invert_stage(flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats: int = 3, warmup: int = 1,
+                 seed: int = 0) -> dict:
+    """The benchmark's `invert` stage: the guided inversion `edit` runs (one parallel pass
+    per block, no token loop) on random latents of the flow's own shape. y as
+    sample.invert takes it for `batch` images (2 x batch rows [conditional; unconditional]
+    when guidance > 0 for text models; class ids for TarFlow). The VAE encoding is not
+    included. Returns the batch, tokens per image, blocks, seconds per call (median, min,
+    max), tokens per second and MLX's peak memory (weights included)."""
+    import statistics
+
+    from .machine import times
+
+    cfg = flow.config
+    x = mx.random.normal((batch, cfg.input_size, cfg.input_size, cfg.in_channels), key=mx.random.key(seed))
+    mx.eval(x, *([] if y is None else [y]))
     mx.reset_peak_memory()
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        mx.eval(flow_invert(flow, latents, y, guidance))
-        times.append(time.perf_counter() - t0)
-    h, w = flow.grid(latents)
-    return {"seconds": times, "median": float(np.median(times)), "tokens": latents.shape[0] * h * w,
-            "blocks": len(sampling_order(flow)), "peak_memory": mx.get_peak_memory()}
+    ts = times(lambda: mx.eval(flow_invert(flow, x, y, guidance)), repeats, warmup)
+    med = statistics.median(ts)
+    h, w = flow.grid(x)
+    return {"batch": batch, "tokens": h * w, "blocks": len(sampling_order(flow)),
+            "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
+            "tokens_per_second": batch * h * w / med, "peak_memory": mx.get_peak_memory()}
 
 
 # -- the command line ---------------------------------------------------------------------
