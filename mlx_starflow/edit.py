@@ -308,20 +308,19 @@ def _edit(pipe, opts, pixels, sources, strength, keep, params) -> Iterator[Event
 
 
 def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]:
-    yield Event("encode", 0, 1)
-    x = pipe.encode_images(pixels)
-    yield Event("encode", 1, 1)
-    shape = x.shape[1:]
-    fresh = pipe.noise(opts.seed, shape)
-    if strength < 1.0 or keep is not None:
+    fresh = pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
+    if strength == 1.0 and keep is None:  # fresh noise only: the image is not needed
+        noise = fresh
+    else:
+        yield Event("encode", 0, 1)
+        x = pipe.encode_images(pixels)
+        yield Event("encode", 1, 1)
         yield Event("invert", 0, 1)
         z = _invert(pipe, replace(opts, prompts=sources, num_images=1, latents=x))
         yield Event("invert", 1, 1)
         noise = blend(z, fresh, strength)
         if keep is not None:
             noise = mx.where(keep, noise, z)
-    else:
-        noise = fresh
     peak = mx.get_peak_memory()
     run = replace(opts, latents=noise, seed=None)
     steps = pipe.generate_steps(run)
@@ -341,7 +340,6 @@ def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]
                 break
     finally:
         steps.close()
-    run = pipe.resolve_options(run)
     out = mx.where(keep, sampled, x)
     if run.denoise != "none":
         yield Event("denoise", 0, 1)

@@ -236,6 +236,22 @@ def test_an_all_white_mask_is_no_mask(demo, red):
     assert b.seeds == a.seeds == [4] and set(b.timings) == set(a.timings)
 
 
+def test_masked_edit_text_model_with_its_defaults(pipe):
+    # the release's own defaults: Jacobi, guidance 3.6, the score step; a VAE in between
+    img = Image.fromarray(np.random.default_rng(6).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    mask = np.zeros((16, 16), bool)
+    mask[:8] = True  # the top half: latent rows 0..3
+    kw = dict(source_prompt="a cat", strength=0.5, seed=2)
+    r = pipe.edit(img, "a dog", mask=mask, **kw)
+    x = np.array(pipe.encode_images(from_pil(img, size=16, factor=2)))
+    out = np.array(r.latents)
+    np.testing.assert_array_equal(out[:, 4:], x[:, 4:])
+    assert np.abs(out[:, :4] - x[:, :4]).max() > 1e-3
+    plain = pipe.edit(img, "a dog", **kw)
+    assert {k: v for k, v in r.params.items() if k != "mask_sha256"} == plain.params
+    assert r.params["sampler"] == "jacobi" and r.params["jacobi_block_size"] == 16 and r.params["denoise"] == "score"
+
+
 def test_mask_tokens_resizing_and_rules(demo, red):
     sizes = [(32, 32)]
     m = np.zeros((32, 32), np.uint8)
