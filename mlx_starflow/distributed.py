@@ -7,22 +7,28 @@ samples its own contiguous share of the (prompt, seed) pairs; the images are the
 gathered, so every rank returns the group's Result and rank 0 writes the files.
 An image depends only on its prompt and seed (its noise comes from its own seed,
 and sampling is row by row), so the images are those of one machine whatever the
-group size.
+group size, with one exception: Jacobi's stopping rule measures an iteration's
+change over the whole batch, so GroupJacobi sums that measure over the group (it
+needs sample.py to take the measure from Jacobi.change; without it, Jacobi images
+are those of one machine sampling each rank's share as its own batch).
 
 Pipeline parallel (`pipeline_parallel=True`, `--pipeline-parallel`): the deep
 block's layers are split into contiguous ranges, one per rank, and each rank reads
-only its own layers' weights (the safetensors file is loaded lazily). Per token (or
+only its own layers' weights (the safetensors file is loaded lazily). Rank 0 also
+holds the shallow blocks, the text encoder, the learned denoiser and the VAE, so it
+takes fewer deep layers (`placement` balances the weights); the other ranks hold
+their layers and the block's small input and output projections. Per token (or
 Jacobi chunk) the hidden state goes from rank to rank with send/recv; every rank
 runs the same sampler loop (sample.py) on the last rank's output, which all_gather
-shares. KV caches stay with their layers. Rank 0 also holds the shallow blocks, the
-text encoder, the denoiser and the VAE; the other ranks hold their layers and the
-block's small input and output projections.
+shares. KV caches stay with their layers. The score denoising step (a gradient
+through the whole deep block) is not split: use the learned denoiser or none.
 
 Failures: every rank reports how its part went before results are gathered, so a
-rank's error (or a cancel on rank 0) stops every rank with that rank's message. A
-rank that dies closes its connections: the others raise GroupError at their next
-exchange. Joining the group is bounded by a timeout (MLX's own connect waits
-forever): a rank that cannot connect exits with a message naming the fix.
+rank's error (or a cancel) stops every rank with that rank's message. A rank that
+dies closes its connections: the others raise GroupError at their next exchange.
+MLX's own waits are unbounded, so two timeouts bound them: joining the group
+($MLX_STARFLOW_CONNECT_TIMEOUT, a rank that cannot connect exits naming the fix)
+and a sampling step waiting for the others ($MLX_STARFLOW_STEP_TIMEOUT).
 """
 
 import hashlib
@@ -37,6 +43,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .flow import Flow, FlowBlock, IdentityBlock, _rows
 from .pipeline import Cancelled, Event, GenerateOptions, Pipeline, Result
@@ -52,6 +59,7 @@ DEFAULT_STEP_TIMEOUT = 600.0  # seconds one sampling step may wait for the other
 # Backends by what their launcher sets (mlx.launch for ring and JACCL, mpirun for MPI).
 BACKENDS = (("jaccl", ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")), ("ring", ("MLX_HOSTFILE",)),
             ("mpi", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")), ("nccl", ("MLX_WORLD_SIZE",)))
+SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")  # a group's size, where the launcher says it
 GO, STOP = 0, 1  # the control word that precedes every hidden state sent down the pipeline
 
 
@@ -82,6 +90,9 @@ def launched() -> bool:
             return os.path.getsize(os.environ["MLX_HOSTFILE"]) > 2
         except OSError:
             return True  # a missing hostfile: let init name the problem
+    sizes = [os.environ[k] for k in SIZES if k in os.environ]
+    if sizes and all(v.strip() in ("0", "1") for v in sizes):
+        return False  # an MPI or NCCL environment of one process
     return name is not None
 
 
@@ -290,8 +301,8 @@ class PipelineBlock(FlowBlock):
     each hidden state, so rank 0 can stop the others cleanly (`abort`)."""
 
     @classmethod
-    def split(cls, block: FlowBlock, group, layers: range) -> "PipelineBlock":
-        block.attn_blocks = block.attn_blocks[layers.start : layers.stop]
+    def of(cls, block: FlowBlock, group, layers: range) -> "PipelineBlock":
+        """The deep block, already holding only `layers` (see _part), as this rank's part."""
         block.__class__ = cls
         block.group, block.layers = group, layers
         return block
@@ -336,7 +347,7 @@ class PipelineBlock(FlowBlock):
     def step(self, inputs, start, caches, rope, cond, mlps=None):
         B, n = inputs.shape[:2]
         shape = (B, n, self.width)
-        pos = caches[0].offset
+        pos = caches[0].offset if caches else start
         h, pending = self._hidden(lambda: self.embed(inputs, start, cond), shape, _rows(rope, pos, pos + n),
                                   caches, mlps)
         g, size = self.group, self.group.size()
@@ -361,9 +372,89 @@ class PipelineBlock(FlowBlock):
                          "denoising) is not available: only sampling is split across ranks")
 
 
+def hop_seconds(group, cfg, rows: int = 2, tokens: int = 1, dtype=mx.float32, repeats: int = 100) -> float:
+    """Median seconds of the exchanges of one pipeline step (every rank calls it): a
+    step of cfg's deep block with no layers on any rank, so what is timed is the
+    control words, the hidden state going rank to rank and the last rank's output
+    shared with all, at the block's width (and the tiny input and output projections)."""
+    block = FlowBlock(cfg, cfg.num_blocks - 1)
+    block.attn_blocks = []  # never computed: parameters are lazy
+    block.set_dtype(dtype)
+    PipelineBlock.of(block, group, range(0))
+    mx.eval(block.parameters())
+    x = mx.zeros((rows, tokens, cfg.token_dim))
+    times = []
+    for _ in range(repeats + 5):
+        t0 = time.perf_counter()
+        _exchange(group, block.step(x, 0, [], None, None))
+        times.append(time.perf_counter() - t0)
+    _stall.stop()
+    return float(np.median(times[5:]))
+
+
 def pipeline_block(flow: Flow) -> Optional[PipelineBlock]:
     block = flow.blocks[-1]
     return block if isinstance(block, PipelineBlock) else None
+
+
+def placement(flow: Flow, size: int) -> List[range]:
+    """The deep block's layers in contiguous ranges, one per rank, balancing the
+    parameters each rank holds: rank 0 also holds the shallow blocks, the denoiser and
+    the text projection, so it takes fewer deep layers (at least one). Only shapes
+    are read."""
+    deep = flow.blocks[-1]
+    n = len(deep.attn_blocks)
+    if n < size:
+        raise ValueError(f"the deep block has {n} layers: pipeline parallel takes at most {n} ranks, not {size}")
+    if size == 1:
+        return [range(n)]
+    count = lambda module: sum(v.size for _, v in tree_flatten(module.parameters()))  # noqa: E731
+    layer = count(deep.attn_blocks[0])
+    shared = count(deep) - n * layer - (count(deep.proj_txt) if "proj_txt" in deep else 0)  # on every rank
+    extra = (count(flow) - n * layer - shared) / layer  # what rank 0 holds alone, in deep layers
+    first = min(range(1, n - size + 2), key=lambda k: max(k + extra, -(-(n - k) // (size - 1))))
+    return [range(0, first)] + [range(first + r.start, first + r.stop) for r in shares(n - first, size - 1)]
+
+
+def _part(cfg, rank: int, size: int):
+    """The flow of config cfg as rank `rank` of a pipeline of `size` holds it: the
+    deep block with only this rank's contiguous range of layers, and on ranks > 0
+    neither the shallow blocks, the denoiser nor the text projection. Returns (flow,
+    the range of layers). Parameters are lazy: nothing dropped is ever computed."""
+    flow = Flow(cfg)
+    top = len(flow.blocks) - 1
+    deep = flow.blocks[top]
+    layers = placement(flow, size)[rank]
+    deep.attn_blocks = deep.attn_blocks[layers.start : layers.stop]
+    if rank > 0:
+        flow.blocks[:top] = [IdentityBlock() for _ in range(top)]
+        if "learnable_self_denoiser" in flow:
+            del flow.learnable_self_denoiser
+        if "proj_txt" in deep:
+            del deep.proj_txt
+    return flow, layers
+
+
+def rank_bytes(cfg, size: int, dtype=mx.bfloat16, quantize=None, batch: int = 1, guided: bool = True) -> List[dict]:
+    """Per rank of a pipeline of `size`: the bytes of the flow parameters it holds
+    ("weights", in dtype, the transformer linears quantized as the loader does) and of
+    its KV caches for the deep block ("kv_cache", a batch of images, doubled when
+    guided). Computed from the shapes: nothing is allocated."""
+    from .quant import quant_args, quantize_linear
+
+    q = quant_args(quantize)
+    out = []
+    for rank in range(size):
+        flow, layers = _part(cfg, rank, size)
+        flow.set_dtype(dtype)
+        if q:
+            quantize_linear(flow, q["bits"], q["group_size"])
+        weights = sum(v.nbytes for _, v in tree_flatten(flow.parameters()))
+        deep = flow.blocks[-1]
+        per_layer = 2 * (2 if guided else 1) * batch * deep.kv_heads * (cfg.txt_size + cfg.num_tokens) * \
+            deep.head_dim * mx.zeros((), dtype=dtype).itemsize
+        out.append({"rank": rank, "layers": layers, "weights": weights, "kv_cache": per_layer * len(layers)})
+    return out
 
 
 def _load_part(path, group, dtype=None, quantize=None) -> Flow:
@@ -387,23 +478,12 @@ def _load_part(path, group, dtype=None, quantize=None) -> Flow:
         raise ValueError(f"{path} is already quantized to {cfg.quantization['bits']} bits (group size "
                          f"{cfg.quantization['group_size']}): load the unquantized folder to quantize it otherwise")
     mx_dtype = _parse_dtype(dtype)
-    rank, size = group.rank(), group.size()
-    flow = Flow(cfg)  # parameters are lazy: what is dropped below is never computed
+    flow, layers = _part(cfg, group.rank(), group.size())
     top = len(flow.blocks) - 1
-    deep = flow.blocks[top]
-    n = len(deep.attn_blocks)
-    if n < size:
-        raise ValueError(f"the deep block has {n} layers: pipeline parallel takes at most {n} ranks, not {size}")
-    layers = shares(n, size)[rank]
-    PipelineBlock.split(deep, group, layers)
+    PipelineBlock.of(flow.blocks[top], group, layers)
     elsewhere = ()  # names of what rank 0 holds alone
-    if rank > 0:
-        flow.blocks[:top] = [IdentityBlock() for _ in range(top)]
+    if group.rank() > 0:
         elsewhere = (*(f"blocks.{i}." for i in range(top)), "learnable_self_denoiser.", f"blocks.{top}.proj_txt.")
-        if "learnable_self_denoiser" in flow:
-            del flow.learnable_self_denoiser
-        if "proj_txt" in deep:
-            del deep.proj_txt
     try:
         stored = mx.load(str(w_path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file

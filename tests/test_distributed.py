@@ -131,6 +131,10 @@ def test_demo_batch_parallel_three_ranks_api(tmp_path, demo_reference):
         np.savez(sys.argv[1] + f"-{g.rank()}.npz", pixels=np.stack([np.array(i) for i in r.images]),
                  latents=np.array(r.latents), seeds=np.array(r.seeds))
         print(r.timings)
+        # the benchmark's figures: each rank's images and seconds, the group's rate
+        t = distributed.throughput(pipe, g, ["red circle", "blue square"], num_images=2, seed=1, denoise="none")
+        print("throughput", [(x["rank"], x["images"]) for x in t["ranks"]], t["images"], t["images_per_minute"] > 0)
+        print("hop", distributed.hop_seconds(g, pipe.config, repeats=3) > 0)
     """ % PROMPTS)
     results = run_group(tmp_path, [[sys.executable, "-c", script, str(tmp_path / "out")]] * 3)
     assert_ok(results)
@@ -140,6 +144,7 @@ def test_demo_batch_parallel_three_ranks_api(tmp_path, demo_reference):
         assert np.array_equal(got["pixels"], pix) and np.array_equal(got["latents"], lat)
         assert got["seeds"].tolist() == seeds
     assert all(f"'rank {r}'" in results[0][1] for r in range(3))
+    assert "throughput [(0, 2), (1, 1), (2, 1)] 4 True" in results[0][1] and "hop True" in results[0][1]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +193,7 @@ def test_release_batch_parallel(tmp_path, release, release_pipe, ranks, sampler)
 
 PIPELINE_SCRIPT = textwrap.dedent("""
     import os, signal, sys, numpy as np, mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_starflow import distributed
     from mlx_starflow.sample import Jacobi, sample_steps
     folder, sampler, out = sys.argv[1:4]
@@ -203,7 +209,8 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     if g.rank() == 0:
         np.save(out, np.array(x))
     layers = flow.blocks[-1].layers
-    print(layers.start, layers.stop, len(flow.blocks[-1].attn_blocks))
+    weights = sum(v.nbytes for _, v in tree_flatten(flow.parameters()))
+    print(layers.start, layers.stop, len(flow.blocks[-1].attn_blocks), weights)
 """)
 
 
@@ -231,10 +238,17 @@ def test_pipeline_parallel_latents_equal_one_process(tmp_path, six_layers, ranks
     results = run_group(tmp_path, [[sys.executable, "-c", PIPELINE_SCRIPT, str(folder), sampler, str(out)]] * ranks)
     assert_ok(results)
     np.testing.assert_allclose(np.load(out), want, rtol=0, atol=1e-5)
-    # contiguous layer ranges covering the 6 layers, each rank holding only its own
-    ranges = [tuple(map(int, r[1].split()[-3:])) for r in results]
-    assert [r[:2] for r in ranges] == [(x.start, x.stop) for x in distributed.shares(6, ranks)]
-    assert all(n == stop - start for start, stop, n in ranges)
+    # contiguous layer ranges covering the 6 layers, rank 0 (which also holds the shallow
+    # blocks) taking fewer; each rank holds only its own weights, as rank_bytes predicts
+    flow = load_flow(folder)
+    ranges = [tuple(map(int, r[1].split()[-4:])) for r in results]
+    assert [r[:2] for r in ranges] == [(x.start, x.stop) for x in distributed.placement(flow, ranks)]
+    assert ranges[0][1] - ranges[0][0] < 6 // ranks and ranges[-1][1] == 6
+    assert all(n == stop - start for start, stop, n, _ in ranges)
+    predicted = distributed.rank_bytes(flow.config, ranks, dtype=mx.float32)
+    assert [r[3] for r in ranges] == [p["weights"] for p in predicted]
+    full = sum(v.nbytes for _, v in tree_flatten(flow.parameters()))
+    assert distributed.rank_bytes(flow.config, 1, dtype=mx.float32)[0]["weights"] == full
 
 
 def test_pipeline_parallel_command_line(tmp_path, release, release_pipe):
