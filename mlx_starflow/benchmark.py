@@ -483,6 +483,12 @@ def log_plan(run, p):
 # -- the whole run ----------------------------------------------------------------------------
 
 
+def run_order(stages):
+    """The stages to run, in the pipeline's order: the flow and VAE loaded first, the text
+    encoder beside them, then the decode and the sampling (timed after the plan)."""
+    return ["load"] + [s for s in ("text", "vae", "prefill", "deep", "shallow", "denoise") if s in stages]
+
+
 def run_benchmark(args, log=print):
     results = {"machine": machine.machine_info(), "args": vars(args).copy(), "stages": {}}
     cfg = read_config(args.model) if args.model else flow_config(args.arch)
@@ -497,15 +503,15 @@ def run_benchmark(args, log=print):
     if limits["slow_blas"]:
         log("warning: " + machine.blas_advice("python -m mlx_starflow.benchmark ..."))
 
-    steps = ["load"] + [s for s in ("text", "vae", "prefill", "deep", "shallow", "denoise") if s in stages]
+    steps = run_order(stages)
     k = len(steps)
 
     def begin(name, what):
         log(f"[{steps.index(name) + 1}/{k}] {what} ...")
 
-    weights = sum(math.prod(s) for s in (_spec_shapes(run) if not args.model else []))
     begin("load", f"loading the flow from {args.model}" if args.model else
-          f"building the flow: {_count(weights)} random parameters, {_precision(args)}")
+          f"building the flow: {_count(sum(v.size for _, v in tree_flatten(Flow(cfg).parameters())))} random "
+          f"parameters, {_precision(args)}")
     stage_load(run)
     log(_line("load", run.stages["load"]))
     if run.stages["load"]["unquantized"]:
@@ -570,10 +576,6 @@ def run_benchmark(args, log=print):
     return results
 
 
-def _spec_shapes(run):
-    return [tuple(v.shape) for _, v in tree_flatten(Flow(run.cfg).parameters())]
-
-
 def image_figures(run):
     """One image (or batch), from the stages run: seconds and peak memory, and what is
     extrapolated, estimated or missing."""
@@ -589,7 +591,8 @@ def image_figures(run):
         parts["denoise"] = st["denoise"]["estimated_seconds"]
     peaks = [st[k]["peak_memory"] for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
              if k in st and "peak_memory" in st[k]]
-    return {"side": run.image_side, "seconds": sum(parts.values()), "parts": parts, "peak_memory": max(peaks) if peaks else None,
+    return {"side": run.image_side, "seconds": sum(parts.values()), "parts": parts,
+            "peak_memory": max(peaks) if peaks else None,
             "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
             "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
             "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st]}
@@ -646,7 +649,7 @@ def _intro(run):
     a = run.args
     source = f"the model in {a.model}" if a.model else f"random weights of the {a.arch} architecture"
     rows = f" (the deep block samples {run.rows} rows: conditional and unconditional)" if a.cfg > 0 else ""
-    stages = ", ".join(["load"] + [s for s in STAGES if s in a.stages and s != "load"])
+    stages = ", ".join(run_order(a.stages))
     return (f"benchmark: {_what(a, run.rows, run.image_side)}{rows}, {a.sampler} sampling, {source}\n"
             f"  flow {_precision(a)}, text encoder {a.text_dtype}{_q(a.text_quantize)}, VAE {a.vae_dtype}; "
             f"stages: {stages} (--help for the options)")
