@@ -256,27 +256,29 @@ def _timed(events: Iterator[Event], timings: dict) -> Iterator[Event]:
         t = time.perf_counter()
 
 
-def edit_steps(pipe, image, prompt, *, source_prompt="", negative_prompt: str = "",
-               strength: float = DEFAULT_STRENGTH, guidance=None, seed=None, mask=None, num_images: int = 1,
-               sampler=None, denoise: str = "auto", jacobi_block_size: int = 16, jacobi_threshold: float = 1e-3,
-               jacobi_max_iter: int = 32, height=None, width=None, notes: Optional[Callable] = None) -> Iterator[Event]:
+def edit_steps(pipe, image, prompt, *, source_prompt="", strength: float = DEFAULT_STRENGTH, mask=None,
+               notes: Optional[Callable] = None, **options) -> Iterator[Event]:
     """The edit as a generator of Events ("encode", "invert", then generate's stages); the
-    last carries the Result. Everything is checked before the first event (images, mask,
-    strength, options); stop iterating to cancel. See `edit`."""
+    last carries the Result. prompt: a prompt, a list, or a GenerateOptions; options:
+    GenerateOptions' fields but latents. Everything is checked before the first event
+    (images, mask, strength, options); stop iterating to cancel. See `edit`."""
     s = check_strength(strength)
-    prompts, sources = check_prompts(prompt), check_prompts(source_prompt)
-    opts = GenerateOptions(prompts, negative_prompt=negative_prompt, num_images=num_images, seed=seed,
-                           guidance=guidance, sampler=sampler, jacobi_block_size=jacobi_block_size,
-                           jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, denoise=denoise,
-                           height=height, width=width)
+    unknown = sorted(set(options) - set(GenerateOptions.names()) | ({"latents"} & set(options)))
+    if unknown:
+        raise TypeError(f"unknown edit option(s) {', '.join(unknown)}; known: source_prompt, strength, mask, "
+                        f"{', '.join(n for n in GenerateOptions.names()[1:] if n != 'latents')}")
+    opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
+    if opts.latents is not None:
+        raise ValueError("an edit starts from its image's noise: give no latents")
     opts = pipe.resolve_options(opts)  # checks everything generate checks, fills the model's defaults
+    prompts, sources = opts.prompts, check_prompts(source_prompt)
     src = load_sources(image, (opts.width, opts.height))
     B = len(opts.batch_prompts)
     if len(sources) == len(prompts):  # one per prompt, as the prompts are repeated
         sources = [p for p in sources for _ in range(opts.num_images)]
     if len(src.sizes) not in (1, B) or len(sources) not in (1, B):
         raise ValueError(f"{len(src.sizes)} images and {len(sources)} source prompts for {B} edits "
-                         f"({len(prompts)} prompts x {num_images}): give one of each, or one per edit")
+                         f"({len(prompts)} prompts x {opts.num_images}): give one of each, or one per edit")
     sources = sources * B if len(sources) == 1 else sources
     pipe.check_prompts(sources)
     params = {"operation": "variation" if sources == opts.batch_prompts else "edit",
@@ -493,11 +495,8 @@ def run(args, variation: bool = False) -> int:
                                         text_dtype=args.text_dtype, text_quantize=args.text_quantize,
                                         vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
         source = args.source_prompt if args.source_prompt is not None else args.prompt if variation else ""
-        result = edit(pipe, args.image, args.prompt, source_prompt=source, strength=strength, mask=args.mask,
-                      negative_prompt=args.negative_prompt, num_images=args.num_images, seed=seeds,
-                      guidance=args.cfg, sampler=args.sampler, jacobi_block_size=args.jacobi_block_size,
-                      jacobi_threshold=args.jacobi_threshold, jacobi_max_iter=args.jacobi_max_iter,
-                      denoise=args.denoise, height=args.height, width=args.width, progress=bars, notes=note)
+        result = edit(pipe, args.image, replace(args.options, seed=seeds), source_prompt=source, strength=strength,
+                      mask=args.mask, progress=bars, notes=note)
         bars.close()
         loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
         save(result, paths, args.metadata, loaded_with)

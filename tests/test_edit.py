@@ -325,6 +325,13 @@ def test_bad_input_fails_before_work(demo, red, kwargs, match):
     assert calls == []
 
 
+def test_unknown_options_and_latents_are_refused(demo, red):
+    with pytest.raises(TypeError, match="unknown edit option.*strenght"):
+        demo.edit(red.images[0], "blue circle", strenght=0.5)
+    with pytest.raises(TypeError, match="unknown edit option.*latents"):
+        demo.edit(red.images[0], "blue circle", latents=red.latents[:1])
+
+
 def test_invert_stage_times_the_inversion(demo):
     y = demo.conditioning(["red circle"] * 2, "", True)[0]
     out = invert_stage(demo.flow, y, 1.0, batch=2, repeats=2, warmup=0)
