@@ -279,7 +279,7 @@ def stage_text(run):
 
         run.time(encode, info)
         y = encode().astype(mx.float32)
-        del t5
+        t5 = None  # freed before sampling, as the pipeline does
     if y.shape[-1] == run.cfg.txt_dim:  # a --model with another text width keeps random rows
         run.y = y
     return info

@@ -16,7 +16,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-
 GB = 1e9
 
 # Debian/Ubuntu's libopenblas0-pthread installs a drop-in libblas under the
@@ -56,7 +55,7 @@ def copy_speed(repeats=3):
     a = mx.random.uniform(shape=(n,))
     mx.eval(a)
     out = {"mlx_copy_GBps": 2 * a.nbytes / median_time(lambda: mx.eval(a * 1.0), repeats) / GB}
-    del a
+    a = None
     b = np.random.default_rng(0).random(n, dtype=np.float32)
     c = np.empty_like(b)
     out["numpy_copy_GBps"] = 2 * b.nbytes / median_time(lambda: np.copyto(c, b), repeats) / GB

@@ -9,7 +9,6 @@ not the visual effect on a real image (BENCHMARKS.md, Precision policy).
 """
 
 import argparse
-import json
 import sys
 
 import mlx.core as mx
