@@ -781,8 +781,11 @@ def print_summary(results, log=print):
 
 
 def parser():
+    from .generate import HelpFormatter  # every default shown, as generate's help
+
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     p = argparse.ArgumentParser(
-        prog="python -m mlx_starflow.benchmark",
+        prog=script if script.startswith("mlx-starflow-") else "python -m mlx_starflow.benchmark",
         description="How long one image takes and how much memory it needs, stage by stage, beside what "
                     "the machine can do. Without --model: random weights of the released 3B shapes.",
         epilog="The defaults are generate's for the released 3B model (bfloat16 flow, float32 text encoder "
@@ -790,7 +793,7 @@ def parser():
                "of iterations depends on the trained weights (random weights cannot tell it); the sequential "
                "loop costs the same per token for any weights, so it is what is measured (--sampler jacobi "
                "with --model measures the real one). Figures and commands: BENCHMARKS.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", help="a converted model folder instead of random weights")
     p.add_argument("--arch", default="3b", choices=list(ARCHS),
                    help="architecture of the random model: the released 3B, or small ones for quick checks")
@@ -802,13 +805,13 @@ def parser():
     p.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"], help="text encoder weights")
     p.add_argument("--text-quantize", type=int, choices=[4, 8], help="quantize the text encoder's linears")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"], help="VAE weights")
-    p.add_argument("--vae-tile", type=int, help="decode in tiles of this many latents (less memory)")
+    p.add_argument("--vae-tile", type=int, metavar="N", help="decode in tiles of this many latents (less memory)")
     p.add_argument("--batch", type=int, default=1, help="images at once")
     p.add_argument("--cfg", type=float, default=3.6,
                    help="guidance weight; any weight > 0 costs the same (two rows per image), 0 is half")
     p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"],
                    help="how the blocks are sampled (see below)")
-    p.add_argument("--tokens", default="auto",
+    p.add_argument("--tokens", default="auto", metavar="{auto,all,N}",
                    help="tokens timed at each end of a block, then extrapolated; 'all': whole blocks and every "
                         f"stage run; 'auto': whole blocks when the first token says under {AUTO_BLOCK:.0f} s, "
                         f"else {AUTO_TOKENS} tokens, and denoising estimated when over {AUTO_DENOISE / 60:.0f} min")
@@ -825,7 +828,7 @@ def parser():
     p.add_argument("--precision", action="store_true",
                    help="also compare each component's precisions with float32 on a small architecture")
     p.add_argument("--precision-arch", choices=list(ARCHS), help="architecture of --precision (default: small)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (0 unless given)")
     p.add_argument("--json", help="also write every figure to this file")
     return p
 

@@ -91,9 +91,11 @@ def study(arch="small", group_size=64, seed=0, log=print):
 
 
 def main(argv=None):
+    from .generate import HelpFormatter
+
     p = argparse.ArgumentParser(prog="python -m mlx_starflow.precision",
                                 description="Each component's precisions against float32, on random weights.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--arch", default="small", choices=list(ARCHS),
                    help="architecture of the random model (float32 must be affordable: 3b is 15 GB)")
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
