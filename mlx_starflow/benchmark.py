@@ -142,9 +142,12 @@ def linear_params(block):
 
 
 def largest_linear(block):
-    """The widest linear of the block's first layer, as the model holds it."""
+    """The largest linear of the block's first layer (the MLP's width -> 4 x width), as
+    the model holds it."""
     linears = [m for _, m in block.attn_blocks[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
-    return max(linears, key=lambda m: m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1))
+    # unpacked size, then the wider output
+    return max(linears, key=lambda m: (m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1),
+                                       m.weight.shape[0]))
 
 
 def sampled_blocks(model):
@@ -659,13 +662,13 @@ def _spread(t):
     return f" (runs: {_duration(t['min'])} to {_duration(t['max'])})" if t["n"] > 1 else ""
 
 
-def _block_words(info, limits):
+def _block_words(info, limits, same_rows=True):
     """A block's speed against the machine: weights read per token against the copy
-    speed and against its largest layer alone on the same rows."""
+    speed and (the deep block: same rows) against its largest layer alone."""
     s = (f"{_duration(info['per_token'])} per token; reads {_gb(info['weight_bytes_per_token'])} of weights "
          f"per token: {info['GBps']:.1f} GB/s = {100 * info['GBps'] / limits['copy_GBps']:.0f}% of the memory "
          f"copy speed ({limits['copy_GBps']:.1f} GB/s)")
-    if "layer_step_GBps" in limits:
+    if same_rows and "layer_step_GBps" in limits:
         s += (f", {100 * info['GBps'] / limits['layer_step_GBps']:.0f}% of its largest layer alone "
               f"({limits['layer_step_GBps']:.1f} GB/s)")
     return s
@@ -686,7 +689,7 @@ def _line(name, info, limits=None):
     if name in ("deep", "shallow"):
         how = (f"{info['tokens_timed']} tokens timed at each end, extrapolated" if info["extrapolated"]
                else "sampled whole")
-        return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits)}{peak}"
+        return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits, name == 'deep')}{peak}"
     if name == "denoise":
         return f"  {_duration(t['median'])}{_spread(t)}{peak}" if t else "  not needed by this model"
     return f"  {name}: {info}"
@@ -741,7 +744,7 @@ def summary_lines(results):
             where = (f"{i['blocks']} blocks, one row per image; " if k == "shallow"
                      else f"KV cache {_gb(i['kv_cache_bytes'])}; ")
             rows.append((name, ("~" if i["extrapolated"] else "") + _duration(i["block_seconds"]), peak_of(i),
-                         where + _block_words(i, lim)))
+                         where + _block_words(i, lim, k == "deep")))
     if "denoise" in st:
         i = st["denoise"]
         if "estimated_seconds" in i:
