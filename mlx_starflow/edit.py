@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from .sample import invert as flow_invert, sampling_order
-from .pipeline import Cancelled, Event, GenerateOptions, Result, check_prompts
+from .pipeline import Cancelled, Event, GenerateOptions, Result, check_prompts, drive
 
 __all__ = ["invert", "edit", "edit_steps", "variation", "blend", "invert_stage", "main"]
 
@@ -325,42 +325,13 @@ def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]
             noise = mx.where(keep, noise, z)
     peak = mx.get_peak_memory()
     run = replace(opts, latents=noise, seed=None)
-    steps = pipe.generate_steps(run)
-    if keep is None:  # the pipeline's own stages to the end
-        for event in steps:
-            if event.result is not None:
-                event.result.peak_memory = max(event.result.peak_memory, peak)
-            yield event
-        return
-    # Masked: stop the pipeline when the sample is finished, paste the kept latents back,
-    # then denoise and decode here (the pipeline has no hook between those stages).
-    try:
-        for event in steps:
-            yield event
-            if event.step is not None and event.step.x is not None:
-                sampled = event.step.x
-                break
-    finally:
-        steps.close()
-    out = mx.where(keep, sampled, x)
-    if run.denoise != "none":
-        yield Event("denoise", 0, 1)
-        y = pipe.encode(run.batch_prompts)
-        den = pipe.flow.learned_denoise(out, y) if run.denoise == "learned" else pipe.flow.denoise(out, y)
-        out = mx.where(keep, den, x)  # the kept region stays the source's, exactly
-        mx.eval(out)
-        yield Event("denoise", 1, 1)
-    yield Event("decode", 0, 1)
-    images = pipe.decode(out)
-    params = {"guidance": run.guidance, "sampler": run.sampler, "denoise": run.denoise,
-              "negative_prompt": run.negative_prompt, "model": pipe.info.get("model"),
-              "height": run.height, "width": run.width}
-    if run.jacobi is not None:
-        params.update(jacobi_block_size=run.jacobi_block_size, jacobi_threshold=run.jacobi_threshold,
-                      jacobi_max_iter=run.jacobi_max_iter)
-    result = Result(images=images, latents=out, seeds=[], prompts=list(run.batch_prompts),
-                    peak_memory=max(peak, mx.get_peak_memory()), params=params)
-    yield Event("decode", 1, 1, result=result)
+    # Masked: the kept latents are pasted back after sampling and after denoising, so
+    # the kept region stays the source's exactly.
+    paste = None if keep is None else (lambda v: mx.where(keep, v, x))
+    for event in pipe.generate_steps(run, after_sampling=paste):
+        if event.result is not None:
+            event.result.peak_memory = max(event.result.peak_memory, peak)
+        yield event
 
 
 def edit(pipe, image, prompt, *, progress: Optional[Callable] = None, **options) -> Result:
@@ -379,14 +350,7 @@ def edit(pipe, image, prompt, *, progress: Optional[Callable] = None, **options)
     Other options as generate's: negative_prompt, guidance, seed, num_images, sampler,
     jacobi_*, denoise, height, width. progress(stage, done, total) as in generate:
     returning False cancels (raises Cancelled)."""
-    steps = edit_steps(pipe, image, prompt, **options)
-    for event in steps:
-        if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
-            steps.close()
-            raise Cancelled(event.stage)
-    if progress is not None:
-        progress(event.stage, event.done, event.total)
-    return event.result
+    return drive(edit_steps(pipe, image, prompt, **options), progress)
 
 
 def variation(pipe, image, prompt, strength: float = DEFAULT_STRENGTH, **options) -> Result:
@@ -422,9 +386,6 @@ def invert_stage(flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats
 
 
 # -- the command line ---------------------------------------------------------------------
-
-STAGES = {"encode": "Encoding image", "invert": "Inverting"}
-
 
 def add_options(p):
     """The editing options, shared by `edit` and `generate --init-image` (a variation)."""
@@ -465,7 +426,7 @@ def parser():
 def run(args, variation: bool = False) -> int:
     """Edit as the command line asks (parsed by `parser`); the exit status. For
     `generate --init-image`, variation: the source prompt is the prompt."""
-    from .generate import LOAD_OPTIONS, STAGES as GENERATE_STAGES, Bars, check_writable, output_paths, save
+    from .generate import LOAD_OPTIONS, STAGES, Bars, check_writable, output_paths, save
     from .hub import ModelNotFound
     from .pipeline import Pipeline, expand_seeds
     from .score import open_image
@@ -511,9 +472,8 @@ def run(args, variation: bool = False) -> int:
     for path in paths:
         print(path, flush=True)
     if args.verbose:
-        labels = {**GENERATE_STAGES, **STAGES}
         for stage, sec in result.timings.items():
-            print(f"{labels.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
+            print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
         print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
     return 0
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from .hub import DEFAULT_CHECKPOINT, DEFAULT_MODEL, ModelNotFound
 
 ENGINE = "mlx-starflow"
-STAGES = {"text": "Encoding prompt", "deep": "Deep block", "shallow": "Shallow blocks",
-          "denoise": "Denoising", "decode": "Decoding"}
+STAGES = {"encode": "Encoding image", "invert": "Inverting", "text": "Encoding prompt", "deep": "Deep block",
+          "shallow": "Shallow blocks", "denoise": "Denoising", "decode": "Decoding"}
 
 
 def engine_version() -> str:

@@ -219,6 +219,18 @@ def _auto_dtype(folder) -> Optional[str]:
     return "bfloat16" if f32 > 4e9 else None
 
 
+def drive(events: Iterator[Event], progress: Optional[Callable] = None) -> Result:
+    """Run a generator of Events to its Result, calling progress(stage, done, total)
+    on each; progress returning False stops the generator and raises Cancelled."""
+    for event in events:
+        if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
+            events.close()
+            raise Cancelled(event.stage)
+    if progress is not None:
+        progress(event.stage, event.done, event.total)
+    return event.result
+
+
 class Pipeline:
     def __init__(self, flow: Flow, text_loader: Optional[Callable] = None, vae=None,
                  keep_text_encoder: bool = False, info: Optional[dict] = None, vae_loader: Optional[Callable] = None):
@@ -427,36 +439,43 @@ class Pipeline:
         progress(stage, done, total) is called during each stage; returning False
         cancels the call (raises Cancelled) and leaves the pipeline usable. group: an
         mx.distributed group whose every rank makes this same call (distributed.py)."""
-        steps = self.generate_steps(prompt, group=group, **options)
-        for event in steps:
-            if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
-                steps.close()
-                raise Cancelled(event.stage)
-        if progress is not None:
-            progress(event.stage, event.done, event.total)
-        return event.result
+        return drive(self.generate_steps(prompt, group=group, **options), progress)
 
     def generate_steps(self, prompt: Union[str, Sequence[str], GenerateOptions], *, group=None,
-                       **options) -> Iterator[Event]:
+                       after_sampling: Optional[Callable] = None, **options) -> Iterator[Event]:
         """Generation as a generator of Events: one per token or Jacobi chunk while
         sampling, one per other stage; the last carries the Result. Options are
-        checked before the first event; stop iterating to cancel."""
+        checked before the first event; stop iterating to cancel. after_sampling(x)
+        -> x is applied to the flow's sample and again after denoising (editing
+        pastes its kept latents back there)."""
         unknown = sorted(set(options) - set(GenerateOptions.names()))
         if unknown:
             raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; "
                             f"known: {', '.join(GenerateOptions.names()[1:])}")
         opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
         if group is not None:  # several processes share the work: distributed.py
+            if after_sampling is not None:
+                raise ValueError("after_sampling is not available with a distributed group")
             from .distributed import generate_steps
             return generate_steps(self, group, opts)
         opts = self.resolve_options(opts)
-        return self._run(opts)
+        return self._run(opts, after_sampling)
 
-    def _run(self, opts: GenerateOptions) -> Iterator[Event]:
+    def _run(self, opts: GenerateOptions, after_sampling=None) -> Iterator[Event]:
         with self._lock:
-            yield from self._stages(opts)
+            yield from self._stages(opts, after_sampling or (lambda x: x))
 
-    def _stages(self, opts: GenerateOptions) -> Iterator[Event]:
+    def params(self, opts: GenerateOptions) -> dict:
+        """What a Result records of resolved options (and PNG metadata carries)."""
+        params = {"guidance": opts.guidance, "sampler": opts.sampler, "denoise": opts.denoise,
+                  "negative_prompt": opts.negative_prompt, "model": self.info.get("model"),
+                  "height": opts.height, "width": opts.width}
+        if opts.jacobi is not None:
+            params.update(jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
+                          jacobi_max_iter=opts.jacobi_max_iter)
+        return params
+
+    def _stages(self, opts: GenerateOptions, after_sampling) -> Iterator[Event]:
         cfg = self.config
         prompts = opts.batch_prompts
         timings = {}
@@ -481,7 +500,7 @@ class Pipeline:
             else:
                 k = sorted(shallow, reverse=True).index(step.block)
                 yield Event("shallow", k * step.total + step.done, len(shallow) * step.total, step)
-        x = step.x
+        x = after_sampling(step.x)
         end = time.perf_counter()
         timings["deep"] = deep_end - start
         if shallow:
@@ -494,6 +513,7 @@ class Pipeline:
                 x = self.flow.learned_denoise(x, y_cond)
             else:
                 x = self.flow.denoise(x, y_cond, cfg.noise_std)
+            x = after_sampling(x)
             mx.eval(x)
             timings["denoise"] = time.perf_counter() - t0
             yield Event("denoise", 1, 1)
@@ -503,14 +523,8 @@ class Pipeline:
         images = self.decode(x)
         timings["decode"] = time.perf_counter() - t0
 
-        params = {"guidance": opts.guidance, "sampler": opts.sampler, "denoise": opts.denoise,
-                  "negative_prompt": opts.negative_prompt, "model": self.info.get("model"),
-                  "height": opts.height, "width": opts.width}
-        if opts.jacobi is not None:
-            params.update(jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
-                          jacobi_max_iter=opts.jacobi_max_iter)
         result = Result(images=images, latents=x, seeds=list(opts.seed), prompts=list(prompts), timings=timings,
-                        peak_memory=mx.get_peak_memory(), params=params)
+                        peak_memory=mx.get_peak_memory(), params=self.params(opts))
         yield Event("decode", 1, 1, result=result)
 
     # -- what only a flow can do: each in its own module, reached from here ----------

@@ -270,7 +270,7 @@ def test_tiled_decoding_and_precision_options(release, cache, pipe):
     assert tiled._text is not None  # kept loaded
     with pytest.raises(ValueError, match="vae_tile"):
         Pipeline.from_pretrained(str(release), vae_tile=1)
-    with pytest.raises(ValueError, match="text_quantize must be 4 or 8"):
+    with pytest.raises(ValueError, match="text_quantize: quantization must be 4 or 8"):
         Pipeline.from_pretrained(str(release), text_quantize=3)
 
 
