@@ -863,14 +863,11 @@ def _check(p, args):
 
 
 def write_json(path, data):
-    """Write data as JSON to path atomically (a partial file never appears)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write data as JSON to path atomically (a partial file never appears), as generate writes."""
+    from .generate import _atomic_write
+
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None):
