@@ -20,8 +20,9 @@ takes fewer deep layers (`placement` balances the weights); the other ranks hold
 their layers and the block's small input and output projections. Per token (or
 Jacobi chunk) the hidden state goes from rank to rank with send/recv; every rank
 runs the same sampler loop (sample.py) on the last rank's output, which all_gather
-shares. KV caches stay with their layers. The score denoising step (a gradient
-through the whole deep block) is not split: use the learned denoiser or none.
+shares. KV caches stay with their layers. The score denoising step takes the deep
+block's density over the whole sequence rank to rank and its gradient back
+(PipelineFlow.denoise with follow_denoise).
 
 Failures: every rank reports how its part went before results are gathered, so a
 rank's error (or a cancel) stops every rank with that rank's message. A rank that
@@ -42,6 +43,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -311,20 +313,27 @@ class PipelineBlock(FlowBlock):
     def width(self) -> int:
         return self.proj_in.weight.shape[0]
 
-    def _hidden(self, first, shape, rope, caches, mlps=None):
-        """This rank's layers over the hidden state of `shape` (rank 0 computes it with
-        first(), the others receive it). Returns (output, sends still to evaluate)."""
+    def _hidden(self, first, shape, run, watch=True):
+        """run(h), this rank's layers, over the hidden state of `shape`: rank 0 computes
+        it with first(), the others receive it after a control word. Returns (this
+        rank's input, its output, sends still to evaluate). `watch`: the wait for the
+        control word counts against the step timeout."""
         g = self.group
         rank, size = g.rank(), g.size()
         dtype = self.proj_in.weight.dtype
         pending = []
-        _stall.beat(g)
+        if watch:
+            _stall.beat(g)
+        else:
+            _stall.stop()
         if rank == 0:
             pending.append(mx.distributed.send(mx.array([GO, shape[0], shape[1]], dtype=mx.int32), 1, group=g))
             h = first()
         else:
             ctrl = mx.distributed.recv((3,), mx.int32, rank - 1, group=g)
             flag, rows, n = _exchange(g, ctrl).tolist()
+            if watch:
+                _stall.beat(g)
             if rank < size - 1:
                 pending.append(mx.distributed.send(ctrl, rank + 1, group=g))
             if flag == STOP:
@@ -334,31 +343,95 @@ class PipelineBlock(FlowBlock):
                 raise GroupError(f"rank {rank} expected a hidden state of {shape[0]} rows x {shape[1]} tokens, "
                                  f"rank {rank - 1} sends {rows} x {n}: the ranks are not sampling the same thing")
             h = mx.distributed.recv(shape, dtype, rank - 1, group=g)
-        for i, (layer, cache) in enumerate(zip(self.attn_blocks, caches)):
-            h = layer(h, rope, cache, None if mlps is None else mlps[i])
+        h_in, h = h, run(h)
         if h.dtype != dtype:
             raise TypeError(f"the hidden state changed type ({dtype} -> {h.dtype}) in layers {self.layers}: "
                             "load the model with one dtype")
         if rank < size - 1:  # after the control word
             h = mx.distributed.send(mx.depends(h, pending) if pending else h, rank + 1, group=g)
             pending = [h]
-        return h, pending
+        return h_in, h, pending
+
+    def _share(self, h, pending, rows):
+        """The last rank's h (its first `rows` rows) on every rank."""
+        g, size = self.group, self.group.size()
+        mine = h if g.rank() == size - 1 else mx.depends(mx.zeros(h.shape, dtype=h.dtype), pending)
+        return mx.distributed.all_gather(mine, group=g)[(size - 1) * rows : size * rows]
 
     def step(self, inputs, start, caches, rope, cond, mlps=None):
         B, n = inputs.shape[:2]
-        shape = (B, n, self.width)
         pos = caches[0].offset if caches else start
-        h, pending = self._hidden(lambda: self.embed(inputs, start, cond), shape, _rows(rope, pos, pos + n),
-                                  caches, mlps)
-        g, size = self.group, self.group.size()
-        mine = h if g.rank() == size - 1 else mx.depends(mx.zeros(shape, dtype=h.dtype), pending)
-        h = mx.distributed.all_gather(mine, group=g)[(size - 1) * B :]
+        r = _rows(rope, pos, pos + n)
+
+        def run(h):
+            for i, (layer, cache) in enumerate(zip(self.attn_blocks, caches)):
+                h = layer(h, r, cache, None if mlps is None else mlps[i])
+            return h
+
+        _, h, pending = self._hidden(lambda: self.embed(inputs, start, cond), (B, n, self.width), run)
+        h = self._share(h, pending, B)
         return h if mlps is not None else self.head(h)
 
     def prefill(self, text, rope, caches):
+        r = _rows(rope, 0, text.shape[1])
+
+        def run(h):
+            for layer, cache in zip(self.attn_blocks, caches):
+                h = layer(h, r, cache)
+            return h
+
         shape = (text.shape[0], text.shape[1], self.width)
-        _, pending = self._hidden(lambda: self.text_prefix(text), shape, _rows(rope, 0, text.shape[1]), caches)
+        _, _, pending = self._hidden(lambda: self.text_prefix(text), shape, run)
         _exchange(self.group, [c.state for c in caches] + pending)
+
+    # -- the score denoising step: the density over the whole sequence, its gradient back ----
+
+    def _outputs(self, h, n_txt):
+        """(a, b) of the tokens from the last hidden state, as FlowBlock.affine ends."""
+        a, b = self.head(h[:, n_txt:])
+        if not self.sos:  # output t predicts token t+1; token 0 passes unchanged
+            a = mx.pad(a[:, :-1], [(0, 0), (1, 0), (0, 0)])
+            b = mx.pad(b[:, :-1], [(0, 0), (1, 0), (0, 0)])
+        return a, b
+
+    def _checkpointed(self, rope):
+        def run(h):  # each layer's activations recomputed in the backward pass, as Flow.denoise does
+            for layer in self.attn_blocks:
+                h = mx.checkpoint(layer)(h, rope)
+            return h
+        return run
+
+    def density_forward(self, first, rows, tokens, rope, n_txt):
+        """Every rank: the block over a whole sequence (text prefix and tokens) rank to
+        rank, rank 0 computing the first hidden state with first(). Returns (this
+        rank's input, every token's (a, b) packed (rows, tokens, 2 D), on every rank).
+        Waits are not timed: rank 0 may first sample the shallow blocks for long."""
+        g = self.group
+        last = g.rank() == g.size() - 1
+        shape = (rows, n_txt + tokens, self.width)
+        h_in, h, pending = self._hidden(first, shape, self._checkpointed(rope), watch=False)
+        dim = self.proj_in.weight.shape[1]
+        ab = mx.concatenate(self._outputs(h, n_txt), axis=-1) if last else mx.zeros((rows, tokens, 2 * dim))
+        return h_in, _exchange(g, self._share(ab, pending, rows))
+
+    def density_backward(self, h_in, g_ab, rope, n_txt):
+        """Every rank, after density_forward: rank 0's cotangent of (a, b) (the others
+        pass zeros of its shape) goes to the last rank, and the gradient comes back
+        rank to rank through the layers. Returns, on rank 0, the cotangent of its own
+        layers' output; None elsewhere."""
+        g = self.group
+        rank, size = g.rank(), g.size()
+        run = self._checkpointed(rope)
+        g_ab = _exchange(g, mx.distributed.all_gather(g_ab, group=g)[: h_in.shape[0]])
+        if rank == size - 1:
+            fn, cot = (lambda h: mx.concatenate(self._outputs(run(h), n_txt), axis=-1)), g_ab
+        else:
+            fn, cot = run, mx.distributed.recv(h_in.shape, h_in.dtype, rank + 1, group=g)
+        if rank == 0:
+            return _exchange(g, cot)
+        _, (grad,) = mx.vjp(fn, [h_in], [cot])
+        _exchange(g, mx.distributed.send(grad, rank - 1, group=g))
+        return None
 
     def abort(self):
         """On rank 0, between steps: tell the other ranks, waiting for the next hidden
@@ -368,8 +441,67 @@ class PipelineBlock(FlowBlock):
             _exchange(self.group, mx.distributed.send(mx.array([STOP, 0, 0], dtype=mx.int32), 1, group=self.group))
 
     def affine(self, *args, **kwargs):
-        raise ValueError("the density of a pipeline-parallel deep block (likelihood, inversion, score "
-                         "denoising) is not available: only sampling is split across ranks")
+        raise ValueError("the density of a pipeline-parallel deep block (likelihood, inversion) is not "
+                         "available: only sampling and the score denoising step are split across ranks")
+
+
+class PipelineFlow(Flow):
+    """Rank 0's flow in a pipeline: the score denoising step takes the deep block's
+    gradient across the ranks (the others take part with follow_denoise)."""
+
+    def denoise(self, x, y=None, noise_std=None):
+        """x + noise_std^2 * d/dx log p(x | y), as Flow.denoise: the shallow blocks here,
+        the deep block's density over the ranks, its gradient passed back."""
+        s = self.config.noise_std if noise_std is None else noise_std
+        deep = self.blocks[-1]
+        self.check_input(x, "x")
+        B = x.shape[0]
+        h, w = self.grid(x)
+        text = self.check_text(y, B)
+        t = text if deep.has_text else None
+        n_txt = 0 if t is None else t.shape[1]
+        rope = self.rope(deep.has_text, h, w, n_txt)
+        cond = deep.class_rows(y if text is None else None, B)
+        shallow = Flow.__new__(Flow)  # a view: the same modules, the deep block left out
+        nn.Module.__init__(shallow)
+        shallow.blocks, shallow._config = [*self.blocks[:-1], IdentityBlock()], self.config
+
+        def tokens_of(v):
+            image, logdet = shallow(v, y, recompute=True)
+            return self.patchify(image), logdet
+
+        def first_hidden(tokens):  # FlowBlock.affine's start: sos, shifted tokens, text prefix
+            seq = tokens[:, ::-1] if deep.flip else tokens
+            if deep.sos:
+                seq = mx.concatenate([deep.sos_tokens(B).astype(seq.dtype), seq[:, :-1]], axis=1)
+            hidden = deep.embed(seq, 0, cond)
+            return hidden if t is None else mx.concatenate([deep.text_prefix(t), hidden], axis=1)
+
+        def log_p(tokens, ab):  # the deep block's share of log p, given its (a, b)
+            a, b = mx.split(ab, 2, axis=-1)
+            z = ((tokens[:, ::-1] if deep.flip else tokens) - b) / deep.scale(a)
+            return -0.5 * mx.sum(z * z) - mx.sum(deep.log_scale(a))
+
+        v = x.astype(mx.float32)
+        tokens = tokens_of(v)[0]
+        mx.eval(tokens)
+        h0, ab = deep.density_forward(lambda: first_hidden(tokens), B, tokens.shape[1], rope, n_txt)
+        g_tokens, g_ab = mx.grad(log_p, argnums=(0, 1))(tokens, ab)
+        cot = deep.density_backward(h0, g_ab, rope, n_txt)
+        run = deep._checkpointed(rope)
+        _, (g_via,) = mx.vjp(lambda tok: run(first_hidden(tok)), [tokens], [cot])
+        _, (grad,) = mx.vjp(lambda u: list(tokens_of(u)), [v], [g_tokens + g_via, mx.ones((B,))])
+        return x + (s * s) * grad
+
+
+def follow_denoise(flow: Flow, rows: int, grid):
+    """Ranks > 0 of a pipeline: take part in rank 0's score denoising step for a
+    batch of `rows` images of a (height, width) token grid."""
+    deep = flow.blocks[-1]
+    n_txt = flow.config.txt_size if deep.has_text else 0
+    rope = flow.rope(deep.has_text, grid[0], grid[1], n_txt)
+    h_in, ab = deep.density_forward(None, rows, grid[0] * grid[1], rope, n_txt)
+    deep.density_backward(h_in, mx.zeros_like(ab), rope, n_txt)
 
 
 def hop_seconds(group, cfg, rows: int = 2, tokens: int = 1, dtype=mx.float32, repeats: int = 100) -> float:
@@ -481,6 +613,8 @@ def _load_part(path, group, dtype=None, quantize=None) -> Flow:
     flow, layers = _part(cfg, group.rank(), group.size())
     top = len(flow.blocks) - 1
     PipelineBlock.of(flow.blocks[top], group, layers)
+    if group.rank() == 0:
+        flow.__class__ = PipelineFlow
     elsewhere = ()  # names of what rank 0 holds alone
     if group.rank() > 0:
         elsewhere = (*(f"blocks.{i}." for i in range(top)), "learnable_self_denoiser.", f"blocks.{top}.proj_txt.")
@@ -621,16 +755,9 @@ def generate_steps(pipe: Pipeline, group, opts: GenerateOptions) -> Iterator[Eve
         if (block.group.rank(), block.group.size()) != (group.rank(), group.size()):
             raise ValueError("this pipeline was loaded pipeline-parallel on another group")
 
-    def check():
-        resolved = pipe.resolve_options(opts)
-        if block is not None and resolved.denoise == "score":
-            raise ValueError("the score denoising step needs the whole deep block on one machine: with pipeline "
-                             "parallel use denoise='none' (--denoise none), or a model with a learned denoiser")
-        return resolved
-
     resolved, error = None, None
     try:
-        resolved = check()
+        resolved = pipe.resolve_options(opts)
     except (ValueError, TypeError) as e:
         error = e
     agree(group, error, "" if error else _fingerprint(resolved, seeded, mode))
@@ -725,11 +852,12 @@ def _batch(pipe, group, opts):
 
 def _pipelined(pipe, group, opts, block):
     if group.rank() == 0:
-        finished = []  # the deep block is done on every rank: nothing to stop any more
+        finished = []  # the exchanges are over on every rank: nothing to stop any more
+        last = "denoise" if opts.denoise == "score" else "deep"  # the score step crosses the ranks too
 
         def watch(events):
             for event in events:
-                if event.stage == "deep" and event.done == event.total:
+                if event.stage == last and event.done == event.total:
                     finished.append(True)
                 yield event
 
@@ -760,6 +888,9 @@ def _follow(pipe, opts, empty=False):
                                                                                                 opts.width))
     for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi):
         yield Event("deep", step.done, step.total, step)
+    if opts.denoise == "score" and not empty:
+        p = pipe.config.patch_size
+        follow_denoise(pipe.flow, x.shape[0], (x.shape[1] // p, x.shape[2] // p))
 
 
 STAGE_NAMES = ("text", "deep", "shallow", "denoise", "decode")
