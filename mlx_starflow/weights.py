@@ -215,12 +215,14 @@ def quantize_model(model: Flow, bits=4, group_size=64) -> list:
     linears, not proj_in/proj_out/proj_txt); returns the paths left unquantized."""
     # One transformer layer at a time, evaluated: weights loaded lazily from a file are
     # then never all resident in full precision at once (a 3B bf16 folder quantized on
-    # the fly to 4 bits peaks at 9.9 GB otherwise, at about 3 GB this way).
+    # the fly to 4 bits peaks at 9.9 GB otherwise, at about 3 GB this way). The layers are
+    # listed first: named_modules() holds every submodule, so iterating it would keep each
+    # replaced full-precision linear alive until the end.
+    layers = [(p, m) for p, m in model.named_modules() if re.fullmatch(r"(.+\.)?attn_blocks\.\d+", p)]
     skipped = []
-    for path, layer in model.named_modules():
-        if re.fullmatch(r"(.+\.)?attn_blocks\.\d+", path):
-            skipped += quantize_linear(layer, bits, group_size, prefix=f"{path}.")
-            mx.eval(layer.parameters())
+    for path, layer in layers:
+        skipped += quantize_linear(layer, bits, group_size, prefix=f"{path}.")
+        mx.eval(layer.parameters())
     skipped += quantize_linear(model, bits, group_size)  # whatever else the rule takes
     return list(dict.fromkeys(skipped))
 
