@@ -864,10 +864,10 @@ def _check(p, args):
 
 def write_json(path, data):
     """Write data as JSON to path atomically (a partial file never appears), as generate writes."""
-    from .generate import _atomic_write
+    from .generate import atomic_write
 
     text = json.dumps(data, indent=2, default=str) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None):

@@ -261,7 +261,7 @@ def read_metadata(path) -> dict:
     return json.loads(text["parameters"]) if "parameters" in text else text
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path: Path, write):
     # Created with 0666 so the user's umask decides the mode, as for any program's output
     # (mkstemp would make it 0600).
     tmp = (path.parent if str(path.parent) else Path(".")) / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -281,10 +281,10 @@ def save(result, paths, metadata_sidecar=False, load_options=None):
         params = {"prompt": result.prompts[i], **result.params, **(load_options or {}), "engine": version}
         if result.seeds:
             params["seed"] = result.seeds[i]
-        _atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=png_info(params)))
+        atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=png_info(params)))
         if metadata_sidecar:
             side = path.with_suffix(".json")
-            _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2) + "\n"))
+            atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2) + "\n"))
 
 
 class Bars:

@@ -513,7 +513,7 @@ def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
 
 
 def main(argv=None) -> int:
-    from .generate import Bars, _atomic_write, check_writable
+    from .generate import Bars, atomic_write, check_writable
     from .hub import ModelNotFound
     from .pipeline import Cancelled, Pipeline
 
@@ -543,7 +543,7 @@ def main(argv=None) -> int:
         bars.close()
         if out is not None:
             text = json.dumps(to_json(result, args.image, args.model), indent=2) + "\n"
-            _atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+            atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     except (KeyboardInterrupt, Cancelled):
         bars.close()
         print("interrupted: nothing was written", file=sys.stderr)

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-from .generate import _atomic_write, engine_version, png_info
+from .generate import atomic_write, engine_version, png_info
 from .hub import ModelNotFound
 
 MAX_IMAGES = 10  # OpenAI's bound for n
@@ -442,7 +442,7 @@ class Files:
                         old.unlink()
                 except FileNotFoundError:
                     pass
-            _atomic_write(self.folder / name, lambda tmp: Path(tmp).write_bytes(data))
+            atomic_write(self.folder / name, lambda tmp: Path(tmp).write_bytes(data))
         return name
 
     def get(self, name: str) -> Optional[bytes]:
