@@ -39,6 +39,8 @@ from .sample import Jacobi, block_steps
 from .weights import DTYPES, load_flow, read_config
 
 STAGES = ("text", "load", "prefill", "deep", "shallow", "denoise", "vae")
+# What only a flow does, beside generating: measured when asked (--stages ...,score,invert).
+EXTRA_STAGES = ("score", "invert")
 GB = machine.GB
 # --tokens auto: a block whose first token says it takes longer than this is timed
 # on AUTO_TOKENS tokens at each end and extrapolated; a denoising pass estimated
@@ -489,7 +491,8 @@ def log_plan(run, p):
 def run_order(stages):
     """The stages to run, in the pipeline's order: the flow and VAE loaded first, the text
     encoder beside them, then the decode and the sampling (timed after the plan)."""
-    return ["load"] + [s for s in ("text", "vae", "prefill", "deep", "shallow", "denoise") if s in stages]
+    order = ("text", "vae", "prefill", "deep", "shallow", "denoise") + EXTRA_STAGES
+    return ["load"] + [s for s in order if s in stages]
 
 
 def run_benchmark(args, log=print):
@@ -567,6 +570,22 @@ def run_benchmark(args, log=print):
         else:
             log(f"[{steps.index('denoise') + 1}/{k}] denoising: estimated, not run")
             results["stages"]["denoise"] = {"estimated_seconds": d["estimate"]}
+    if "score" in stages:
+        from .score import score_stage
+
+        begin("score", "scoring images: the exact likelihood, one density pass per image and prompt")
+        st = results["stages"]["score"] = score_stage(run.model, run.y[: run.batch], repeats=args.repeats,
+                                                      warmup=args.warmup, seed=args.seed)
+        log(f"  {st['images_per_second']:.3g} images per second (batches of {st['batch']}, "
+            f"{_duration(st['seconds']['median'])} each); memory peak {_gb(st['peak_memory'])}")
+    if "invert" in stages:
+        from .edit import invert_stage
+
+        begin("invert", f"inverting {run.batch} image(s) with guidance {args.cfg:g}: editing's exact inversion")
+        st = results["stages"]["invert"] = invert_stage(run.model, run.y, args.cfg, batch=run.batch,
+                                                        repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+        log(f"  {_duration(st['seconds']['median'])} per inversion ({st['tokens_per_second']:.3g} tokens per "
+            f"second over {st['blocks']} blocks, no token loop); memory peak {_gb(st['peak_memory'])}")
     run.vae = run.model = None
     gc.collect()
     mx.clear_cache()
@@ -822,7 +841,8 @@ def parser():
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the text, VAE and denoise stages first (0: a slow stage measured once)")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages to run (load always runs)")
+                   help="comma-separated stages to run (load always runs); also score (the exact likelihood: one "
+                        "density pass per image) and invert (editing's exact guided inversion)")
     p.add_argument("--layout", default="auto", choices=["auto", "out-in"],
                    help="auto: as the pipeline holds the weights (device.prepare: float32 input-major on a CPU); "
                         "out-in: as stored, to measure the difference")
@@ -838,9 +858,9 @@ def parser():
 
 def _check(p, args):
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = sorted(set(args.stages) - set(STAGES))
+    bad = sorted(set(args.stages) - set(STAGES) - set(EXTRA_STAGES))
     if bad:
-        p.error(f"--stages: unknown {', '.join(bad)}; choose from {','.join(STAGES)}")
+        p.error(f"--stages: unknown {', '.join(bad)}; choose from {','.join(STAGES + EXTRA_STAGES)}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.warmup < 0:

@@ -254,3 +254,17 @@ def test_warmup_runs_and_bad_options(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             benchmark.main(["--arch", "tiny", *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_score_and_invert_stages(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert benchmark.main([*TINY, "--stages", "score,invert", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    score, inv = r["stages"]["score"], r["stages"]["invert"]
+    assert score["images_per_second"] > 0 and score["batch"] >= 1
+    assert inv["tokens"] > 0 and inv["tokens_per_second"] > 0
+    assert score["peak_memory"] >= r["stages"]["load"]["weight_bytes"]
+    text = capsys.readouterr().out
+    assert "images per second" in text and "per inversion" in text
+    with pytest.raises(SystemExit):
+        benchmark.main([*TINY, "--stages", "scor"])
