@@ -51,8 +51,9 @@ from .flow import Flow, FlowBlock, IdentityBlock, _rows
 from .pipeline import Cancelled, Event, GenerateOptions, Pipeline, Result
 from .sample import Jacobi, sample_steps
 
-__all__ = ["GroupError", "init", "launched", "load", "generate_steps", "throughput", "PipelineBlock", "shares",
-           "broadcast_seeds", "on_rank0"]
+__all__ = ["GroupError", "GroupPipeline", "init", "launched", "load", "generate_steps", "throughput", "PipelineBlock",
+           "PipelineFlow", "follow_denoise", "placement", "rank_bytes", "hop_seconds", "shares", "broadcast_seeds",
+           "on_rank0"]
 
 CONNECT_TIMEOUT_ENV = "MLX_STARFLOW_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 120.0  # seconds: ranks start together, but ssh and imports take a while
@@ -540,7 +541,9 @@ def placement(flow: Flow, size: int) -> List[range]:
         raise ValueError(f"the deep block has {n} layers: pipeline parallel takes at most {n} ranks, not {size}")
     if size == 1:
         return [range(n)]
-    count = lambda module: sum(v.size for _, v in tree_flatten(module.parameters()))  # noqa: E731
+    def count(module):
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
     layer = count(deep.attn_blocks[0])
     shared = count(deep) - n * layer - (count(deep.proj_txt) if "proj_txt" in deep else 0)  # on every rank
     extra = (count(flow) - n * layer - shared) / layer  # what rank 0 holds alone, in deep layers
@@ -643,6 +646,16 @@ def _load_part(path, group, dtype=None, quantize=None) -> Flow:
     return flow
 
 
+class GroupPipeline(Pipeline):
+    """A Pipeline loaded on every rank of a group (see load): generate and
+    generate_steps share the work over that group unless given another."""
+
+    group = None
+
+    def generate_steps(self, prompt, *, group=None, **options):
+        return super().generate_steps(prompt, group=self.group if group is None else group, **options)
+
+
 class _NoText:
     """The text 'encoder' of ranks > 0 in a pipeline: only rank 0 embeds the prompt,
     the others need the embeddings' shape alone."""
@@ -671,7 +684,7 @@ def _pipeline_part(where, group, dtype, quantize, q_group_size, text_dtype, text
     info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder, "vae": where.vae,
             "dtype": dtype, "quantize": quantize, "pipeline_parallel": group.size()}
     if group.rank() > 0:
-        return Pipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
+        return GroupPipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
     text_loader = vae_loader = None
     if where.text_encoder is not None:
         from .text import load_text_encoder
@@ -686,17 +699,19 @@ def _pipeline_part(where, group, dtype, quantize, q_group_size, text_dtype, text
 
         def vae_loader(encoder: bool):
             return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
-    pipe = Pipeline(flow, text_loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info, vae_loader)
+    pipe = GroupPipeline(flow, text_loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info,
+                         vae_loader)
     pipe.vae_tile = vae_tile
     return pipe
 
 
 def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = False, **kwargs) -> Pipeline:
-    """Pipeline.from_pretrained on every rank of `group` (same arguments). Rank 0
-    resolves the model first (a download or a conversion happens once, into a cache
-    the others may share), then the others. With pipeline_parallel each rank loads
-    only its share of the deep block (see PipelineBlock). A failure on any rank
-    raises on every rank."""
+    """Pipeline.from_pretrained on every rank of `group` (same arguments): a
+    GroupPipeline, whose generate shares the work over the group. Rank 0 resolves the
+    model first (a download or a conversion happens once, into a cache the others
+    may share), then the others. With pipeline_parallel each rank loads only its
+    share of the deep block (see PipelineBlock). A failure on any rank raises on
+    every rank."""
     from .hub import DEFAULT_MODEL, resolve
 
     model = DEFAULT_MODEL if model is None else model
@@ -713,7 +728,9 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
     # ranks may share (one machine, a network folder) must not race.
     on_rank0(group, find)
     if not pipeline_parallel:
-        return _run_agreed(group, lambda: Pipeline.from_pretrained(model, **kwargs))
+        pipe = _run_agreed(group, lambda: GroupPipeline.from_pretrained(model, **kwargs))
+        pipe.group = group
+        return pipe
     options = dict(dtype="auto", quantize=None, q_group_size=64, text_dtype="float32", text_quantize=None,
                    vae_dtype="float32", keep_text_encoder=False, vae_tile=None)
     unknown = set(kwargs) - set(options) - set(names)
@@ -724,7 +741,9 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
     def part():
         return _pipeline_part(find(), group, model=model, **options)
 
-    return _run_agreed(group, part)
+    pipe = _run_agreed(group, part)
+    pipe.group = group
+    return pipe
 
 
 # -- generation in a group ---------------------------------------------------------------------
@@ -842,7 +861,7 @@ def _batch(pipe, group, opts):
         mine = replace(opts, prompts=[opts.batch_prompts[i] for i in part], num_images=1,
                        seed=[opts.seed[i] for i in part] if opts.seed else None,
                        latents=None if opts.latents is None else opts.latents[part.start : part.stop])
-        events = pipe.generate_steps(mine)
+        events = Pipeline.generate_steps(pipe, mine)  # this rank alone
     elif shared:
         events = _follow(pipe, opts, empty=True)
     result, error, seconds = yield from _local(group, events)
@@ -862,7 +881,7 @@ def _pipelined(pipe, group, opts, block):
                 yield event
 
         result, error, seconds = yield from _local(
-            group, watch(pipe.generate_steps(opts)), on_close=lambda: None if finished else block.abort())
+            group, watch(Pipeline.generate_steps(pipe, opts)), on_close=lambda: None if finished else block.abort())
     else:
         result, error, seconds = yield from _local(group, _follow(pipe, opts))
         if error is not None and not isinstance(error, Stopped):
