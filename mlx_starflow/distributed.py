@@ -7,10 +7,9 @@ samples its own contiguous share of the (prompt, seed) pairs; the images are the
 gathered, so every rank returns the group's Result and rank 0 writes the files.
 An image depends only on its prompt and seed (its noise comes from its own seed,
 and sampling is row by row), so the images are those of one machine whatever the
-group size, with one exception: Jacobi's stopping rule measures an iteration's
-change over the whole batch, so GroupJacobi sums that measure over the group (it
-needs sample.py to take the measure from Jacobi.change; without it, Jacobi images
-are those of one machine sampling each rank's share as its own batch).
+group size. Jacobi's stopping rule measures an iteration's change over the whole
+batch (Jacobi.change), so GroupJacobi sums that measure over the group: every rank
+iterates as one machine would over the whole batch.
 
 Pipeline parallel (`pipeline_parallel=True`, `--pipeline-parallel`): the deep
 block's layers are split into contiguous ranges, one per rank, and each rank reads
@@ -835,9 +834,6 @@ class GroupJacobi(Jacobi):
         return total[0] / total[1]
 
 
-# sample.py measures a Jacobi iteration's change with Jacobi.change: the hook GroupJacobi needs.
-SHARED_JACOBI = "change" in vars(Jacobi)
-
 
 @dataclass
 class _GroupOptions(GenerateOptions):
@@ -854,7 +850,7 @@ class _GroupOptions(GenerateOptions):
 def _batch(pipe, group, opts):
     part = shares(len(opts.batch_prompts), group.size())[group.rank()]
     events = iter(())
-    shared = opts.sampler == "jacobi" and SHARED_JACOBI  # then every rank takes part in every iteration
+    shared = opts.sampler == "jacobi"  # then every rank takes part in every iteration
     if shared:
         opts = _GroupOptions(**{f.name: getattr(opts, f.name) for f in fields(GenerateOptions)}, group=group)
     if len(part):

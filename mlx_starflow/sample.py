@@ -50,6 +50,12 @@ class Jacobi:
             raise OptionError("jacobi_threshold",
                               f"the Jacobi threshold must be >= 0 and finite, not {self.threshold!r}")
 
+    def change(self, new, old):
+        """The stopping measure of one iteration: the change relative to the new values,
+        over the whole batch (as the reference measures it; a distributed group sums it
+        over the group's batch, distributed.GroupJacobi)."""
+        return mx.mean(mx.square(new - old)) / mx.mean(mx.square(new))
+
 
 def check_guidance(guidance) -> float:
     """The guidance weight as a float, or a ValueError naming what is wrong."""
@@ -155,7 +161,7 @@ def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
             s, mu = _doubled(*guided(block, a, b, guidance), guidance)
             new = mu + s * z[:, start : start + size]
             old = x_full[:, start + 1 : start + 1 + size]
-            diff = mx.mean(mx.square(new - old)) / mx.mean(mx.square(new))
+            diff = jac.change(new, old)
             x_full[:, start + 1 : start + 1 + size] = new
             mx.eval(x_full, diff)  # one sync per iteration
             if diff.item() < jac.threshold or i == jac.max_iter - 1:

@@ -164,12 +164,7 @@ def release_pipe(release):
     return Pipeline.from_pretrained(str(release))
 
 
-JACOBI_HOOK = pytest.mark.xfail(not distributed.SHARED_JACOBI, strict=True, reason=(
-    "Jacobi's stopping rule measures the whole batch: identical images need sample.py to measure an "
-    "iteration's change with Jacobi.change, which distributed.GroupJacobi sums over the group"))
-
-
-@pytest.mark.parametrize("ranks,sampler", [(3, "sequential"), pytest.param(2, "jacobi", marks=JACOBI_HOOK)])
+@pytest.mark.parametrize("ranks,sampler", [(3, "sequential"), (2, "jacobi")])
 def test_release_batch_parallel(tmp_path, release, release_pipe, ranks, sampler):
     ref = release_pipe.generate(PROMPTS, num_images=2, seed=11, sampler=sampler)  # with the score denoising step
     out = tmp_path / "img-{seed}.png"
