@@ -593,56 +593,30 @@ def rank_bytes(cfg, size: int, dtype=mx.bfloat16, quantize=None, batch: int = 1,
 
 def _load_part(path, group, dtype=None, quantize=None) -> Flow:
     """A converted folder's flow with only this rank's share of the deep block's
-    layers (rank 0 also keeps the shallow blocks and the denoiser), checked and
-    loaded as weights.load_flow does. Only the kept tensors are ever read: mx.load
-    maps the file lazily and the dropped layers are never evaluated."""
-    from pathlib import Path
+    layers (rank 0 also keeps the shallow blocks and the denoiser), through
+    weights.load_flow: only the kept tensors are ever read."""
+    from .weights import load_flow
 
-    from .quant import quant_args, quantize_like
-    from .torch_reader import CheckpointError
-    from .weights import _parse_dtype, _warn_unquantized, load_checked, quantize_model, read_config
+    def part(cfg):
+        flow, layers = _part(cfg, group.rank(), group.size())
+        top = len(flow.blocks) - 1
+        PipelineBlock.of(flow.blocks[top], group, layers)
+        if group.rank() == 0:
+            flow.__class__ = PipelineFlow
+        elsewhere = ()  # names of what rank 0 holds alone
+        if group.rank() > 0:
+            elsewhere = (*(f"blocks.{i}." for i in range(top)), "learnable_self_denoiser.", f"blocks.{top}.proj_txt.")
+        prefix = f"blocks.{top}.attn_blocks."
 
-    path = Path(path)
-    w_path = path / "model.safetensors"
-    if not (path / "config.json").is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors)")
-    cfg = read_config(path)
-    want = quant_args(quantize)
-    if want and cfg.quantization and want != {k: cfg.quantization[k] for k in ("bits", "group_size")}:
-        raise ValueError(f"{path} is already quantized to {cfg.quantization['bits']} bits (group size "
-                         f"{cfg.quantization['group_size']}): load the unquantized folder to quantize it otherwise")
-    mx_dtype = _parse_dtype(dtype)
-    flow, layers = _part(cfg, group.rank(), group.size())
-    top = len(flow.blocks) - 1
-    PipelineBlock.of(flow.blocks[top], group, layers)
-    if group.rank() == 0:
-        flow.__class__ = PipelineFlow
-    elsewhere = ()  # names of what rank 0 holds alone
-    if group.rank() > 0:
-        elsewhere = (*(f"blocks.{i}." for i in range(top)), "learnable_self_denoiser.", f"blocks.{top}.proj_txt.")
-    try:
-        stored = mx.load(str(w_path))
-    except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
-        raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
-    prefix = f"blocks.{top}.attn_blocks."
-    weights = {}
-    for k, v in stored.items():
-        i, _, rest = k[len(prefix):].partition(".")
-        if k.startswith(prefix) and i.isdigit():
-            if int(i) in layers:
-                weights[f"{prefix}{int(i) - layers.start}.{rest}"] = v
-        elif not k.startswith(elsewhere):
-            weights[k] = v
-    del stored
-    if cfg.quantization:
-        quantize_like(flow, weights, cfg.quantization)
-    load_checked(flow, weights, w_path, mx_dtype)
-    del weights
-    if want and not cfg.quantization:
-        _warn_unquantized(quantize_model(flow, **want), want["group_size"])
-        cfg.quantization = want
-    mx.eval(flow.parameters())
-    return flow
+        def rename(k):
+            i, _, rest = k[len(prefix):].partition(".")
+            if k.startswith(prefix) and i.isdigit():
+                return f"{prefix}{int(i) - layers.start}.{rest}" if int(i) in layers else None
+            return None if k.startswith(elsewhere) else k
+
+        return flow, rename
+
+    return load_flow(path, dtype=dtype, quantize=quantize, part=part)
 
 
 class GroupPipeline(Pipeline):
@@ -669,38 +643,26 @@ class _NoText:
         pass
 
 
-def _pipeline_part(where, group, dtype, quantize, q_group_size, text_dtype, text_quantize, vae_dtype,
-                   keep_text_encoder, vae_tile, model) -> Pipeline:
-    from .pipeline import _auto_dtype
-    from .weights import DTYPES
+def _pipeline_part(where, group, model, **options) -> Pipeline:
+    """This rank's pipeline of a pipeline-parallel group: rank 0 a whole Pipeline
+    around its part of the flow, the others their part of the flow alone."""
+    def flow_loader(path, dtype, quantize):
+        return _load_part(path, group, dtype=dtype, quantize=quantize)
 
-    if dtype == "auto":
-        dtype = _auto_dtype(where.flow)
-    q = {"bits": quantize, "group_size": q_group_size} if quantize else None
-    from . import device
+    if group.rank() == 0:
+        pipe = GroupPipeline.from_pretrained(model, **options, flow_loader=flow_loader)
+    else:
+        from . import device
+        from .pipeline import _auto_dtype
+        from .quant import quant_args
 
-    flow = device.prepare(_load_part(where.flow, group, dtype=dtype, quantize=q))
-    info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder, "vae": where.vae,
-            "dtype": dtype, "quantize": quantize, "pipeline_parallel": group.size()}
-    if group.rank() > 0:
-        return GroupPipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
-    text_loader = vae_loader = None
-    if where.text_encoder is not None:
-        from .text import load_text_encoder
-
-        tq = {"bits": text_quantize, "group_size": q_group_size} if text_quantize else None
-
-        def text_loader():
-            return load_text_encoder(where.text_encoder, txt_size=flow.config.txt_size, dtype=DTYPES[text_dtype],
-                                     quantize=tq)
-    if where.vae is not None:
-        from .vae import load_vae
-
-        def vae_loader(encoder: bool):
-            return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
-    pipe = GroupPipeline(flow, text_loader, vae_loader(False) if vae_loader else None, keep_text_encoder, info,
-                         vae_loader)
-    pipe.vae_tile = vae_tile
+        dtype = _auto_dtype(where.flow) if options["dtype"] == "auto" else options["dtype"]
+        q = quant_args({"bits": options["quantize"], "group_size": options["q_group_size"]}
+                       if options["quantize"] else None)
+        flow = device.prepare(flow_loader(where.flow, dtype, q))
+        info = {"model": str(model), "flow": str(where.flow), "dtype": dtype, "quantize": options["quantize"]}
+        pipe = GroupPipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
+    pipe.info["pipeline_parallel"] = group.size()
     return pipe
 
 
@@ -738,7 +700,7 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
     options.update({k: v for k, v in kwargs.items() if k in options})
 
     def part():
-        return _pipeline_part(find(), group, model=model, **options)
+        return _pipeline_part(find(), group, model, **options, **{k: kwargs.get(k) for k in names})
 
     pipe = _run_agreed(group, part)
     pipe.group = group

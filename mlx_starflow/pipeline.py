@@ -253,11 +253,12 @@ class Pipeline:
                         q_group_size: int = 64, text_encoder: Optional[str] = None, vae: Optional[str] = None,
                         text_dtype: str = "float32", text_quantize: Optional[int] = None, vae_dtype: str = "float32",
                         keep_text_encoder: bool = False, checkpoint: Optional[str] = None, config=None,
-                        vae_tile: Optional[int] = None):
+                        vae_tile: Optional[int] = None, flow_loader: Optional[Callable] = None):
         """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored;
         "auto": bfloat16 for float32 models of more than a billion parameters, as stored otherwise),
         optionally quantized to `quantize` bits; the text encoder is loaded when first
-        needed and freed after encoding unless keep_text_encoder."""
+        needed and freed after encoding unless keep_text_encoder. flow_loader(folder,
+        dtype=, quantize=) replaces weights.load_flow (distributed.py loads a rank's part)."""
         for name, value in (("dtype", None if dtype == "auto" else dtype), ("text_dtype", text_dtype),
                             ("vae_dtype", vae_dtype)):
             if value is not None and value not in DTYPES:
@@ -274,7 +275,7 @@ class Pipeline:
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
         if dtype == "auto":
             dtype = _auto_dtype(where.flow)
-        flow = device.prepare(load_flow(where.flow, dtype=dtype, quantize=q))
+        flow = device.prepare((flow_loader or load_flow)(where.flow, dtype=dtype, quantize=q))
         loader = None
         if where.text_encoder is not None:
             from .text import load_text_encoder

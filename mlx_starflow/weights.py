@@ -249,11 +249,13 @@ def conversion_version(path) -> int:
         return 0
 
 
-def load_flow(path, dtype: Optional[str] = None, quantize=None) -> Flow:
+def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Flow:
     """Load a converted model folder. dtype casts float weights; quantize (bits, or
     {"bits", "group_size"}: see quant.quant_args) quantizes on the fly; a folder
     already quantized accepts only its own quantization (its full-precision weights
-    are gone)."""
+    are gone). part(cfg) -> (model, rename) loads a part of the model: rename(key)
+    gives a stored tensor's name in that model, or None to leave it unread (the file
+    is mapped lazily: distributed.py's pipeline ranks read only their layers)."""
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
@@ -269,11 +271,13 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None) -> Flow:
                 f"to quantize to {want['bits']} bits (group size {want['group_size']}), load the "
                 "unquantized folder (or convert the checkpoint again)")
     mx_dtype = _parse_dtype(dtype)
-    model = Flow(cfg)
+    model, rename = (Flow(cfg), None) if part is None else part(cfg)
     try:
         weights = mx.load(str(w_path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
         raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
+    if rename is not None:
+        weights = {rename(k): v for k, v in weights.items() if rename(k) is not None}
     if cfg.quantization:
         quantize_like(model, weights, cfg.quantization)
     load_checked(model, weights, w_path, mx_dtype)
