@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from .sample import invert as flow_invert, sampling_order
-from .pipeline import Cancelled, Event, GenerateOptions, Result, check_prompts, drive
+from .pipeline import Event, GenerateOptions, Result, check_prompts, drive
 
 __all__ = ["invert", "edit", "edit_steps", "variation", "blend", "invert_stage", "main"]
 
@@ -426,8 +426,8 @@ def parser():
 def run(args, variation: bool = False) -> int:
     """Edit as the command line asks (parsed by `parser`); the exit status. For
     `generate --init-image`, variation: the source prompt is the prompt."""
-    from .generate import LOAD_OPTIONS, STAGES, Bars, check_writable, output_paths, save
-    from .hub import ModelNotFound
+    from . import distributed
+    from .generate import Bars, check_writable, load_options, loaded_with, output_paths, report, run_command, save
     from .pipeline import Pipeline, expand_seeds
     from .score import open_image
 
@@ -435,12 +435,13 @@ def run(args, variation: bool = False) -> int:
         print(f"note: {message}", file=sys.stderr, flush=True)
 
     bars = Bars(not args.no_progress)
-    try:
+
+    def body():
         if args.image is None:
             raise ValueError("--init-image: give the image to start from (--strength, --source-prompt and --mask "
                              "vary an image)" if variation else "--image: give the image to edit")
-        if getattr(args, "pipeline_parallel", False):
-            raise ValueError("--pipeline-parallel: editing runs on one machine")
+        if getattr(args, "pipeline_parallel", False) or distributed.launched():
+            raise ValueError("editing runs on one machine: run it without mlx.launch (and --pipeline-parallel)")
         strength = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength)
         # Unreadable files, wrong modes and masks that are not masks fail before the model is loaded.
         open_image(args.image)
@@ -450,32 +451,16 @@ def run(args, variation: bool = False) -> int:
         seeds = expand_seeds(args.seed, count)
         paths = output_paths(args.output, seeds, count)
         check_writable(paths, args.overwrite)
-        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
-                                        text_encoder=args.text_encoder, vae=args.vae,
-                                        checkpoint=args.checkpoint, config=args.config,
-                                        text_dtype=args.text_dtype, text_quantize=args.text_quantize,
-                                        vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
+        pipe = Pipeline.from_pretrained(**load_options(args))
         source = args.source_prompt if args.source_prompt is not None else args.prompt if variation else ""
         result = edit(pipe, args.image, replace(args.options, seed=seeds), source_prompt=source, strength=strength,
                       mask=args.mask, progress=bars, notes=note)
         bars.close()
-        loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
-        save(result, paths, args.metadata, loaded_with)
-    except (KeyboardInterrupt, Cancelled):
-        bars.close()
-        print("interrupted: no image was written", file=sys.stderr)
-        return 130
-    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError) as e:
-        bars.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path, flush=True)
-    if args.verbose:
-        for stage, sec in result.timings.items():
-            print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
-        print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
-    return 0
+        save(result, paths, args.metadata, loaded_with(args))
+        report(paths, result, args.verbose)
+        return 0
+
+    return run_command(body, bars)
 
 
 def main(argv=None) -> int:

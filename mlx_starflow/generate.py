@@ -168,6 +168,48 @@ LOAD_OPTIONS = ("checkpoint", "config", "text_encoder", "vae", "dtype", "quantiz
                 "text_quantize", "vae_dtype", "vae_tile")
 
 
+def load_options(args) -> dict:
+    """Pipeline.from_pretrained's arguments from a command line that has generate's loading flags."""
+    return {"model": args.model, **{k: getattr(args, k) for k in LOAD_OPTIONS}}
+
+
+def loaded_with(args) -> dict:
+    """The loading options given, as the PNG metadata records them."""
+    return {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
+
+
+def run_command(body, bars=None, nothing: str = "no image was written") -> int:
+    """A command's body (returning its exit status), with what every command does
+    around it: a user's mistake is one `error:` line and status 1, Ctrl-C or a
+    cancel says that nothing was written (130), never a traceback."""
+    from .distributed import GroupError
+    from .pipeline import Cancelled
+
+    try:
+        return body()
+    except KeyboardInterrupt:
+        message, status = f"interrupted: {nothing}", 130
+    except Cancelled:
+        message, status = f"cancelled: {nothing}", 130
+    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError, GroupError) as e:
+        message, status = f"error: {e}", 1
+    finally:
+        if bars is not None:
+            bars.close()
+    print(message, file=sys.stderr)
+    return status
+
+
+def report(paths, result, verbose: bool):
+    """The files written (stdout), and with --verbose the stages' times and the peak memory."""
+    for path in paths:
+        print(path, flush=True)
+    if verbose:
+        for stage, sec in result.timings.items():
+            print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
+        print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
+
+
 def metadata_args(path, p) -> list:
     """A PNG's parameters as command-line arguments of `p` (the ones it has)."""
     if not Path(path).is_file():
@@ -326,45 +368,26 @@ def main(argv=None):
     if wants_edit(args):  # image to image: edit.run samples from the image's own noise
         return run(args, variation=True)
     from . import distributed
-    from .pipeline import Cancelled, expand_seeds
+    from .pipeline import expand_seeds
 
     bars = Bars(not args.no_progress)
-    try:
+
+    def body():
         group = distributed.init()  # several processes under mlx.launch: rank 0 checks and writes the files
         count = len(args.prompt) * args.num_images
         seeds = distributed.broadcast_seeds(group, expand_seeds(args.seed, count))
         paths = output_paths(args.output, seeds, count)
         distributed.on_rank0(group, lambda: check_writable(paths, args.overwrite))
-        pipe = distributed.load(args.model, group, args.pipeline_parallel, dtype=args.dtype, quantize=args.quantize,
-                                text_encoder=args.text_encoder, vae=args.vae,
-                                checkpoint=args.checkpoint, config=args.config,
-                                text_dtype=args.text_dtype, text_quantize=args.text_quantize,
-                                vae_dtype=args.vae_dtype, vae_tile=args.vae_tile)
+        pipe = distributed.load(group=group, pipeline_parallel=args.pipeline_parallel, **load_options(args))
         result = pipe.generate(replace(args.options, seed=seeds), progress=bars, group=group)
         bars.close()
-        loaded_with = {k: getattr(args, k) for k in LOAD_OPTIONS if getattr(args, k) is not None}
         if group is not None and group.rank() > 0:
             return 0
-        save(result, paths, args.metadata, loaded_with)
-    except KeyboardInterrupt:
-        bars.close()
-        print("interrupted: no image was written", file=sys.stderr)
-        return 130
-    except Cancelled:
-        bars.close()
-        print("cancelled: no image was written", file=sys.stderr)
-        return 130
-    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError, distributed.GroupError) as e:
-        bars.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path, flush=True)
-    if args.verbose:
-        for stage, sec in result.timings.items():
-            print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
-        print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
-    return 0
+        save(result, paths, args.metadata, loaded_with(args))
+        report(paths, result, args.verbose)
+        return 0
+
+    return run_command(body, bars)
 
 
 if __name__ == "__main__":

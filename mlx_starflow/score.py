@@ -513,13 +513,13 @@ def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
 
 
 def main(argv=None) -> int:
-    from .generate import Bars, atomic_write, check_writable
-    from .hub import ModelNotFound
-    from .pipeline import Cancelled, Pipeline
+    from .generate import Bars, atomic_write, check_writable, run_command
+    from .pipeline import Pipeline
 
     args = parser().parse_args(argv)
     bars = Bars(not args.no_progress)
-    try:
+
+    def body():
         for flag, v, low in (("--dequant-samples", args.dequant_samples, 1), ("--noise-samples", args.noise_samples, 0),
                              ("--batch-size", args.batch_size, 1)):
             if v is not None and v < low:
@@ -544,16 +544,10 @@ def main(argv=None) -> int:
         if out is not None:
             text = json.dumps(to_json(result, args.image, args.model), indent=2) + "\n"
             atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    except (KeyboardInterrupt, Cancelled):
-        bars.close()
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError) as e:
-        bars.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(report_lines(result, args.image)), flush=True)
-    return 0
+        print("\n".join(report_lines(result, args.image)), flush=True)
+        return 0
+
+    return run_command(body, bars, nothing="nothing was written")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ mode="embed" they give STARFlow's token-embedding conditioning instead.
 
 import gc
 import json
-import re
 import warnings
 from pathlib import Path
 
