@@ -817,6 +817,9 @@ def parser():
                "with --model measures the real one). Figures and commands: BENCHMARKS.md.",
         formatter_class=HelpFormatter)
     p.add_argument("--model", help="a converted model folder instead of random weights")
+    p.add_argument("--group-images", type=int, metavar="N", default=None,
+                   help="under mlx.launch: generate N images over the group with --model (a name generate takes, "
+                        "e.g. demo) and report each rank's images and seconds and the group's images per minute")
     p.add_argument("--arch", default="3b", choices=list(ARCHS),
                    help="architecture of the random model: the released 3B, or small ones for quick checks")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
@@ -890,9 +893,47 @@ def write_json(path, data):
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def group_benchmark(args, log=print) -> dict:
+    """Batch-parallel generation timed over the launcher's group (distributed.throughput):
+    every rank loads --model and takes its share of --group-images images."""
+    from . import distributed
+    from .generate import run_command
+
+    results = {}
+
+    def body():
+        group = distributed.init()
+        if group is None:
+            raise ValueError("--group-images: start the benchmark with mlx.launch (several processes)")
+        pipe = distributed.load(args.model, group, dtype=args.dtype if args.model_dtype else None,
+                                quantize=args.quantize)
+        prompt = pipe.classes.labels[0] if pipe.classes is not None else "a photograph of a cat"
+        options = {"guidance": args.cfg, "sampler": args.sampler}
+        distributed.throughput(pipe, group, [prompt], num_images=1, seed=args.seed, **options)  # warm-up
+        t = distributed.throughput(pipe, group, [prompt], num_images=args.group_images, seed=args.seed, **options)
+        results.update(t, ranks_in_group=group.size(), rank=group.rank())
+        if group.rank() == 0:
+            for r in t["ranks"]:
+                log(f"rank {r['rank']}: {r['images']} images in {r['seconds']:.2f} s")
+            log(f"group of {group.size()}: {t['images']} images in {t['seconds']:.2f} s, "
+                f"{t['images_per_minute']:.1f} images per minute")
+        return 0
+
+    return results if run_command(body, nothing="nothing was measured") == 0 else None
+
+
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.group_images is not None:
+        if not args.model or args.group_images < 1:
+            p.error("--group-images needs --model (e.g. demo) and at least 1 image")
+        results = group_benchmark(args)
+        if results is None:
+            return 1
+        if args.json and results["rank"] == 0:
+            write_json(args.json, results)
+        return 0
     _check(p, args)
     results = run_benchmark(args)
     print_summary(results)

@@ -395,3 +395,19 @@ def test_prompt_file_mistakes(tmp_path):
         r = subprocess.run(cli("--model", "demo", "--prompt-file", str(path)), capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_benchmark_under_the_launcher_reports_ranks_and_rate(tmp_path):
+    out = tmp_path / "group.json"
+    cmd = [sys.executable, "-m", "mlx_starflow.benchmark", "--model", "demo", "--group-images", "3",
+           "--cfg", "1", "--json", str(out)]
+    results = run_group(tmp_path, [cmd, cmd])
+    assert_ok(results)
+    r = json.loads(out.read_text())
+    assert r["images"] == 3 and r["ranks_in_group"] == 2 and r["images_per_minute"] > 0
+    assert [(x["rank"], x["images"]) for x in r["ranks"]] == [(0, 2), (1, 1)]
+    assert "rank 1: 1 images" in results[0][1] and "images per minute" in results[0][1]
+    # without a launcher: a clear error, no traceback
+    single = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 1 and "start the benchmark with mlx.launch" in single.stderr
+    assert "Traceback" not in single.stderr
