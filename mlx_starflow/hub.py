@@ -23,7 +23,7 @@ from .config import RELEASED
 
 DEFAULT_MODEL = "apple/starflow"
 DEFAULT_CHECKPOINT = "starflow_3B_t2i_256x256.pth"
-DEMO = Path(__file__).with_name("demo-model")  # not a Python name: data, not a package
+DEMO = Path(__file__).with_name("demo") / "model"  # the demo subpackage's weights
 TEXT_SUBFOLDERS = ("text_encoder", "t5", "flan-t5-xl")
 VAE_SUBFOLDERS = ("vae", "sd-vae-ft-ema")
 

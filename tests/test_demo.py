@@ -9,7 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_starflow import demo, shapes
+from mlx_starflow import demo
+from mlx_starflow.demo import shapes
 from mlx_starflow.weights import load_flow
 
 PER_CLASS = 12

@@ -20,7 +20,6 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from helpers import tiny_flow
-from test_pipeline import cache  # noqa: F401 (a fixture: MLX_STARFLOW_CACHE in a temporary folder)
 from mlx_starflow import distributed
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.pipeline import Pipeline

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_starflow import shapes
+from mlx_starflow.demo import shapes
 from mlx_starflow.edit import blend, invert_stage, load_mask
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.pipeline import Cancelled, Pipeline
 from mlx_starflow.vae import from_pil
-from test_pipeline import cache  # noqa: F401 (the fixture: a private convert-once cache)
 from tiny_release import make_release
 
 

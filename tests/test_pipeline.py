@@ -41,18 +41,6 @@ def release(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    old = os.environ.get("MLX_STARFLOW_CACHE")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["MLX_STARFLOW_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("MLX_STARFLOW_CACHE")
-    else:
-        os.environ["MLX_STARFLOW_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def pipe(release, cache):
     return Pipeline.from_pretrained(str(release))
 

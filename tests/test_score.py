@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from helpers import rand, tiny_flow
-from mlx_starflow import demo, shapes
+from mlx_starflow import demo
+from mlx_starflow.demo import shapes
 from mlx_starflow.machine import openblas_path
 from mlx_starflow.pipeline import Cancelled, Pipeline
 from mlx_starflow.random_models import randomize as random_weights

@@ -438,7 +438,7 @@ def png_file(array) -> bytes:
 def test_edits_with_the_openai_client_keep_what_the_mask_keeps(server):
     import numpy as np
 
-    from mlx_starflow.shapes import draw, prompt_to_class
+    from mlx_starflow.demo.shapes import draw, prompt_to_class
 
     source = draw(prompt_to_class("red circle"), np.random.default_rng(0))
     mask = np.zeros((32, 32), np.uint8)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlx_starflow import shapes
+from mlx_starflow.demo import shapes
 
 
 def test_prompts():

@@ -1,8 +1,6 @@
 import json
-import pickle
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import mlx.core as mx

@@ -1,6 +1,7 @@
 """The demo model: a small class-conditional STARFlow trained on procedural shapes.
 
-It is a toy that ships inside the package (mlx_starflow/demo-model/) so that the engine
+It is a toy that ships inside the package (this subpackage: the training and
+evaluation here, its data set in shapes.py, its weights in model/) so that the engine
 can make a picture offline in seconds; it is not Apple's text-to-image model.
 The prompt is one of the twelve classes of `shapes.PROMPTS` ("red circle", ...),
 embedded as a one-hot text prefix of one token, with an extra unconditional
@@ -8,7 +9,7 @@ one-hot row for classifier-free guidance. Training uses the same `Flow` code as
 inference and its exact log-likelihood as the loss.
 
 MLX's Linux wheel uses the reference BLAS; train with OpenBLAS preloaded (about
-30x faster float32 matmuls on this 2-core CPU). The shipped weights come from this
+10-25x faster float32 matmuls on a 2-core CPU, README). The shipped weights come from this
 one command (about 45 minutes here; docs/demo.md has the times and the measured
 quality):
 
@@ -45,12 +46,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import shapes
-from .config import FlowConfig
-from .flow import Flow
-from .pipeline import ClassEncoder
-from .sample import Jacobi
-from .hub import DEMO as DEMO_DIR
-from .weights import load_flow, save_model
+from ..config import FlowConfig
+from ..flow import Flow
+from ..pipeline import ClassEncoder
+from ..sample import Jacobi
+from ..hub import DEMO as DEMO_DIR
+from ..weights import load_flow, save_model
 
 LOG2_SCALE = math.log2(127.5)  # [-1, 1] -> 8-bit levels, per dimension
 HELD_OUT_SEED = 1_000_003  # held-out images for bits/dim: never a training seed
@@ -418,7 +419,3 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     args.func(args)
-
-
-if __name__ == "__main__":
-    main()
