@@ -268,8 +268,8 @@ def stage_text(run):
     n_txt = run.cfg.txt_size
     with Stage(run.stages, "text") as info:
         t = time.perf_counter()
-        t5 = random_t5(a.arch, DTYPES[a.text_dtype], a.text_quantize and
-                       {"bits": a.text_quantize, "group_size": a.q_group_size}, seed=a.seed)
+        t5 = device.prepare(random_t5(a.arch, DTYPES[a.text_dtype], a.text_quantize and
+                                      {"bits": a.text_quantize, "group_size": a.q_group_size}, seed=a.seed))
         info["build"] = time.perf_counter() - t
         info["weight_bytes"] = _weights(t5)
         info["prompts"], info["tokens"] = run.rows, n_txt

@@ -9,7 +9,7 @@ and how much memory MLX may wire differs:
   shape: it is the transposed view of an (in, out) buffer, so `weight.T` in
   nn.Linear is a plain row-major matrix for the BLAS, and the model can still be
   saved, quantized or converted again (those copy it back to the usual layout).
-- CPU: quantized products compute in float32 (quant.QuantizedLinear says why).
+- CPU: quantized products compute in float32 (CPUQuantizedLinear says why).
 - Metal: the wired memory limit is raised for models near the machine's
   recommended working set, as mlx-lm does, so the weights are not paged out
   between tokens.
@@ -36,6 +36,31 @@ def input_major(model: nn.Module) -> int:
     return n
 
 
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear computing in float32, for the CPU.
+
+    MLX's CPU quantized matmul accumulates in the activations' dtype: with bf16
+    activations an 8-bit product 3072 wide is off by 6% (12% at 12288 wide) where
+    the same weights in float32 are off by 0.5%, and it is also ~7x slower than in
+    float32. Metal accumulates in float32 whatever the dtype: there the layers stay
+    MLX's own. Same parameters, same names: the model saves as before."""
+
+    def __call__(self, x):
+        if x.dtype == mx.float32:
+            return super().__call__(x)
+        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+
+
+def float32_products(model: nn.Module) -> int:
+    """Make every quantized linear of the model compute in float32; returns how many."""
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = CPUQuantizedLinear
+            n += 1
+    return n
+
+
 def wire_memory(model: nn.Module):
     """On Metal, let MLX wire the model's weights (mlx-lm's policy): raise the wired
     limit to the recommended working set when the model is a large part of it."""
@@ -53,10 +78,11 @@ def wire_memory(model: nn.Module):
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Apply the device's measures to a loaded model (flow, or a text encoder's
-    transformer on the CPU); returns the model."""
+    """Apply the device's measures to a loaded model (a flow, a text encoder's
+    transformer) once, as the loaders do; returns the model."""
     if on_cpu():
         input_major(model)
+        float32_products(model)
     else:
         wire_memory(model)
     return model

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
+from . import device
 from .flow import Flow
 from .quant import quant_args, quantize_linear
 from .random_models import ARCHS, flow_config, random_flow, random_t5, random_vae
@@ -48,6 +49,7 @@ def variant(model, dtype, bits=None, group_size=64):
             quantize_model(new, bits=bits, group_size=group_size)
         else:
             quantize_linear(new, **quant_args({"bits": bits, "group_size": group_size}))
+    device.prepare(new)  # the model as the pipeline runs it on this device
     mx.eval(new.parameters())
     return new
 

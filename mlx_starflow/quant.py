@@ -1,10 +1,8 @@
 """Quantization, one policy for every model (flow, T5, Gemma): which bits and group
-sizes (quant_args), which layers (quantizable), and MLX's affine quantized linears
-computing in float32 on the CPU (QuantizedLinear)."""
+sizes (quant_args), which layers (quantizable), with MLX's affine quantized layers."""
 
 from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
 # The choices measured in BENCHMARKS.md (precision per component); MLX also has 2, 3, 5
@@ -47,27 +45,10 @@ def quantizable(path: str, module, group_size: int, embeddings: bool = False) ->
     return kind and module.weight.shape[-1] % group_size == 0
 
 
-class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear that computes in float32 on the CPU.
-
-    MLX's CPU quantized matmul accumulates in the activations' dtype: with bf16
-    activations an 8-bit product 3072 wide is off by 6% (12% at 12288 wide) where
-    the same weights in float32 are off by 0.5%, and it is also ~7x slower than in
-    float32. Metal accumulates in float32 whatever the dtype, so there nothing changes.
-    """
-
-    def __call__(self, x):
-        if x.dtype == mx.float32 or mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
-
-
 def quantize(module: nn.Module, bits: int, group_size: int, class_predicate=None):
-    """nn.quantize, with its QuantizedLinear layers made ours (same weights, same names)."""
+    """nn.quantize with the policy's arguments (MLX's affine quantized layers; on a CPU
+    device.prepare makes their products float32)."""
     nn.quantize(module, group_size=group_size, bits=bits, class_predicate=class_predicate)
-    for _, m in module.named_modules():
-        if type(m) is nn.QuantizedLinear:
-            m.__class__ = QuantizedLinear
 
 
 def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE, embeddings=False,

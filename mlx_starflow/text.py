@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import device
 from .hub import download, is_repo_id, patterns
 from .quant import quant_args, quantize_like, quantize_linear
 from .t5 import load_t5, read_weights
@@ -456,11 +457,12 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
     if model_type == "t5":
         if mode == "embed":
             raise ValueError("mode='embed' is for Gemma models; T5 gives its encoder's hidden states")
-        model = load_t5(folder, dtype=dtype, quantize=quantize)
+        model = device.prepare(load_t5(folder, dtype=dtype, quantize=quantize))
         return TextEncoder("t5", mode, model, tok_folder, txt_size, model.width)
     if mode == "embed":
         model, text = _load_gemma_embedding(folder, config, dtype, quantize)
         types = None
     else:
         model, text, types = _load_gemma(folder, config, dtype, quantize)
+    device.prepare(model)
     return TextEncoder(text["model_type"], mode, model, tok_folder, txt_size, text["hidden_size"], text, types)

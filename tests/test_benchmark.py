@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_starflow import benchmark, machine, random_models
 from mlx_starflow.config import starflow_config_from_args
 from mlx_starflow.flow import Flow
-from mlx_starflow.quant import QuantizedLinear, quant_args, quantize_linear
+from mlx_starflow.quant import quant_args, quantize_linear
 from mlx_starflow.sample import Jacobi, sample, sample_steps
 from mlx_starflow.t5 import T5Config, T5Encoder
 from mlx_starflow.weights import IGNORED, load_flow, save_model
@@ -130,7 +130,7 @@ def test_random_flow_is_built_in_the_target_precision():
     assert skipped == []
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear):  # only the transformer linears are quantized
-            assert isinstance(m, QuantizedLinear) == (".attn_blocks." in f".{path}"), path
+            assert isinstance(m, nn.QuantizedLinear) == (".attn_blocks." in f".{path}"), path
     floats = [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     assert all(v.dtype == mx.bfloat16 for v in floats)
     assert cfg.quantization == {"bits": 4, "group_size": 64}
@@ -162,7 +162,7 @@ def test_layers_that_do_not_fit_the_group_are_listed():
     # 192 wide inputs do not split into groups of 128; the MLP's 768 wide input does.
     assert "blocks.2.attn_blocks.0.attention.qkv" in skipped
     assert "blocks.2.attn_blocks.0.mlp.main.2" not in skipped
-    assert isinstance(model.blocks[2].attn_blocks[0].mlp.main[2], QuantizedLinear)
+    assert isinstance(model.blocks[2].attn_blocks[0].mlp.main[2], nn.QuantizedLinear)
     assert not isinstance(model.blocks[2].attn_blocks[0].attention.qkv, nn.QuantizedLinear)
 
 

@@ -1,10 +1,13 @@
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 import pytest
 
-from mlx_starflow.quant import QuantizedLinear, quant_args, quantizable, quantize_linear
+from mlx_starflow import device
+from mlx_starflow.device import CPUQuantizedLinear
+from mlx_starflow.quant import quant_args, quantizable, quantize_linear
 
 
 def test_quantized_linear_accumulates_in_float32():
@@ -16,7 +19,8 @@ def test_quantized_linear_accumulates_in_float32():
                   "bias": mx.random.uniform(-1, 1, (256,))})
     layer.set_dtype(mx.bfloat16)  # a bf16 model: bf16 scales and biases
     for bits in (8, 4):
-        q = QuantizedLinear.from_linear(layer, 64, bits)
+        q = CPUQuantizedLinear.from_linear(layer, 64, bits)
+        assert type(q) is CPUQuantizedLinear
         f32 = [a.astype(mx.float32) for a in (q.scales, q.biases)]
         w = mx.dequantize(q.weight, *f32, 64, bits)
         x = mx.random.normal((3, 3072)).astype(mx.bfloat16)
@@ -28,11 +32,16 @@ def test_quantized_linear_accumulates_in_float32():
         assert np.allclose(np.array(q(x.astype(mx.float32))), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_linear_makes_ours():
+def test_quantize_linear_then_the_device_policy():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(48, 8))
     skipped = quantize_linear(model, bits=8, group_size=64)
-    assert type(model.layers[0]) is QuantizedLinear
+    assert type(model.layers[0]) is nn.QuantizedLinear  # the model itself knows nothing of devices
     assert type(model.layers[2]) is nn.Linear and skipped == ["layers.2"]
+    names = sorted(k for k, _ in tree_flatten(model.parameters()))
+    device.prepare(model)  # what every loader does once
+    expected = CPUQuantizedLinear if device.on_cpu() else nn.QuantizedLinear
+    assert type(model.layers[0]) is expected
+    assert sorted(k for k, _ in tree_flatten(model.parameters())) == names  # saves as before
 
 
 def test_one_validator_of_bits_and_group_size():
@@ -61,4 +70,4 @@ def test_one_rule_for_which_layers():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     model.proj_in = nn.Linear(64, 64)
     assert quantize_linear(model, bits=4, group_size=64, prefix="blocks.0.") == []
-    assert type(model.proj_in) is nn.Linear and type(model.layers[0]) is QuantizedLinear
+    assert type(model.proj_in) is nn.Linear and type(model.layers[0]) is nn.QuantizedLinear

@@ -13,7 +13,6 @@ from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from mlx_starflow.quant import QuantizedLinear
 from mlx_starflow.t5 import T5Config, load_t5, read_weights, relative_position_buckets
 from mlx_starflow.weights import WeightsError
 
@@ -144,7 +143,7 @@ def test_quantized(tmp_path):
     full = run(load_t5(tmp_path), ids, mask)
     model = load_t5(tmp_path, quantize=8)
     block = model.blocks[0]
-    assert isinstance(block.attention.q, QuantizedLinear)
+    assert isinstance(block.attention.q, nn.QuantizedLinear)
     assert isinstance(block.mlp.wi_0, nn.QuantizedLinear)
     assert isinstance(block.mlp.wo, nn.Linear) and not isinstance(block.mlp.wo, nn.QuantizedLinear)
     assert not isinstance(model.relative_bias, nn.QuantizedEmbedding)

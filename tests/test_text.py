@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mlx_starflow.quant import QuantizedLinear
+from mlx_starflow.device import CPUQuantizedLinear as QuantizedLinear  # the loader prepares for the CPU
 from mlx_starflow.text import EMBED_TEMPLATE, load_text_encoder
 from mlx_starflow.text import Tokenizer as PromptTokenizer
 

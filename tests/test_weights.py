@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,6 @@ from helpers import rand, save_reference, tiny_flow
 from mlx_starflow.config import ConfigError
 from mlx_starflow.convert import starflow_main
 from mlx_starflow.hub import resolve
-from mlx_starflow.quant import QuantizedLinear
 from mlx_starflow.torch_reader import CheckpointError, load_pth
 from mlx_starflow.weights import WeightsError, convert_starflow, convert_tarflow, load_flow, read_config
 from tiny_release import T5_WIDTH, make_release
@@ -66,7 +66,7 @@ def test_bfloat16_and_quantized_conversion(reference, tmp_path):
     assert json.loads((q / "config.json").read_text())["quantization"] == {"bits": 8, "group_size": 32}
     qm = load_flow(q)
     assert "scales" in qm.blocks[-1].attn_blocks[0].attention.qkv
-    assert isinstance(qm.blocks[-1].attn_blocks[0].attention.qkv, QuantizedLinear)
+    assert isinstance(qm.blocks[-1].attn_blocks[0].attention.qkv, nn.QuantizedLinear)
     assert "scales" not in qm.blocks[-1].proj_out  # only the transformer's linears
     zq, _ = qm(x, y)
     assert rel(zq) < 0.05
