@@ -38,8 +38,9 @@ def import_old(checkout: Path):
     init = checkout / "mlx_starflow" / "__init__.py"
     if not init.is_file():
         sys.exit(f"{checkout} has no mlx_starflow/__init__.py: pass the root of a checkout (git worktree add ...)")
-    spec = importlib.util.spec_from_file_location("mlx_starflow_old", init,
-                                                  submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location(
+        "mlx_starflow_old", init, submodule_search_locations=[str(init.parent)]
+    )
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["mlx_starflow_old"] = pkg
     spec.loader.exec_module(pkg)
@@ -81,8 +82,11 @@ def timed(fn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/loop_before_after.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/loop_before_after.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("old", type=Path, help="root of the old checkout (git worktree add /tmp/old <commit>)")
     p.add_argument("--arch", default="small", choices=list(ARCHS), help="random-weight architecture")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each case (medians reported)")
@@ -126,12 +130,18 @@ def main(argv=None):
     cases = {
         "deep": ("deep block, per token", new_deep, old_deep, cfg.num_tokens),
         "sequential": ("sequential sample", lambda: sample(new, noise, y, g), lambda: old.sample(noise, y, g), 1),
-        "jacobi": ("Jacobi sample", lambda: sample(new, noise, y, g, jacobi=Jacobi()),
-                   lambda: old.sample(noise, y, g, jacobi=old_flow.Jacobi()), 1),
+        "jacobi": (
+            "Jacobi sample",
+            lambda: sample(new, noise, y, g, jacobi=Jacobi()),
+            lambda: old.sample(noise, y, g, jacobi=old_flow.Jacobi()),
+            1,
+        ),
     }
 
-    print(f"{args.arch} architecture ({cfg.num_tokens} tokens per block, width {cfg.top_channels}), float32, "
-          f"guidance {g:g}, {args.repeats} runs each, old: {args.old}")
+    print(
+        f"{args.arch} architecture ({cfg.num_tokens} tokens per block, width {cfg.top_channels}), float32, "
+        f"guidance {g:g}, {args.repeats} runs each, old: {args.old}"
+    )
     print(f"{'case':24s} {'old':>10s} {'new':>10s} {'new/old':>8s} {'fastest':>8s} {'cpu time':>9s}  max |new - old|")
     results = {}
     for name, new_fn, old_fn, per in (cases[c] for c in chosen):
@@ -145,12 +155,17 @@ def main(argv=None):
             to.append(t / per)
             co.append(c)
         mn, mo = statistics.median(tn), statistics.median(to)
-        ratios = {"ratio": mn / mo, "fastest_ratio": min(tn) / min(to),
-                  "cpu_ratio": statistics.median(cn) / statistics.median(co)}
+        ratios = {
+            "ratio": mn / mo,
+            "fastest_ratio": min(tn) / min(to),
+            "cpu_ratio": statistics.median(cn) / statistics.median(co),
+        }
         diff = float(np.max(np.abs(np.array(xn) - np.array(xo))))
         unit, scale = ("ms", 1e3) if per > 1 else ("s", 1.0)
-        print(f"{name:24s} {mo * scale:8.2f}{unit:>2s} {mn * scale:8.2f}{unit:>2s} {ratios['ratio']:8.3f} "
-              f"{ratios['fastest_ratio']:8.3f} {ratios['cpu_ratio']:9.3f}  {diff:.1e}")
+        print(
+            f"{name:24s} {mo * scale:8.2f}{unit:>2s} {mn * scale:8.2f}{unit:>2s} {ratios['ratio']:8.3f} "
+            f"{ratios['fastest_ratio']:8.3f} {ratios['cpu_ratio']:9.3f}  {diff:.1e}"
+        )
         results[name] = {"old": mo, "new": mn, **ratios, "max_abs_diff": diff}
     return results
 

@@ -3,6 +3,7 @@
 python convert/starflow.py --checkpoint starflow_3B_t2i_256x256.pth \
     --config starflow_3B_t2i_256x256.yaml --out mlx-starflow-3b [--vae FOLDER] [--dtype bfloat16] [-q] [--force]
 """
+
 import sys
 
 from mlx_starflow.convert import starflow_main

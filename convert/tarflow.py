@@ -2,6 +2,7 @@
 
 python convert/tarflow.py --checkpoint afhq_model_8_768_8_8_0.07.pth --out mlx-tarflow-afhq
 """
+
 import sys
 
 from mlx_starflow.convert import tarflow_main

@@ -3,6 +3,7 @@ worker thread, progress is reported, and the user can cancel.
 
     python examples/app.py --model demo
 """
+
 import argparse
 import sys
 import threading
@@ -36,8 +37,10 @@ class Generator:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="A resident pipeline serving a cancelled and a finished request.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="A resident pipeline serving a cancelled and a finished request.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="demo", help="'demo', a folder, a checkpoint or a Hugging Face repo id")
     p.add_argument("--prompt", default="red circle", help="what to draw")
     a = p.parse_args()

@@ -148,8 +148,10 @@ def largest_linear(block):
     the model holds it."""
     linears = [m for _, m in block.attn_blocks[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
     # unpacked size, then the wider output
-    return max(linears, key=lambda m: (m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1),
-                                       m.weight.shape[0]))
+    return max(
+        linears,
+        key=lambda m: (m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1), m.weight.shape[0]),
+    )
 
 
 def sampled_blocks(model):
@@ -178,8 +180,7 @@ def sample_tokens(block, z, caches, prefix, start, count, rope=None, cond=None, 
     return stamps
 
 
-def time_block_ends(block, z, caches, prefix, tokens, repeats, rope=None, cond=None, guidance=0.0,
-                    log=None, **loop):
+def time_block_ends(block, z, caches, prefix, tokens, repeats, rope=None, cond=None, guidance=0.0, log=None, **loop):
     """Seconds per token of `tokens` tokens at the start and at the end of the block's
     sequence, each run after one untimed token (or Jacobi chunk) that carries the step's
     set-up and compilation. The cost of a token is affine in its position (fixed weight
@@ -196,10 +197,11 @@ def time_block_ends(block, z, caches, prefix, tokens, repeats, rope=None, cond=N
             (d0, t0), (d1, t1) = stamps[1], stamps[-1]
             out[where].append((t1 - t0) / max(d1 - d0, 1))
         if log:
-            log(f"    run {r + 1}/{repeats}: {_duration(out['start'][-1])} per token at the start, "
-                f"{_duration(out['end'][-1])} at the end")
-    info = {"per_token_start": summary(out["start"]), "per_token_end": summary(out["end"]),
-            "tokens_timed": span - unit}
+            log(
+                f"    run {r + 1}/{repeats}: {_duration(out['start'][-1])} per token at the start, "
+                f"{_duration(out['end'][-1])} at the end"
+            )
+    info = {"per_token_start": summary(out["start"]), "per_token_end": summary(out["end"]), "tokens_timed": span - unit}
     info["per_token"] = (info["per_token_start"]["median"] + info["per_token_end"]["median"]) / 2
     info["block_seconds"] = info["per_token"] * N
     info["extrapolated"] = True
@@ -216,8 +218,7 @@ def time_whole_block(block, z, caches, prefix, repeats, rope=None, cond=None, gu
         if log:
             log(f"    run {r + 1}/{repeats}: {_duration(runs[-1])}")
     med = statistics.median(runs)
-    return {"run": summary(runs), "per_token": med / N, "tokens_timed": N, "block_seconds": med,
-            "extrapolated": False}
+    return {"run": summary(runs), "per_token": med / N, "tokens_timed": N, "block_seconds": med, "extrapolated": False}
 
 
 def first_token(block, z, caches, prefix, rope=None, cond=None, guidance=0.0, **loop):
@@ -238,8 +239,7 @@ def stage_load(run):
     with Stage(run.stages, "load") as info:
         t = time.perf_counter()
         if a.model:
-            run.model, unquantized = load_flow(a.model, dtype=a.dtype if a.model_dtype else None,
-                                               quantize=quant), []
+            run.model, unquantized = load_flow(a.model, dtype=a.dtype if a.model_dtype else None, quantize=quant), []
         else:
             run.model, unquantized = random_flow(run.cfg, DTYPES[a.dtype], quant, seed=a.seed)
         if a.layout == "auto":
@@ -254,8 +254,9 @@ def stage_load(run):
         info["unquantized"] = unquantized
         layer = largest_linear(sampled_blocks(run.model)[0])
         # device.prepare holds float32 transformer linears input-major on a CPU
-        info["input_major"] = (a.layout == "auto" and device.on_cpu() and type(layer) is nn.Linear
-                               and layer.weight.dtype == mx.float32)
+        info["input_major"] = (
+            a.layout == "auto" and device.on_cpu() and type(layer) is nn.Linear and layer.weight.dtype == mx.float32
+        )
     run.cfg = run.model.config
     return info
 
@@ -268,8 +269,14 @@ def stage_text(run):
     n_txt = run.cfg.txt_size
     with Stage(run.stages, "text") as info:
         t = time.perf_counter()
-        t5 = device.prepare(random_t5(a.arch, DTYPES[a.text_dtype], a.text_quantize and
-                                      {"bits": a.text_quantize, "group_size": a.q_group_size}, seed=a.seed))
+        t5 = device.prepare(
+            random_t5(
+                a.arch,
+                DTYPES[a.text_dtype],
+                a.text_quantize and {"bits": a.text_quantize, "group_size": a.q_group_size},
+                seed=a.seed,
+            )
+        )
         info["build"] = time.perf_counter() - t
         info["weight_bytes"] = _weights(t5)
         info["prompts"], info["tokens"] = run.rows, n_txt
@@ -344,11 +351,15 @@ def stage_deep(run, whole):
     a, guidance = run.args, run.args.cfg
     with Stage(run.stages, "deep") as info:
         if whole:
-            info.update(time_whole_block(deep, z, run.caches, n_txt, a.repeats, rope, None, guidance,
-                                         run.log, **run.loop))
+            info.update(
+                time_whole_block(deep, z, run.caches, n_txt, a.repeats, rope, None, guidance, run.log, **run.loop)
+            )
         else:
-            info.update(time_block_ends(deep, z, run.caches, n_txt, a.tokens_n, a.repeats, rope, None, guidance,
-                                        run.log, **run.loop))
+            info.update(
+                time_block_ends(
+                    deep, z, run.caches, n_txt, a.tokens_n, a.repeats, rope, None, guidance, run.log, **run.loop
+                )
+            )
         info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
         info["weight_bytes_per_token"] = _weights(deep, skip=("proj_txt",))  # proj_txt serves the prefix only
         info["GBps"] = info["weight_bytes_per_token"] / info["per_token"] / GB
@@ -368,8 +379,9 @@ def stage_shallow(run, whole):
                 total += r["block_seconds"]
                 runs.append(r["per_token"])
                 del caches
-            info.update(per_token=statistics.median(runs), block_seconds=total, extrapolated=False,
-                        tokens_timed=z.shape[1])
+            info.update(
+                per_token=statistics.median(runs), block_seconds=total, extrapolated=False, tokens_timed=z.shape[1]
+            )
             run.log(f"    {len(shallow)} blocks: {_duration(total)}")
         else:
             block = shallow[-1]
@@ -388,8 +400,11 @@ def denoise_flops(run):
     one with its text prefix), its recomputation and its backward pass (about two
     passes): four passes in all."""
     n, txt = run.cfg.num_tokens, run.cfg.txt_size
-    one = sum(2 * linear_params(b) * run.batch * (n + (txt if b.has_text else 0))
-              for b in run.model.blocks if not isinstance(b, IdentityBlock))
+    one = sum(
+        2 * linear_params(b) * run.batch * (n + (txt if b.has_text else 0))
+        for b in run.model.blocks
+        if not isinstance(b, IdentityBlock)
+    )
     return 4 * one
 
 
@@ -414,12 +429,25 @@ def compare_loop(run, tokens):
     out = {}
     for overlap in (False, True):
         for comp in (False, True):
-            r = time_block_ends(deep, z, run.caches, n_txt, tokens, run.args.repeats, rope, None, run.args.cfg,
-                                overlap=overlap, compile_step=comp)
+            r = time_block_ends(
+                deep,
+                z,
+                run.caches,
+                n_txt,
+                tokens,
+                run.args.repeats,
+                rope,
+                None,
+                run.args.cfg,
+                overlap=overlap,
+                compile_step=comp,
+            )
             out[f"overlap={int(overlap)} compile={int(comp)}"] = r["per_token"]
     base = out["overlap=0 compile=0"]
-    run.log("  token loop, per token (speed-up against neither option): " +
-            ", ".join(f"{k} {_duration(v)} ({base / v:.2f}x)" for k, v in out.items()))
+    run.log(
+        "  token loop, per token (speed-up against neither option): "
+        + ", ".join(f"{k} {_duration(v)} ({base / v:.2f}x)" for k, v in out.items())
+    )
     return out
 
 
@@ -447,8 +475,11 @@ def plan(run):
         whole_time = out[f"{name}_first_token"] * N * n_blocks
         whole = a.tokens == "all" or (a.tokens == "auto" and whole_time <= AUTO_BLOCK)
         timed = N if whole else min(N, 2 * (a.tokens_n + 1))
-        out[name] = {"whole": whole, "estimate": whole_time,
-                     "run_estimate": out[f"{name}_first_token"] * timed * a.repeats * (n_blocks if whole else 1)}
+        out[name] = {
+            "whole": whole,
+            "estimate": whole_time,
+            "run_estimate": out[f"{name}_first_token"] * timed * a.repeats * (n_blocks if whole else 1),
+        }
     if "denoise" in a.stages and not run.cfg.learnable_self_denoiser and not run.cfg.finetuned_vae:
         # GFLOP/s of the text prefix: the same precision, many rows, through the deep block.
         rate = st["prefill"]["GFLOPs"] if "prefill" in st else run.results["limits"]["layer_many_GFLOPs"]
@@ -471,18 +502,25 @@ def log_plan(run, p):
         if d["whole"]:
             lines.append(f"  {what}: first token {first}: sampled whole ({N} tokens), {_times(run.args.repeats)}")
         else:
-            lines.append(f"  {what}: first token {first}: whole, about {_duration(d['estimate'])}: timing "
-                         f"{run.args.tokens_n} tokens at each end and extrapolating (--tokens all runs it whole)")
+            lines.append(
+                f"  {what}: first token {first}: whole, about {_duration(d['estimate'])}: timing "
+                f"{run.args.tokens_n} tokens at each end and extrapolating (--tokens all runs it whole)"
+            )
     if "denoise" in p:
         d = p["denoise"]
         total += d["run_estimate"]
         if d["run"]:
             lines.append(f"  denoising: about {_duration(d['estimate'])} per pass (estimated from the text prefix)")
         else:
-            lines.append(f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
-                         "not run (--tokens all runs it)")
-    run.log("plan, from the first tokens:\n" + "\n".join(lines) +
-            f"\n  the rest of this benchmark: about {_duration(total)}")
+            lines.append(
+                f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
+                "not run (--tokens all runs it)"
+            )
+    run.log(
+        "plan, from the first tokens:\n"
+        + "\n".join(lines)
+        + f"\n  the rest of this benchmark: about {_duration(total)}"
+    )
 
 
 # -- the whole run ----------------------------------------------------------------------------
@@ -515,22 +553,31 @@ def run_benchmark(args, log=print):
     def begin(name, what):
         log(f"[{steps.index(name) + 1}/{k}] {what} ...")
 
-    begin("load", f"loading the flow from {args.model}" if args.model else
-          f"building the flow: {_count(sum(v.size for _, v in tree_flatten(Flow(cfg).parameters())))} random "
-          f"parameters, {_precision(args)}")
+    begin(
+        "load",
+        f"loading the flow from {args.model}"
+        if args.model
+        else f"building the flow: {_count(sum(v.size for _, v in tree_flatten(Flow(cfg).parameters())))} random "
+        f"parameters, {_precision(args)}",
+    )
     stage_load(run)
     log(_line("load", run.stages["load"]))
     if run.stages["load"]["unquantized"]:
-        log(f"  left unquantized (input width not a multiple of {args.q_group_size}): "
-            f"{', '.join(run.stages['load']['unquantized'])}")
+        log(
+            f"  left unquantized (input width not a multiple of {args.q_group_size}): "
+            f"{', '.join(run.stages['load']['unquantized'])}"
+        )
     deep, _ = sampled_blocks(run.model)
     limits.update(machine.layer_speed(largest_linear(deep), run.rows, args.repeats))
     limits["input_major"] = run.stages["load"]["input_major"]
     if limits["input_major"]:
         limits["layer"] += ", input-major"
     if "text" in stages:
-        begin("text", f"encoding {run.rows} prompts of {run.cfg.txt_size} tokens "
-                      f"(text encoder {args.text_dtype}{_q(args.text_quantize)}, beside the flow)")
+        begin(
+            "text",
+            f"encoding {run.rows} prompts of {run.cfg.txt_size} tokens "
+            f"(text encoder {args.text_dtype}{_q(args.text_quantize)}, beside the flow)",
+        )
         stage_text(run)
         log(_line("text", run.stages["text"]))
         gc.collect()
@@ -574,18 +621,24 @@ def run_benchmark(args, log=print):
         from .score import score_stage
 
         begin("score", "scoring images: the exact likelihood, one density pass per image and prompt")
-        st = results["stages"]["score"] = score_stage(run.model, run.y[: run.batch], repeats=args.repeats,
-                                                      warmup=args.warmup, seed=args.seed)
-        log(f"  {st['images_per_second']:.3g} images per second (batches of {st['batch']}, "
-            f"{_duration(st['seconds']['median'])} each); memory peak {_gb(st['peak_memory'])}")
+        st = results["stages"]["score"] = score_stage(
+            run.model, run.y[: run.batch], repeats=args.repeats, warmup=args.warmup, seed=args.seed
+        )
+        log(
+            f"  {st['images_per_second']:.3g} images per second (batches of {st['batch']}, "
+            f"{_duration(st['seconds']['median'])} each); memory peak {_gb(st['peak_memory'])}"
+        )
     if "invert" in stages:
         from .edit import invert_stage
 
         begin("invert", f"inverting {run.batch} image(s) with guidance {args.cfg:g}: editing's exact inversion")
-        st = results["stages"]["invert"] = invert_stage(run.model, run.y, args.cfg, batch=run.batch,
-                                                        repeats=args.repeats, warmup=args.warmup, seed=args.seed)
-        log(f"  {_duration(st['seconds']['median'])} per inversion ({st['tokens_per_second']:.3g} tokens per "
-            f"second over {st['blocks']} blocks, no token loop); memory peak {_gb(st['peak_memory'])}")
+        st = results["stages"]["invert"] = invert_stage(
+            run.model, run.y, args.cfg, batch=run.batch, repeats=args.repeats, warmup=args.warmup, seed=args.seed
+        )
+        log(
+            f"  {_duration(st['seconds']['median'])} per inversion ({st['tokens_per_second']:.3g} tokens per "
+            f"second over {st['blocks']} blocks, no token loop); memory peak {_gb(st['peak_memory'])}"
+        )
     run.vae = run.model = None
     gc.collect()
     mx.clear_cache()
@@ -593,8 +646,9 @@ def run_benchmark(args, log=print):
     results["image"] = image_figures(run)
     if args.precision:
         log("precision (random weights, same seed and inputs; relative RMS difference to float32):")
-        results["precision"] = study(args.precision_arch or ("tiny" if args.arch == "tiny" else "small"),
-                                     args.q_group_size, args.seed, log)
+        results["precision"] = study(
+            args.precision_arch or ("tiny" if args.arch == "tiny" else "small"), args.q_group_size, args.seed, log
+        )
     return results
 
 
@@ -611,13 +665,20 @@ def image_figures(run):
             parts[k] = st[k]["block_seconds"]
     if "denoise" in st and "estimated_seconds" in st["denoise"]:
         parts["denoise"] = st["denoise"]["estimated_seconds"]
-    peaks = [st[k]["peak_memory"] for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
-             if k in st and "peak_memory" in st[k]]
-    return {"side": run.image_side, "seconds": sum(parts.values()), "parts": parts,
-            "peak_memory": max(peaks) if peaks else None,
-            "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
-            "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
-            "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st]}
+    peaks = [
+        st[k]["peak_memory"]
+        for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
+        if k in st and "peak_memory" in st[k]
+    ]
+    return {
+        "side": run.image_side,
+        "seconds": sum(parts.values()),
+        "parts": parts,
+        "peak_memory": max(peaks) if peaks else None,
+        "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
+        "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
+        "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st],
+    }
 
 
 # -- printing -------------------------------------------------------------------------------------
@@ -672,9 +733,11 @@ def _intro(run):
     source = f"the model in {a.model}" if a.model else f"random weights of the {a.arch} architecture"
     rows = f" (the deep block samples {run.rows} rows: conditional and unconditional)" if a.cfg > 0 else ""
     stages = ", ".join(run_order(a.stages))
-    return (f"benchmark: {_what(a, run.rows, run.image_side)}{rows}, {a.sampler} sampling, {source}\n"
-            f"  flow {_precision(a)}, text encoder {a.text_dtype}{_q(a.text_quantize)}, VAE {a.vae_dtype}; "
-            f"stages: {stages} (--help for the options)")
+    return (
+        f"benchmark: {_what(a, run.rows, run.image_side)}{rows}, {a.sampler} sampling, {source}\n"
+        f"  flow {_precision(a)}, text encoder {a.text_dtype}{_q(a.text_quantize)}, VAE {a.vae_dtype}; "
+        f"stages: {stages} (--help for the options)"
+    )
 
 
 def _spread(t):
@@ -684,12 +747,16 @@ def _spread(t):
 def _block_words(info, limits, same_rows=True):
     """A block's speed against the machine: weights read per token against the copy
     speed and (the deep block: same rows) against its largest layer alone."""
-    s = (f"{_duration(info['per_token'])} per token; reads {_gb(info['weight_bytes_per_token'])} of weights "
-         f"per token: {info['GBps']:.1f} GB/s = {100 * info['GBps'] / limits['copy_GBps']:.0f}% of the memory "
-         f"copy speed ({limits['copy_GBps']:.1f} GB/s)")
+    s = (
+        f"{_duration(info['per_token'])} per token; reads {_gb(info['weight_bytes_per_token'])} of weights "
+        f"per token: {info['GBps']:.1f} GB/s = {100 * info['GBps'] / limits['copy_GBps']:.0f}% of the memory "
+        f"copy speed ({limits['copy_GBps']:.1f} GB/s)"
+    )
     if same_rows and "layer_step_GBps" in limits:
-        s += (f", {100 * info['GBps'] / limits['layer_step_GBps']:.0f}% of its largest layer alone "
-              f"({limits['layer_step_GBps']:.1f} GB/s)")
+        s += (
+            f", {100 * info['GBps'] / limits['layer_step_GBps']:.0f}% of its largest layer alone "
+            f"({limits['layer_step_GBps']:.1f} GB/s)"
+        )
     return s
 
 
@@ -699,15 +766,20 @@ def _line(name, info, limits=None):
     t = info.get("time")
     if name == "load":
         layout = ", held input-major (the faster layout for a CPU BLAS)" if info.get("input_major") else ""
-        return (f"  flow weights {_gb(info['weight_bytes'])} ({_count(info['parameters'])} parameters), "
-                f"ready in {_duration(t['median'])}{layout}{peak}")
+        return (
+            f"  flow weights {_gb(info['weight_bytes'])} ({_count(info['parameters'])} parameters), "
+            f"ready in {_duration(t['median'])}{layout}{peak}"
+        )
     if name == "text":
         return f"  {_duration(t['median'])}{_spread(t)}; text encoder weights {_gb(info['weight_bytes'])}{peak}"
     if name in ("vae", "prefill"):
         return f"  {_duration(t['median'])}{_spread(t)}{peak}"
     if name in ("deep", "shallow"):
-        how = (f"{info['tokens_timed']} tokens timed at each end, extrapolated" if info["extrapolated"]
-               else "sampled whole")
+        how = (
+            f"{info['tokens_timed']} tokens timed at each end, extrapolated"
+            if info["extrapolated"]
+            else "sampled whole"
+        )
         return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits, name == 'deep')}{peak}"
     if name == "denoise":
         return f"  {_duration(t['median'])}{_spread(t)}{peak}" if t else "  not needed by this model"
@@ -722,8 +794,10 @@ def summary_lines(results):
     approx = "about " if img["extrapolated"] or img["estimated"] else ""
     peak = f", peak {_gb(img['peak_memory'])}" if img["peak_memory"] else ""
     out.append(f"summary: {_what(argparse.Namespace(**a), 0, side)}: {approx}{_duration(img['seconds'])}{peak}")
-    notes = [f"flow {_precision(argparse.Namespace(**a))}, text encoder {a['text_dtype']}{_q(a['text_quantize'])}, "
-             f"{a['sampler']} sampling, weights already loaded"]
+    notes = [
+        f"flow {_precision(argparse.Namespace(**a))}, text encoder {a['text_dtype']}{_q(a['text_quantize'])}, "
+        f"{a['sampler']} sampling, weights already loaded"
+    ]
     if img["extrapolated"]:
         notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from their first and last tokens")
     if img["estimated"]:
@@ -740,59 +814,106 @@ def summary_lines(results):
 
     if "load" in st:
         i = st["load"]
-        rows.append(("flow weights", _duration(i["time"]["median"]), peak_of(i),
-                     f"{_gb(i['weight_bytes'])}, {_count(i['parameters'])} parameters"
-                     f"{' (built at random: loading a folder differs)' if not a['model'] else ''}"))
+        rows.append(
+            (
+                "flow weights",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"{_gb(i['weight_bytes'])}, {_count(i['parameters'])} parameters"
+                f"{' (built at random: loading a folder differs)' if not a['model'] else ''}",
+            )
+        )
     if "text" in st:
         i = st["text"]
-        rows.append(("text encoding", _duration(i["time"]["median"]), peak_of(i),
-                     f"{i['prompts']} prompts of {i['tokens']} tokens; text encoder {_gb(i['weight_bytes'])}, "
-                     "loaded beside the flow as generate does"))
+        rows.append(
+            (
+                "text encoding",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"{i['prompts']} prompts of {i['tokens']} tokens; text encoder {_gb(i['weight_bytes'])}, "
+                "loaded beside the flow as generate does",
+            )
+        )
     if "vae" in st:
         i = st["vae"]
         rows.append(("VAE decode", _duration(i["time"]["median"]), peak_of(i), f"{side}x{side} pixels"))
     if "prefill" in st:
         i = st["prefill"]
-        rows.append(("text prefix", _duration(i["time"]["median"]), peak_of(i),
-                     f"the text through the deep block once: {i['GFLOPs']:.1f} GFLOP/s = "
-                     f"{100 * i['GFLOPs'] / lim['layer_many_GFLOPs']:.0f}% of its largest layer alone on "
-                     f"many rows ({lim['layer_many_GFLOPs']:.1f} GFLOP/s)"))
+        rows.append(
+            (
+                "text prefix",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"the text through the deep block once: {i['GFLOPs']:.1f} GFLOP/s = "
+                f"{100 * i['GFLOPs'] / lim['layer_many_GFLOPs']:.0f}% of its largest layer alone on "
+                f"many rows ({lim['layer_many_GFLOPs']:.1f} GFLOP/s)",
+            )
+        )
     for k, name in (("deep", "deep block"), ("shallow", "shallow blocks")):
         if k in st:
             i = st[k]
-            where = (f"{i['blocks']} blocks, one row per image; " if k == "shallow"
-                     else f"KV cache {_gb(i['kv_cache_bytes'])}; ")
-            rows.append((name, ("~" if i["extrapolated"] else "") + _duration(i["block_seconds"]), peak_of(i),
-                         where + _block_words(i, lim, k == "deep")))
+            where = (
+                f"{i['blocks']} blocks, one row per image; "
+                if k == "shallow"
+                else f"KV cache {_gb(i['kv_cache_bytes'])}; "
+            )
+            rows.append(
+                (
+                    name,
+                    ("~" if i["extrapolated"] else "") + _duration(i["block_seconds"]),
+                    peak_of(i),
+                    where + _block_words(i, lim, k == "deep"),
+                )
+            )
     if "denoise" in st:
         i = st["denoise"]
         if "estimated_seconds" in i:
-            rows.append(("denoising", "~" + _duration(i["estimated_seconds"]), "-",
-                         "estimated: four passes over the model at the text prefix's speed (not run)"))
+            rows.append(
+                (
+                    "denoising",
+                    "~" + _duration(i["estimated_seconds"]),
+                    "-",
+                    "estimated: four passes over the model at the text prefix's speed (not run)",
+                )
+            )
         elif "time" in i:
             rows.append(("denoising", _duration(i["time"]["median"]), peak_of(i), "the step after sampling"))
-    rows.append(("one image", approx.replace("about ", "~") + _duration(img["seconds"]),
-                 _gb(img["peak_memory"]) if img["peak_memory"] else "-", "the stages above but the weights"))
+    rows.append(
+        (
+            "one image",
+            approx.replace("about ", "~") + _duration(img["seconds"]),
+            _gb(img["peak_memory"]) if img["peak_memory"] else "-",
+            "the stages above but the weights",
+        )
+    )
     w0, w1, w2 = (max(len(r[j]) for r in rows) for j in range(3))
     out += [f"  {r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}" for r in rows]
     out.append("")
     out.append("the machine:")
-    out.append(f"  memory copy speed: {lim['copy_GBps']:.1f} GB/s (numpy {lim['numpy_copy_GBps']:.1f}, "
-               f"MLX {lim['mlx_copy_GBps']:.1f}): the limit for reading weights")
-    out.append(f"  float32 matrix multiply, 1024x1024: MLX {lim['mlx_f32_matmul_GFLOPs']:.1f} GFLOP/s, numpy "
-               f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s" + (" (MLX's BLAS is slow, see the warning above)"
-                                                                 if lim["slow_blas"] else ""))
+    out.append(
+        f"  memory copy speed: {lim['copy_GBps']:.1f} GB/s (numpy {lim['numpy_copy_GBps']:.1f}, "
+        f"MLX {lim['mlx_copy_GBps']:.1f}): the limit for reading weights"
+    )
+    out.append(
+        f"  float32 matrix multiply, 1024x1024: MLX {lim['mlx_f32_matmul_GFLOPs']:.1f} GFLOP/s, numpy "
+        f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s"
+        + (" (MLX's BLAS is slow, see the warning above)" if lim["slow_blas"] else "")
+    )
     if "layer_many_GFLOPs" in lim:
-        out.append(f"  the model's largest layer alone ({lim['layer']}): {lim['layer_many_GFLOPs']:.1f} GFLOP/s on "
-                   f"{lim['layer_many_rows']} rows (the limit for the text prefix and denoising); it reads its "
-                   f"weights at {lim['layer_step_GBps']:.1f} GB/s on {lim['layer_step_rows']} rows "
-                   "(the limit for a token)")
+        out.append(
+            f"  the model's largest layer alone ({lim['layer']}): {lim['layer_many_GFLOPs']:.1f} GFLOP/s on "
+            f"{lim['layer_many_rows']} rows (the limit for the text prefix and denoising); it reads its "
+            f"weights at {lim['layer_step_GBps']:.1f} GB/s on {lim['layer_step_rows']} rows "
+            "(the limit for a token)"
+        )
     m = results["machine"]
     if "load_average" in m and hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
         if max(load, m["load_average"][0]) > (m["cpus"] or 1) / 2:
-            out.append(f"  load average {m['load_average'][0]:.1f} at the start, {load:.1f} at the end: other "
-                       "work on the machine slows every figure")
+            out.append(
+                f"  load average {m['load_average'][0]:.1f} at the start, {load:.1f} at the end: other "
+                "work on the machine slows every figure"
+            )
     return out
 
 
@@ -809,21 +930,35 @@ def parser():
     p = argparse.ArgumentParser(
         prog=script if script.startswith("mlx-starflow-") else "python -m mlx_starflow.benchmark",
         description="How long one image takes and how much memory it needs, stage by stage, beside what "
-                    "the machine can do. Without --model: random weights of the released 3B shapes.",
+        "the machine can do. Without --model: random weights of the released 3B shapes.",
         epilog="The defaults are generate's for the released 3B model (bfloat16 flow, float32 text encoder "
-               "and VAE, guidance 3.6), except the sampler: generate samples in Jacobi chunks, whose number "
-               "of iterations depends on the trained weights (random weights cannot tell it); the sequential "
-               "loop costs the same per token for any weights, so it is what is measured (--sampler jacobi "
-               "with --model measures the real one). Figures and commands: BENCHMARKS.md.",
-        formatter_class=HelpFormatter)
+        "and VAE, guidance 3.6), except the sampler: generate samples in Jacobi chunks, whose number "
+        "of iterations depends on the trained weights (random weights cannot tell it); the sequential "
+        "loop costs the same per token for any weights, so it is what is measured (--sampler jacobi "
+        "with --model measures the real one). Figures and commands: BENCHMARKS.md.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--model", help="a converted model folder instead of random weights")
-    p.add_argument("--group-images", type=int, metavar="N", default=None,
-                   help="under mlx.launch: generate N images over the group with --model (a name generate takes, "
-                        "e.g. demo) and report each rank's images and seconds and the group's images per minute")
-    p.add_argument("--arch", default="3b", choices=list(ARCHS),
-                   help="architecture of the random model: the released 3B, or small ones for quick checks")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
-                   help="flow weights (generate's auto picks bfloat16 for the 3B)")
+    p.add_argument(
+        "--group-images",
+        type=int,
+        metavar="N",
+        default=None,
+        help="under mlx.launch: generate N images over the group with --model (a name generate takes, "
+        "e.g. demo) and report each rank's images and seconds and the group's images per minute",
+    )
+    p.add_argument(
+        "--arch",
+        default="3b",
+        choices=list(ARCHS),
+        help="architecture of the random model: the released 3B, or small ones for quick checks",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=list(DTYPES),
+        help="flow weights (generate's auto picks bfloat16 for the 3B)",
+    )
     p.add_argument("--model-dtype", action="store_true", help="with --model: cast its weights to --dtype")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the flow's transformer linears")
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
@@ -832,27 +967,56 @@ def parser():
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"], help="VAE weights")
     p.add_argument("--vae-tile", type=int, metavar="N", help="decode in tiles of this many latents (less memory)")
     p.add_argument("--batch", type=int, default=1, help="images at once")
-    p.add_argument("--cfg", type=float, default=3.6,
-                   help="guidance weight; any weight > 0 costs the same (two rows per image), 0 is half")
-    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"],
-                   help="how the blocks are sampled (see below)")
-    p.add_argument("--tokens", default="auto", metavar="{auto,all,N}",
-                   help="tokens timed at each end of a block, then extrapolated; 'all': whole blocks and every "
-                        f"stage run; 'auto': whole blocks when the first token says under {AUTO_BLOCK:.0f} s, "
-                        f"else {AUTO_TOKENS} tokens, and denoising estimated when over {AUTO_DENOISE / 60:.0f} min")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=3.6,
+        help="guidance weight; any weight > 0 costs the same (two rows per image), 0 is half",
+    )
+    p.add_argument(
+        "--sampler",
+        default="sequential",
+        choices=["sequential", "jacobi"],
+        help="how the blocks are sampled (see below)",
+    )
+    p.add_argument(
+        "--tokens",
+        default="auto",
+        metavar="{auto,all,N}",
+        help="tokens timed at each end of a block, then extrapolated; 'all': whole blocks and every "
+        f"stage run; 'auto': whole blocks when the first token says under {AUTO_BLOCK:.0f} s, "
+        f"else {AUTO_TOKENS} tokens, and denoising estimated when over {AUTO_DENOISE / 60:.0f} min",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs of the text, VAE and denoise stages first (0: a slow stage measured once)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages to run (load always runs); also score (the exact likelihood: one "
-                        "density pass per image) and invert (editing's exact guided inversion)")
-    p.add_argument("--layout", default="auto", choices=["auto", "out-in"],
-                   help="auto: as the pipeline holds the weights (device.prepare: float32 input-major on a CPU); "
-                        "out-in: as stored, to measure the difference")
-    p.add_argument("--compare-loop", action="store_true",
-                   help="also time the deep block's token loop with and without overlap and mx.compile")
-    p.add_argument("--precision", action="store_true",
-                   help="also compare each component's precisions with float32 on a small architecture")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed runs of the text, VAE and denoise stages first (0: a slow stage measured once)",
+    )
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated stages to run (load always runs); also score (the exact likelihood: one "
+        "density pass per image) and invert (editing's exact guided inversion)",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "out-in"],
+        help="auto: as the pipeline holds the weights (device.prepare: float32 input-major on a CPU); "
+        "out-in: as stored, to measure the difference",
+    )
+    p.add_argument(
+        "--compare-loop",
+        action="store_true",
+        help="also time the deep block's token loop with and without overlap and mx.compile",
+    )
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="also compare each component's precisions with float32 on a small architecture",
+    )
     p.add_argument("--precision-arch", choices=list(ARCHS), help="architecture of --precision (default: small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (0 unless given)")
     p.add_argument("--json", help="also write every figure to this file")
@@ -905,8 +1069,9 @@ def group_benchmark(args, log=print) -> dict:
         group = distributed.init()
         if group is None:
             raise ValueError("--group-images: start the benchmark with mlx.launch (several processes)")
-        pipe = distributed.load(args.model, group, dtype=args.dtype if args.model_dtype else None,
-                                quantize=args.quantize)
+        pipe = distributed.load(
+            args.model, group, dtype=args.dtype if args.model_dtype else None, quantize=args.quantize
+        )
         prompt = pipe.classes.labels[0] if pipe.classes is not None else "a photograph of a cat"
         options = {"guidance": args.cfg, "sampler": args.sampler}
         distributed.throughput(pipe, group, [prompt], num_images=1, seed=args.seed, **options)  # warm-up
@@ -915,8 +1080,10 @@ def group_benchmark(args, log=print) -> dict:
         if group.rank() == 0:
             for r in t["ranks"]:
                 log(f"rank {r['rank']}: {r['images']} images in {r['seconds']:.2f} s")
-            log(f"group of {group.size()}: {t['images']} images in {t['seconds']:.2f} s, "
-                f"{t['images_per_minute']:.1f} images per minute")
+            log(
+                f"group of {group.size()}: {t['images']} images in {t['seconds']:.2f} s, "
+                f"{t['images_per_minute']:.1f} images per minute"
+            )
         return 0
 
     return results if run_command(body, nothing="nothing was measured") == 0 else None

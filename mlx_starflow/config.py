@@ -134,41 +134,113 @@ class FlowConfig:
         if self.layers_per_block[-1] == 0:
             raise ConfigError("the top (deep) block cannot have 0 layers")
         if self.vae_downsample < 1 or self.vae_downsample & (self.vae_downsample - 1):
-            raise ConfigError(f"vae_downsample must be a power of two (2 ** (VAE levels - 1)), not {self.vae_downsample}")
+            raise ConfigError(
+                f"vae_downsample must be a power of two (2 ** (VAE levels - 1)), not {self.vae_downsample}"
+            )
 
 
 # Options of the reference training parser. Architectural ones are read; the
 # unsupported ones must keep their default; training-only ones are ignored.
 _DEFAULTS = {
-    "channel_size": 3, "patch_size": 4, "channels": 512, "blocks": 4, "layers_per_block": "8",
-    "head_dim": 64, "num_heads": None, "num_kv_heads": None, "rope": 0, "pt_seq_len": None,
-    "sos": 0, "seq_order": "R2L", "use_softplus": 0, "cond_top_only": 0, "use_final_norm": 0,
-    "soft_clip": 0, "use_swiglu": 0, "use_bias": 1, "use_qk_norm": 0, "use_post_norm": 0,
-    "norm_type": "layer_norm", "learnable_self_denoiser": 0, "conditional_denoiser": 0,
-    "noise_std": 0.3, "txt_size": 0, "mix_aspect": 0, "img_size": 32, "vae": None, "text": None,
-    "top_block_channels": None, "finetuned_vae": None, "cfg": 0,
+    "channel_size": 3,
+    "patch_size": 4,
+    "channels": 512,
+    "blocks": 4,
+    "layers_per_block": "8",
+    "head_dim": 64,
+    "num_heads": None,
+    "num_kv_heads": None,
+    "rope": 0,
+    "pt_seq_len": None,
+    "sos": 0,
+    "seq_order": "R2L",
+    "use_softplus": 0,
+    "cond_top_only": 0,
+    "use_final_norm": 0,
+    "soft_clip": 0,
+    "use_swiglu": 0,
+    "use_bias": 1,
+    "use_qk_norm": 0,
+    "use_post_norm": 0,
+    "norm_type": "layer_norm",
+    "learnable_self_denoiser": 0,
+    "conditional_denoiser": 0,
+    "noise_std": 0.3,
+    "txt_size": 0,
+    "mix_aspect": 0,
+    "img_size": 32,
+    "vae": None,
+    "text": None,
+    "top_block_channels": None,
+    "finetuned_vae": None,
+    "cfg": 0,
 }
 # Architectural options this engine does not implement: allowed only at these values.
 _UNSUPPORTED = {
-    "use_pretrained_lm": None, "use_mm_attn": 0,
-    "temporal_causal": 0, "shallow_block_local": 0, "denoiser_window": None,
-    "local_attn_window": None, "vid_size": None, "fps_cond": 0, "noise_type": "gaussian",
-    "cond_noise_level": 0, "last_frame_cond": 0, "video_to_video": 0, "vae_decoder_factor": 1,
-    "model_type": None, "vae_adapter": None,
+    "use_pretrained_lm": None,
+    "use_mm_attn": 0,
+    "temporal_causal": 0,
+    "shallow_block_local": 0,
+    "denoiser_window": None,
+    "local_attn_window": None,
+    "vid_size": None,
+    "fps_cond": 0,
+    "noise_type": "gaussian",
+    "cond_noise_level": 0,
+    "last_frame_cond": 0,
+    "video_to_video": 0,
+    "vae_decoder_factor": 1,
+    "model_type": None,
+    "vae_adapter": None,
 }
 _TRAINING_ONLY = {
     # Parsed by the reference but never reach its model: setup_transformer does not pass
     # adaln or nvp (its STARFlow blocks are always affine, without adaLN), and Model
     # swallows noise_embed_denoiser in **unused_kwargs.
-    "adaln", "nvp", "noise_embed_denoiser",
-    "model_config_path", "train_seed", "data", "logdir", "dataset", "wds", "no_flip",
-    "caption_column", "secondary_dataset", "secondary_img_size", "secondary_vid_size",
-    "secondary_batch_size", "secondary_ratio", "batch_size", "acc", "fp8", "use_8bit_adam",
-    "epochs", "epoch_length", "lr", "min_lr", "drop_label", "drop_image", "resume_path",
-    "resume_epoch", "warmup_steps", "fsdp", "fsdp_text_encoder", "gradient_checkpoint",
-    "gradient_checkpoint_mlp", "compile", "latent_norm_regularization", "loss_scaling",
-    "grad_clip", "grad_skip", "dry_run", "wandb_name", "save_every", "sample_freq",
-    "num_samples", "sample_batch_size",
+    "adaln",
+    "nvp",
+    "noise_embed_denoiser",
+    "model_config_path",
+    "train_seed",
+    "data",
+    "logdir",
+    "dataset",
+    "wds",
+    "no_flip",
+    "caption_column",
+    "secondary_dataset",
+    "secondary_img_size",
+    "secondary_vid_size",
+    "secondary_batch_size",
+    "secondary_ratio",
+    "batch_size",
+    "acc",
+    "fp8",
+    "use_8bit_adam",
+    "epochs",
+    "epoch_length",
+    "lr",
+    "min_lr",
+    "drop_label",
+    "drop_image",
+    "resume_path",
+    "resume_epoch",
+    "warmup_steps",
+    "fsdp",
+    "fsdp_text_encoder",
+    "gradient_checkpoint",
+    "gradient_checkpoint_mlp",
+    "compile",
+    "latent_norm_regularization",
+    "loss_scaling",
+    "grad_clip",
+    "grad_skip",
+    "dry_run",
+    "wandb_name",
+    "save_every",
+    "sample_freq",
+    "num_samples",
+    "sample_batch_size",
 }
 
 # Pixels per latent of the VAEs known by name. The reference loads any VAE named
@@ -189,7 +261,7 @@ def read_reference_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config ({e})")
+        raise ConfigError(f"{path}: cannot read config ({e})") from None
     args = data.get("arguments") if isinstance(data, dict) else None
     if not isinstance(args, list) or not all(isinstance(a, dict) and len(a) == 1 for a in args):
         raise ConfigError(f"{path}: expected 'arguments:' followed by a list of one-key maps")
@@ -310,8 +382,9 @@ def _vae_downsample(vae: Optional[str], given: Optional[int]) -> int:
     return known
 
 
-def tarflow_config_from_shapes(shapes: dict, in_channels: int = 3, noise_std: float = 0.05,
-                               head_dim: int = 64) -> FlowConfig:
+def tarflow_config_from_shapes(
+    shapes: dict, in_channels: int = 3, noise_std: float = 0.05, head_dim: int = 64
+) -> FlowConfig:
     """Infer an apple/ml-tarflow architecture from its state-dict shapes."""
     blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")})
     if not blocks or blocks != list(range(len(blocks))):
@@ -368,10 +441,25 @@ def tarflow_config_from_shapes(shapes: dict, in_channels: int = 3, noise_std: fl
 # carried here and picked by checkpoint name.
 RELEASED = {
     "starflow_3B_t2i_256x256": {
-        "img_size": 256, "txt_size": 128, "channel_size": 4, "patch_size": 1, "channels": 3072,
-        "blocks": 6, "layers_per_block": "2 2 2 2 2 24", "noise_std": 0.3, "nvp": 1, "rope": 1,
-        "adaln": 0, "sos": 1, "seq_order": "L2R", "use_softplus": 1, "cond_top_only": 1,
-        "use_final_norm": 1, "vae": "stabilityai/sd-vae-ft-ema", "text": "google/flan-t5-xl",
-        "cfg": 2.5, "soft_clip": 4,
+        "img_size": 256,
+        "txt_size": 128,
+        "channel_size": 4,
+        "patch_size": 1,
+        "channels": 3072,
+        "blocks": 6,
+        "layers_per_block": "2 2 2 2 2 24",
+        "noise_std": 0.3,
+        "nvp": 1,
+        "rope": 1,
+        "adaln": 0,
+        "sos": 1,
+        "seq_order": "L2R",
+        "use_softplus": 1,
+        "cond_top_only": 1,
+        "use_final_norm": 1,
+        "vae": "stabilityai/sd-vae-ft-ema",
+        "text": "google/flan-t5-xl",
+        "cfg": 2.5,
+        "soft_clip": 4,
     },
 }

@@ -21,9 +21,13 @@ def starflow_parser():
     p.add_argument("--checkpoint", required=True, help="the reference .pth state dict")
     p.add_argument("--config", required=True, help="the reference YAML config (arguments: list)")
     p.add_argument("--out", required=True, help="the MLX model folder to write")
-    p.add_argument("--vae", metavar="FOLDER", default=None,
-                   help="the VAE's diffusers folder: its config sets the latent grid (needed unless the "
-                        "config's VAE is an SD-VAE, 8 pixels per latent)")
+    p.add_argument(
+        "--vae",
+        metavar="FOLDER",
+        default=None,
+        help="the VAE's diffusers folder: its config sets the latent grid (needed unless the "
+        "config's VAE is an SD-VAE, 8 pixels per latent)",
+    )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the transformer linear layers")
     p.add_argument("--q-bits", type=int, default=4, choices=BITS)
@@ -33,15 +37,20 @@ def starflow_parser():
 
 
 def tarflow_parser():
-    p = argparse.ArgumentParser(description="Convert an apple/ml-tarflow checkpoint (.pth) to MLX; "
-                                            "the architecture is read from the weights.")
+    p = argparse.ArgumentParser(
+        description="Convert an apple/ml-tarflow checkpoint (.pth) to MLX; the architecture is read from the weights."
+    )
     p.add_argument("--checkpoint", required=True, help="the reference .pth state dict")
     p.add_argument("--out", required=True, help="the MLX model folder to write")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--in-channels", type=int, default=3, help="image channels (3 for RGB)")
     p.add_argument("--head-dim", type=int, default=64, help="attention head size (64 in apple/ml-tarflow)")
-    p.add_argument("--noise-std", type=float, default=None,
-                   help="training noise level (default: read from a file name ending _<noise>.pth)")
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="training noise level (default: read from a file name ending _<noise>.pth)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     return p
 
@@ -61,14 +70,23 @@ def _run(fn, *args, **kwargs):
 
 def starflow_main(argv=None):
     a = starflow_parser().parse_args(argv)
-    return _run(convert_starflow, a.checkpoint, a.config, a.out, dtype=a.dtype, force=a.force, quantize=_quant(a),
-                vae=a.vae)
+    return _run(
+        convert_starflow, a.checkpoint, a.config, a.out, dtype=a.dtype, force=a.force, quantize=_quant(a), vae=a.vae
+    )
 
 
 def tarflow_main(argv=None):
     a = tarflow_parser().parse_args(argv)
-    return _run(convert_tarflow, a.checkpoint, a.out, dtype=a.dtype, force=a.force,
-                in_channels=a.in_channels, noise_std=a.noise_std, head_dim=a.head_dim)
+    return _run(
+        convert_tarflow,
+        a.checkpoint,
+        a.out,
+        dtype=a.dtype,
+        force=a.force,
+        in_channels=a.in_channels,
+        noise_std=a.noise_std,
+        head_dim=a.head_dim,
+    )
 
 
 def main(argv=None):

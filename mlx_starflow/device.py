@@ -72,8 +72,10 @@ def wire_memory(model: nn.Module):
     limit = info["max_recommended_working_set_size"]
     size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     if size > 0.9 * limit:
-        print(f"[warning] the model ({size / 2**30:.1f} GB) is close to the recommended working set "
-              f"({limit / 2**30:.1f} GB): generation may be slow. Consider --quantize 4.")
+        print(
+            f"[warning] the model ({size / 2**30:.1f} GB) is close to the recommended working set "
+            f"({limit / 2**30:.1f} GB): generation may be slow. Consider --quantize 4."
+        )
     mx.set_wired_limit(limit)
 
 

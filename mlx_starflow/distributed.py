@@ -50,17 +50,36 @@ from .flow import Flow, FlowBlock, IdentityBlock, _rows
 from .pipeline import Cancelled, Event, GenerateOptions, Pipeline, Result
 from .sample import Jacobi, sample_steps
 
-__all__ = ["GroupError", "GroupPipeline", "init", "launched", "load", "generate_steps", "throughput", "PipelineBlock",
-           "PipelineFlow", "follow_denoise", "placement", "rank_bytes", "hop_seconds", "shares", "broadcast_seeds",
-           "on_rank0"]
+__all__ = [
+    "GroupError",
+    "GroupPipeline",
+    "init",
+    "launched",
+    "load",
+    "generate_steps",
+    "throughput",
+    "PipelineBlock",
+    "PipelineFlow",
+    "follow_denoise",
+    "placement",
+    "rank_bytes",
+    "hop_seconds",
+    "shares",
+    "broadcast_seeds",
+    "on_rank0",
+]
 
 CONNECT_TIMEOUT_ENV = "MLX_STARFLOW_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 120.0  # seconds: ranks start together, but ssh and imports take a while
 STEP_TIMEOUT_ENV = "MLX_STARFLOW_STEP_TIMEOUT"
 DEFAULT_STEP_TIMEOUT = 600.0  # seconds one sampling step may wait for the others (a 3B token on a CPU: ~6)
 # Backends by what their launcher sets (mlx.launch for ring and JACCL, mpirun for MPI).
-BACKENDS = (("jaccl", ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")), ("ring", ("MLX_HOSTFILE",)),
-            ("mpi", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")), ("nccl", ("MLX_WORLD_SIZE",)))
+BACKENDS = (
+    ("jaccl", ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")),
+    ("ring", ("MLX_HOSTFILE",)),
+    ("mpi", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")),
+    ("nccl", ("MLX_WORLD_SIZE",)),
+)
 SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")  # a group's size, where the launcher says it
 GO, STOP = 0, 1  # the control word that precedes every hidden state sent down the pipeline
 
@@ -135,8 +154,10 @@ class _Stall:
 
     def beat(self, group):
         timeout = _seconds(STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT)
-        self.message = (f"error: rank {group.rank()} of {group.size()}: sampling made no progress for {timeout:g} s: "
-                        f"another rank stopped or is unreachable ({STEP_TIMEOUT_ENV} sets the wait)")
+        self.message = (
+            f"error: rank {group.rank()} of {group.size()}: sampling made no progress for {timeout:g} s: "
+            f"another rank stopped or is unreachable ({STEP_TIMEOUT_ENV} sets the wait)"
+        )
         self.deadline = time.monotonic() + timeout
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, daemon=True, name="mlx-starflow-stall")
@@ -166,11 +187,14 @@ def init(timeout: Optional[float] = None) -> Optional[mx.distributed.Group]:
         return None
     timeout = _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT, timeout)
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
-    message = (f"error: rank {rank} could not join the group within {timeout:g} s. Check that every host runs "
-               f"this same command, that the addresses in the hostfile are the hosts' own and reachable "
-               f"from each other, and that no firewall blocks the ports ({CONNECT_TIMEOUT_ENV} sets the wait)")
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
-                                stdin=subprocess.PIPE)
+    message = (
+        f"error: rank {rank} could not join the group within {timeout:g} s. Check that every host runs "
+        f"this same command, that the addresses in the hostfile are the hosts' own and reachable "
+        f"from each other, and that no firewall blocks the ports ({CONNECT_TIMEOUT_ENV} sets the wait)"
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message], stdin=subprocess.PIPE
+    )
     try:
         group = mx.distributed.init(strict=True, backend=backend())
     except RuntimeError as e:
@@ -189,8 +213,10 @@ def _comm_error(e: BaseException) -> bool:
 
 
 def _lost(group, e) -> GroupError:
-    return GroupError(f"rank {group.rank()} of {group.size()} lost its connection to the group ({e}): "
-                      "another rank stopped (see its error) or its machine is unreachable")
+    return GroupError(
+        f"rank {group.rank()} of {group.size()} lost its connection to the group ({e}): "
+        "another rank stopped (see its error) or its machine is unreachable"
+    )
 
 
 def _exchange(group, arrays):
@@ -256,8 +282,12 @@ def agree(group, error: Optional[BaseException] = None, fingerprint: str = "", o
     False), the others a GroupError naming it (Cancelled if it was cancelled); ranks
     asked different things raise a ValueError."""
     try:
-        rows = [json.loads(b) for b in gather_bytes(group, json.dumps(
-            ["ok" if error is None else _describe(error), fingerprint]).encode())]
+        rows = [
+            json.loads(b)
+            for b in gather_bytes(
+                group, json.dumps(["ok" if error is None else _describe(error), fingerprint]).encode()
+            )
+        ]
     except ValueError:  # another rank was at another exchange
         raise GroupError("the ranks are out of step: every rank must run the same program and options") from None
     if error is not None and not isinstance(error, Stopped):
@@ -273,8 +303,10 @@ def agree(group, error: Optional[BaseException] = None, fingerprint: str = "", o
         raise GroupError(f"rank 0 stopped the group's sampling ({error})")
     differ = [r for r, (_, fp) in enumerate(rows) if fp != rows[0][1]]
     if differ:
-        raise ValueError(f"the ranks were not asked the same thing (rank {differ[0]} differs from rank 0): "
-                         "every rank must run the same command with the same options")
+        raise ValueError(
+            f"the ranks were not asked the same thing (rank {differ[0]} differs from rank 0): "
+            "every rank must run the same command with the same options"
+        )
 
 
 def _run_agreed(group, fn):
@@ -340,13 +372,17 @@ class PipelineBlock(FlowBlock):
                 _exchange(g, pending)
                 raise Stopped("rank 0 stopped")
             if (rows, n) != tuple(shape[:2]):
-                raise GroupError(f"rank {rank} expected a hidden state of {shape[0]} rows x {shape[1]} tokens, "
-                                 f"rank {rank - 1} sends {rows} x {n}: the ranks are not sampling the same thing")
+                raise GroupError(
+                    f"rank {rank} expected a hidden state of {shape[0]} rows x {shape[1]} tokens, "
+                    f"rank {rank - 1} sends {rows} x {n}: the ranks are not sampling the same thing"
+                )
             h = mx.distributed.recv(shape, dtype, rank - 1, group=g)
         h_in, h = h, run(h)
         if h.dtype != dtype:
-            raise TypeError(f"the hidden state changed type ({dtype} -> {h.dtype}) in layers {self.layers}: "
-                            "load the model with one dtype")
+            raise TypeError(
+                f"the hidden state changed type ({dtype} -> {h.dtype}) in layers {self.layers}: "
+                "load the model with one dtype"
+            )
         if rank < size - 1:  # after the control word
             h = mx.distributed.send(mx.depends(h, pending) if pending else h, rank + 1, group=g)
             pending = [h]
@@ -399,6 +435,7 @@ class PipelineBlock(FlowBlock):
             for layer in self.attn_blocks:
                 h = mx.checkpoint(layer)(h, rope)
             return h
+
         return run
 
     def density_forward(self, first, rows, tokens, rope, n_txt):
@@ -441,8 +478,10 @@ class PipelineBlock(FlowBlock):
             _exchange(self.group, mx.distributed.send(mx.array([STOP, 0, 0], dtype=mx.int32), 1, group=self.group))
 
     def affine(self, *args, **kwargs):
-        raise ValueError("the density of a pipeline-parallel deep block (likelihood, inversion) is not "
-                         "available: only sampling and the score denoising step are split across ranks")
+        raise ValueError(
+            "the density of a pipeline-parallel deep block (likelihood, inversion) is not "
+            "available: only sampling and the score denoising step are split across ranks"
+        )
 
 
 class PipelineFlow(Flow):
@@ -540,6 +579,7 @@ def placement(flow: Flow, size: int) -> List[range]:
         raise ValueError(f"the deep block has {n} layers: pipeline parallel takes at most {n} ranks, not {size}")
     if size == 1:
         return [range(n)]
+
     def count(module):
         return sum(v.size for _, v in tree_flatten(module.parameters()))
 
@@ -585,8 +625,15 @@ def rank_bytes(cfg, size: int, dtype=mx.bfloat16, quantize=None, batch: int = 1,
             quantize_linear(flow, q["bits"], q["group_size"])
         weights = sum(v.nbytes for _, v in tree_flatten(flow.parameters()))
         deep = flow.blocks[-1]
-        per_layer = 2 * (2 if guided else 1) * batch * deep.kv_heads * (cfg.txt_size + cfg.num_tokens) * \
-            deep.head_dim * mx.zeros((), dtype=dtype).itemsize
+        per_layer = (
+            2
+            * (2 if guided else 1)
+            * batch
+            * deep.kv_heads
+            * (cfg.txt_size + cfg.num_tokens)
+            * deep.head_dim
+            * mx.zeros((), dtype=dtype).itemsize
+        )
         out.append({"rank": rank, "layers": layers, "weights": weights, "kv_cache": per_layer * len(layers)})
     return out
 
@@ -609,7 +656,7 @@ def _load_part(path, group, dtype=None, quantize=None) -> Flow:
         prefix = f"blocks.{top}.attn_blocks."
 
         def rename(k):
-            i, _, rest = k[len(prefix):].partition(".")
+            i, _, rest = k[len(prefix) :].partition(".")
             if k.startswith(prefix) and i.isdigit():
                 return f"{prefix}{int(i) - layers.start}.{rest}" if int(i) in layers else None
             return None if k.startswith(elsewhere) else k
@@ -646,6 +693,7 @@ class _NoText:
 def _pipeline_part(where, group, model, **options) -> Pipeline:
     """This rank's pipeline of a pipeline-parallel group: rank 0 a whole Pipeline
     around its part of the flow, the others their part of the flow alone."""
+
     def flow_loader(path, dtype, quantize):
         return _load_part(path, group, dtype=dtype, quantize=quantize)
 
@@ -657,8 +705,9 @@ def _pipeline_part(where, group, model, **options) -> Pipeline:
         from .quant import quant_args
 
         dtype = _auto_dtype(where.flow) if options["dtype"] == "auto" else options["dtype"]
-        q = quant_args({"bits": options["quantize"], "group_size": options["q_group_size"]}
-                       if options["quantize"] else None)
+        q = quant_args(
+            {"bits": options["quantize"], "group_size": options["q_group_size"]} if options["quantize"] else None
+        )
         flow = device.prepare(flow_loader(where.flow, dtype, q))
         info = {"model": str(model), "flow": str(where.flow), "dtype": dtype, "quantize": options["quantize"]}
         pipe = GroupPipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
@@ -692,8 +741,16 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
         pipe = _run_agreed(group, lambda: GroupPipeline.from_pretrained(model, **kwargs))
         pipe.group = group
         return pipe
-    options = dict(dtype="auto", quantize=None, q_group_size=64, text_dtype="float32", text_quantize=None,
-                   vae_dtype="float32", keep_text_encoder=False, vae_tile=None)
+    options = dict(
+        dtype="auto",
+        quantize=None,
+        q_group_size=64,
+        text_dtype="float32",
+        text_quantize=None,
+        vae_dtype="float32",
+        keep_text_encoder=False,
+        vae_tile=None,
+    )
     unknown = set(kwargs) - set(options) - set(names)
     if unknown:
         raise TypeError(f"unknown loading option(s) {', '.join(sorted(unknown))}")
@@ -796,7 +853,6 @@ class GroupJacobi(Jacobi):
         return total[0] / total[1]
 
 
-
 @dataclass
 class _GroupOptions(GenerateOptions):
     """A rank's share of a batch-parallel call: Jacobi decided over the whole group."""
@@ -816,9 +872,13 @@ def _batch(pipe, group, opts):
     if shared:
         opts = _GroupOptions(**{f.name: getattr(opts, f.name) for f in fields(GenerateOptions)}, group=group)
     if len(part):
-        mine = replace(opts, prompts=[opts.batch_prompts[i] for i in part], num_images=1,
-                       seed=[opts.seed[i] for i in part] if opts.seed else None,
-                       latents=None if opts.latents is None else opts.latents[part.start : part.stop])
+        mine = replace(
+            opts,
+            prompts=[opts.batch_prompts[i] for i in part],
+            num_images=1,
+            seed=[opts.seed[i] for i in part] if opts.seed else None,
+            latents=None if opts.latents is None else opts.latents[part.start : part.stop],
+        )
         events = Pipeline.generate_steps(pipe, mine)  # this rank alone
     elif shared:
         events = _follow(pipe, opts, empty=True)
@@ -839,7 +899,8 @@ def _pipelined(pipe, group, opts, block):
                 yield event
 
         result, error, seconds = yield from _local(
-            group, watch(Pipeline.generate_steps(pipe, opts)), on_close=lambda: None if finished else block.abort())
+            group, watch(Pipeline.generate_steps(pipe, opts)), on_close=lambda: None if finished else block.abort()
+        )
     else:
         result, error, seconds = yield from _local(group, _follow(pipe, opts))
         if error is not None and not isinstance(error, Stopped):
@@ -861,8 +922,11 @@ def _follow(pipe, opts, empty=False):
         y = mx.zeros((0, cfg.txt_size, cfg.txt_dim)) if pipe.classes is None else pipe.classes.encode([])
     else:
         y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
-        x = opts.latents if opts.latents is not None else pipe.noise(opts.seed, pipe.latent_shape(opts.height,
-                                                                                                opts.width))
+        x = (
+            opts.latents
+            if opts.latents is not None
+            else pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
+        )
     for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi):
         yield Event("deep", step.done, step.total, step)
     if opts.denoise == "score" and not empty:
@@ -880,10 +944,14 @@ def _gather(pipe, group, opts, result: Optional[Result], seconds: float) -> Resu
     t0 = time.perf_counter()
     count = 0 if result is None else len(result.images)
     arrays = [np.asarray(im) for im in result.images] if count else []
-    meta = {"count": count, "seconds": seconds, "timings": result.timings if count else {},
-            "peak": result.peak_memory if count else mx.get_peak_memory(),
-            "params": result.params if count else None,
-            "image": [list(arrays[0].shape), result.images[0].mode] if count else None}
+    meta = {
+        "count": count,
+        "seconds": seconds,
+        "timings": result.timings if count else {},
+        "peak": result.peak_memory if count else mx.get_peak_memory(),
+        "params": result.params if count else None,
+        "image": [list(arrays[0].shape), result.images[0].mode] if count else None,
+    }
     metas = [json.loads(b) for b in gather_bytes(group, json.dumps(meta).encode())]
     first = next(m for m in metas if m["count"])
     shape, mode = first["image"]
@@ -894,17 +962,29 @@ def _gather(pipe, group, opts, result: Optional[Result], seconds: float) -> Resu
     if count:
         images[:count] = np.stack(arrays)
         latents[:count] = np.array(result.latents.astype(mx.float32))
-    all_images, all_latents = _exchange(group, [mx.distributed.all_gather(mx.array(images), group=group),
-                                                mx.distributed.all_gather(mx.array(latents), group=group)])
+    all_images, all_latents = _exchange(
+        group,
+        [
+            mx.distributed.all_gather(mx.array(images), group=group),
+            mx.distributed.all_gather(mx.array(latents), group=group),
+        ],
+    )
     keep = [r * k + i for r, m in enumerate(metas) for i in range(m["count"])]
     all_images = np.array(all_images)[keep]
-    timings = {s: max(m["timings"].get(s, 0.0) for m in metas) for s in STAGE_NAMES
-               if any(s in m["timings"] for m in metas)}
+    timings = {
+        s: max(m["timings"].get(s, 0.0) for m in metas) for s in STAGE_NAMES if any(s in m["timings"] for m in metas)
+    }
     timings.update({f"rank {r}": m["seconds"] for r, m in enumerate(metas)})
     timings["gather"] = time.perf_counter() - t0
-    return Result(images=[Image.fromarray(a, mode=mode) for a in all_images], latents=all_latents[mx.array(keep)],
-                  seeds=list(opts.seed), prompts=list(opts.batch_prompts), timings=timings,
-                  peak_memory=max(m["peak"] for m in metas), params=first["params"])
+    return Result(
+        images=[Image.fromarray(a, mode=mode) for a in all_images],
+        latents=all_latents[mx.array(keep)],
+        seeds=list(opts.seed),
+        prompts=list(opts.batch_prompts),
+        timings=timings,
+        peak_memory=max(m["peak"] for m in metas),
+        params=first["params"],
+    )
 
 
 def throughput(pipe: Pipeline, group, prompts, num_images: int = 1, seed=0, **options) -> dict:

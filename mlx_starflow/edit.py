@@ -30,8 +30,9 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .sample import invert as flow_invert, sampling_order
 from .pipeline import Event, GenerateOptions, Result, check_prompts, drive
+from .sample import invert as flow_invert
+from .sample import sampling_order
 
 __all__ = ["invert", "edit", "edit_steps", "variation", "blend", "invert_stage", "main"]
 
@@ -53,8 +54,9 @@ def check_strength(strength) -> float:
     except (TypeError, ValueError):
         s = math.nan
     if isinstance(strength, bool) or not (0.0 <= s <= 1.0):
-        raise ValueError(f"strength must be a number in [0, 1] (0: the image's own noise, 1: fresh noise), "
-                         f"not {strength!r}")
+        raise ValueError(
+            f"strength must be a number in [0, 1] (0: the image's own noise, 1: fresh noise), not {strength!r}"
+        )
     return s
 
 
@@ -92,6 +94,7 @@ class Sources:
 
     def params(self) -> dict:
         """What the PNG metadata records of them: one value, or a list when they differ."""
+
         def one(values):
             return values[0] if len(set(values)) == 1 else values
 
@@ -155,9 +158,11 @@ def mask_values(mask) -> tuple:
     mixed = (a >= 0.5).any(-1) != (a >= 0.5).all(-1)
     unclear = float((grey | mixed).mean())
     if unclear > MASK_GREY:
-        raise ValueError(f"{label} is not a mask: {unclear:.0%} of its pixels are neither black nor white "
-                         f"(at most {MASK_GREY:.0%} may be, at blurred edges). A mask is white where the "
-                         f"image may change and black where it must stay")
+        raise ValueError(
+            f"{label} is not a mask: {unclear:.0%} of its pixels are neither black nor white "
+            f"(at most {MASK_GREY:.0%} may be, at blurred edges). A mask is white where the "
+            f"image may change and black where it must stay"
+        )
     return a.mean(-1) >= 0.5, label
 
 
@@ -218,8 +223,17 @@ def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_pr
             raise ValueError(f"latents must be (batch, height, width, channels), got shape {tuple(x.shape)}")
         f = pipe.config.pixels_per_latent
         # the sampler does not matter here: any model inverts (sequential is checked for none)
-        opts = _resolve(pipe, prompts, x.shape[0], guidance=guidance, negative_prompt=negative_prompt, latents=x,
-                        height=x.shape[1] * f, width=x.shape[2] * f, sampler="sequential")
+        opts = _resolve(
+            pipe,
+            prompts,
+            x.shape[0],
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            latents=x,
+            height=x.shape[1] * f,
+            width=x.shape[2] * f,
+            sampler="sequential",
+        )
         return _invert(pipe, opts)
 
 
@@ -256,8 +270,17 @@ def _timed(events: Iterator[Event], timings: dict) -> Iterator[Event]:
         t = time.perf_counter()
 
 
-def edit_steps(pipe, image, prompt, *, source_prompt="", strength: float = DEFAULT_STRENGTH, mask=None,
-               notes: Optional[Callable] = None, **options) -> Iterator[Event]:
+def edit_steps(
+    pipe,
+    image,
+    prompt,
+    *,
+    source_prompt="",
+    strength: float = DEFAULT_STRENGTH,
+    mask=None,
+    notes: Optional[Callable] = None,
+    **options,
+) -> Iterator[Event]:
     """The edit as a generator of Events ("encode", "invert", then generate's stages); the
     last carries the Result. prompt: a prompt, a list, or a GenerateOptions; options:
     GenerateOptions' fields but latents. Everything is checked before the first event
@@ -265,8 +288,10 @@ def edit_steps(pipe, image, prompt, *, source_prompt="", strength: float = DEFAU
     s = check_strength(strength)
     unknown = sorted(set(options) - set(GenerateOptions.names()) | ({"latents"} & set(options)))
     if unknown:
-        raise TypeError(f"unknown edit option(s) {', '.join(unknown)}; known: source_prompt, strength, mask, "
-                        f"{', '.join(n for n in GenerateOptions.names()[1:] if n != 'latents')}")
+        raise TypeError(
+            f"unknown edit option(s) {', '.join(unknown)}; known: source_prompt, strength, mask, "
+            f"{', '.join(n for n in GenerateOptions.names()[1:] if n != 'latents')}"
+        )
     opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
     if opts.latents is not None:
         raise ValueError("an edit starts from its image's noise: give no latents")
@@ -277,12 +302,18 @@ def edit_steps(pipe, image, prompt, *, source_prompt="", strength: float = DEFAU
     if len(sources) == len(prompts):  # one per prompt, as the prompts are repeated
         sources = [p for p in sources for _ in range(opts.num_images)]
     if len(src.sizes) not in (1, B) or len(sources) not in (1, B):
-        raise ValueError(f"{len(src.sizes)} images and {len(sources)} source prompts for {B} edits "
-                         f"({len(prompts)} prompts x {opts.num_images}): give one of each, or one per edit")
+        raise ValueError(
+            f"{len(src.sizes)} images and {len(sources)} source prompts for {B} edits "
+            f"({len(prompts)} prompts x {opts.num_images}): give one of each, or one per edit"
+        )
     sources = sources * B if len(sources) == 1 else sources
     pipe.check_prompts(sources)
-    params = {"operation": "variation" if sources == opts.batch_prompts else "edit",
-              "source_prompt": sources[0] if len(set(sources)) == 1 else sources, "strength": s, **src.params()}
+    params = {
+        "operation": "variation" if sources == opts.batch_prompts else "edit",
+        "source_prompt": sources[0] if len(set(sources)) == 1 else sources,
+        "strength": s,
+        **src.params(),
+    }
     keep = None
     if mask is not None:
         keep, mask_notes = load_mask(mask, src.sizes, (opts.width, opts.height), pipe)
@@ -361,8 +392,9 @@ def variation(pipe, image, prompt, strength: float = DEFAULT_STRENGTH, **options
 # -- benchmark ----------------------------------------------------------------------------
 
 
-def invert_stage(flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats: int = 3, warmup: int = 1,
-                 seed: int = 0) -> dict:
+def invert_stage(
+    flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> dict:
     """The benchmark's `invert` stage: the guided inversion `edit` runs (one parallel pass
     per block, no token loop) on random latents of the flow's own shape. y as
     sample.invert takes it for `batch` images (2 x batch rows [conditional; unconditional]
@@ -380,28 +412,53 @@ def invert_stage(flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats
     ts = times(lambda: mx.eval(flow_invert(flow, x, y, guidance)), repeats, warmup)
     med = statistics.median(ts)
     h, w = flow.grid(x)
-    return {"batch": batch, "tokens": h * w, "blocks": len(sampling_order(flow)),
-            "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
-            "tokens_per_second": batch * h * w / med, "peak_memory": mx.get_peak_memory()}
+    return {
+        "batch": batch,
+        "tokens": h * w,
+        "blocks": len(sampling_order(flow)),
+        "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
+        "tokens_per_second": batch * h * w / med,
+        "peak_memory": mx.get_peak_memory(),
+    }
 
 
 # -- the command line ---------------------------------------------------------------------
 
+
 def add_options(p):
     """The editing options, shared by `edit` and `generate --init-image` (a variation)."""
     g = p.add_argument_group("editing by exact inversion")
-    g.add_argument("--image", "--init-image", dest="image", metavar="IMAGE", default=None,
-                   help="the image to edit, resized to cover the model's size and centre-cropped (required by "
-                        "edit; generate's default: none, fresh noise; with one, a variation of it under the prompt)")
-    g.add_argument("--source-prompt", metavar="P", default=None,
-                   help="what the image shows: it is inverted to its noise under this prompt (default: empty "
-                        "for edit; the prompt itself for generate --init-image)")
-    g.add_argument("--strength", metavar="S", type=float, default=None,
-                   help=f"0 keeps the image's own noise (the closest edit), 1 draws fresh noise from the seed "
-                        f"(ignores the image); blended as sqrt(1 - s^2) z + s e (default: {DEFAULT_STRENGTH})")
-    g.add_argument("--mask", metavar="IMAGE", default=None,
-                   help="black and white image, white where the image may change: the rest is kept exactly "
-                        "(in latent space); resized to the image if its size differs (default: none, all may change)")
+    g.add_argument(
+        "--image",
+        "--init-image",
+        dest="image",
+        metavar="IMAGE",
+        default=None,
+        help="the image to edit, resized to cover the model's size and centre-cropped (required by "
+        "edit; generate's default: none, fresh noise; with one, a variation of it under the prompt)",
+    )
+    g.add_argument(
+        "--source-prompt",
+        metavar="P",
+        default=None,
+        help="what the image shows: it is inverted to its noise under this prompt (default: empty "
+        "for edit; the prompt itself for generate --init-image)",
+    )
+    g.add_argument(
+        "--strength",
+        metavar="S",
+        type=float,
+        default=None,
+        help=f"0 keeps the image's own noise (the closest edit), 1 draws fresh noise from the seed "
+        f"(ignores the image); blended as sqrt(1 - s^2) z + s e (default: {DEFAULT_STRENGTH})",
+    )
+    g.add_argument(
+        "--mask",
+        metavar="IMAGE",
+        default=None,
+        help="black and white image, white where the image may change: the rest is kept exactly "
+        "(in latent space); resized to the image if its size differs (default: none, all may change)",
+    )
 
 
 def wants_edit(args) -> bool:
@@ -417,8 +474,10 @@ def parser():
         add_options(p)
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     p.prog = "mlx-starflow-edit" if name.startswith("mlx-starflow-") else "python -m mlx_starflow.edit"
-    p.description = ("Edit an image with STARFlow on MLX by exact inversion: the image is inverted to its noise "
-                     "under --source-prompt, blended with fresh noise by --strength and sampled under --prompt.")
+    p.description = (
+        "Edit an image with STARFlow on MLX by exact inversion: the image is inverted to its noise "
+        "under --source-prompt, blended with fresh noise by --strength and sampled under --prompt."
+    )
     p.set_defaults(output="edit-{seed}.png")
     return p
 
@@ -438,8 +497,11 @@ def run(args, variation: bool = False) -> int:
 
     def body():
         if args.image is None:
-            raise ValueError("--init-image: give the image to start from (--strength, --source-prompt and --mask "
-                             "vary an image)" if variation else "--image: give the image to edit")
+            raise ValueError(
+                "--init-image: give the image to start from (--strength, --source-prompt and --mask vary an image)"
+                if variation
+                else "--image: give the image to edit"
+            )
         if getattr(args, "pipeline_parallel", False) or distributed.launched():
             raise ValueError("editing runs on one machine: run it without mlx.launch (and --pipeline-parallel)")
         strength = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength)
@@ -453,8 +515,16 @@ def run(args, variation: bool = False) -> int:
         check_writable(paths, args.overwrite)
         pipe = Pipeline.from_pretrained(**load_options(args))
         source = args.source_prompt if args.source_prompt is not None else args.prompt if variation else ""
-        result = edit(pipe, args.image, replace(args.options, seed=seeds), source_prompt=source, strength=strength,
-                      mask=args.mask, progress=bars, notes=note)
+        result = edit(
+            pipe,
+            args.image,
+            replace(args.options, seed=seeds),
+            source_prompt=source,
+            strength=strength,
+            mask=args.mask,
+            progress=bars,
+            notes=note,
+        )
         bars.close()
         save(result, paths, args.metadata, loaded_with(args))
         report(paths, result, args.verbose)

@@ -100,8 +100,11 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(channels, hidden, bias=cfg.use_bias)
             self.down_proj = nn.Linear(hidden, channels, bias=cfg.use_bias)
         else:
-            self.main = [nn.Linear(channels, hidden, bias=cfg.use_bias), nn.GELU(),
-                         nn.Linear(hidden, channels, bias=cfg.use_bias)]
+            self.main = [
+                nn.Linear(channels, hidden, bias=cfg.use_bias),
+                nn.GELU(),
+                nn.Linear(hidden, channels, bias=cfg.use_bias),
+            ]
         if cfg.use_post_norm:
             self.post_norm = RMSNorm(channels)
 
@@ -295,8 +298,9 @@ class Denoiser(nn.Module):
         self.proj_out = nn.Linear(cfg.channels, D)
         if cfg.conditional_denoiser and cfg.txt_dim:
             self.proj_txt = nn.Linear(cfg.txt_dim, cfg.channels)
-        self.attn_blocks = [Layer(cfg, cfg.channels, cfg.num_heads, cfg.num_kv_heads, causal=False)
-                            for _ in range(cfg.denoiser_layers)]
+        self.attn_blocks = [
+            Layer(cfg, cfg.channels, cfg.num_heads, cfg.num_kv_heads, causal=False) for _ in range(cfg.denoiser_layers)
+        ]
         if cfg.use_final_norm:
             self.final_norm = RMSNorm(cfg.channels)
         self.has_text = "proj_txt" in self
@@ -375,16 +379,19 @@ class Flow(nn.Module):
             raise ValueError(f"{name} must be (batch, height, width, {cfg.in_channels}), got shape {tuple(x.shape)}")
         h, w = self.grid(x)
         if not cfg.rope and h * w != cfg.num_tokens:
-            raise ValueError(f"{name} must be {cfg.input_size}x{cfg.input_size} for this model "
-                             f"(learned positions), got {x.shape[1]}x{x.shape[2]}")
+            raise ValueError(
+                f"{name} must be {cfg.input_size}x{cfg.input_size} for this model "
+                f"(learned positions), got {x.shape[1]}x{x.shape[2]}"
+            )
 
     def check_text(self, y, batch):
         cfg = self.config
         if cfg.txt_dim == 0:
             return None
         if y is None or y.ndim != 3 or y.shape[-1] != cfg.txt_dim:
-            raise ValueError(f"text embeddings must be (batch, tokens, {cfg.txt_dim}), "
-                             f"got {None if y is None else tuple(y.shape)}")
+            raise ValueError(
+                f"text embeddings must be (batch, tokens, {cfg.txt_dim}), got {None if y is None else tuple(y.shape)}"
+            )
         if y.shape[0] != batch:
             raise ValueError(f"{y.shape[0]} rows of text embeddings for a batch of {batch}")
         return y

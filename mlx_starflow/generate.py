@@ -7,20 +7,27 @@ written whole or not at all.
 """
 
 import argparse
-from dataclasses import replace
 import json
 import math
 import os
 import secrets
 import sys
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 from .hub import DEFAULT_CHECKPOINT, DEFAULT_MODEL, ModelNotFound
 
 ENGINE = "mlx-starflow"
-STAGES = {"encode": "Encoding image", "invert": "Inverting", "text": "Encoding prompt", "deep": "Deep block",
-          "shallow": "Shallow blocks", "denoise": "Denoising", "decode": "Decoding"}
+STAGES = {
+    "encode": "Encoding image",
+    "invert": "Inverting",
+    "text": "Encoding prompt",
+    "deep": "Deep block",
+    "shallow": "Shallow blocks",
+    "denoise": "Denoising",
+    "decode": "Decoding",
+}
 
 
 def engine_version() -> str:
@@ -30,9 +37,11 @@ def engine_version() -> str:
         return f"{ENGINE} (source)"
 
 
-MODEL_DEFAULTS = ("A model folder may carry its own defaults, used where an option is not given: its sampling "
-                  "settings (\"sampling\" in its config.json) and its image size. The demo samples with guidance "
-                  "1.0, sequentially, at 32x32.")
+MODEL_DEFAULTS = (
+    "A model folder may carry its own defaults, used where an option is not given: its sampling "
+    'settings ("sampling" in its config.json) and its image size. The demo samples with guidance '
+    "1.0, sequentially, at 32x32."
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -51,76 +60,169 @@ def _prog() -> str:
 
 
 def parser():
-    p = argparse.ArgumentParser(prog=_prog(), formatter_class=HelpFormatter, epilog=MODEL_DEFAULTS,
-                                description="Generate images with STARFlow on MLX.")
-    p.add_argument("--prompt", metavar="P", nargs="+", default=None,
-                   help="one or more prompts (required unless --prompt-file or --from-image gives them)")
-    p.add_argument("--prompt-file", metavar="FILE", default=None,
-                   help="prompts from a text file, one a line (blank lines skipped), after any --prompt")
-    p.add_argument("--negative-prompt", metavar="P", default="",
-                   help="the prompt guidance steers away from (default: empty)")
-    p.add_argument("--from-image", metavar="PNG", default=None,
-                   help="make an image again: every parameter from the metadata of a PNG this command wrote; "
-                        "options given here override it")
-    p.add_argument("--model", metavar="NAME", default=DEFAULT_MODEL,
-                   help="'demo' (the bundled toy model), a converted MLX folder, a .pth checkpoint or a folder "
-                        "holding one, or a Hugging Face repo id")
-    p.add_argument("--checkpoint", metavar="FILE", default=None,
-                   help=f"checkpoint file name inside --model (default: {DEFAULT_CHECKPOINT} in a repo, "
-                        "the only .pth in a folder)")
-    p.add_argument("--config", metavar="YAML", default=None,
-                   help="the checkpoint's reference YAML config (default: the .yaml beside it, or the one the "
-                        "package carries for the released checkpoint)")
-    p.add_argument("--text-encoder", metavar="NAME", default=None,
-                   help="text encoder folder or repo id (default: the model folder's text_encoder/, else the "
-                        "one the model names: google/flan-t5-xl for the release)")
-    p.add_argument("--vae", metavar="NAME", default=None,
-                   help="VAE folder or repo id (default: the model folder's vae/, else the one the model names: "
-                        "stabilityai/sd-vae-ft-ema for the release)")
-    p.add_argument("--seed", metavar="N", type=int, nargs="+", default=None,
-                   help="one seed (image i gets seed + i), or one per image (default: random; each PNG records "
-                        "its seed)")
+    p = argparse.ArgumentParser(
+        prog=_prog(),
+        formatter_class=HelpFormatter,
+        epilog=MODEL_DEFAULTS,
+        description="Generate images with STARFlow on MLX.",
+    )
+    p.add_argument(
+        "--prompt",
+        metavar="P",
+        nargs="+",
+        default=None,
+        help="one or more prompts (required unless --prompt-file or --from-image gives them)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        default=None,
+        help="prompts from a text file, one a line (blank lines skipped), after any --prompt",
+    )
+    p.add_argument(
+        "--negative-prompt", metavar="P", default="", help="the prompt guidance steers away from (default: empty)"
+    )
+    p.add_argument(
+        "--from-image",
+        metavar="PNG",
+        default=None,
+        help="make an image again: every parameter from the metadata of a PNG this command wrote; "
+        "options given here override it",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        default=DEFAULT_MODEL,
+        help="'demo' (the bundled toy model), a converted MLX folder, a .pth checkpoint or a folder "
+        "holding one, or a Hugging Face repo id",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        default=None,
+        help=f"checkpoint file name inside --model (default: {DEFAULT_CHECKPOINT} in a repo, "
+        "the only .pth in a folder)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="the checkpoint's reference YAML config (default: the .yaml beside it, or the one the "
+        "package carries for the released checkpoint)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        metavar="NAME",
+        default=None,
+        help="text encoder folder or repo id (default: the model folder's text_encoder/, else the "
+        "one the model names: google/flan-t5-xl for the release)",
+    )
+    p.add_argument(
+        "--vae",
+        metavar="NAME",
+        default=None,
+        help="VAE folder or repo id (default: the model folder's vae/, else the one the model names: "
+        "stabilityai/sd-vae-ft-ema for the release)",
+    )
+    p.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one seed (image i gets seed + i), or one per image (default: random; each PNG records its seed)",
+    )
     p.add_argument("--num-images", metavar="N", type=int, default=1, help="images per prompt, sampled as one batch")
-    p.add_argument("--cfg", metavar="W", type=float, default=None,
-                   help="guidance weight, 0 for none (default: the model's own, else 3.6 as the reference "
-                        "image script)")
-    p.add_argument("--sampler", choices=["jacobi", "sequential"], default=None,
-                   help="jacobi: blocks of tokens solved in parallel by Jacobi iteration; sequential: token by "
-                        "token (default: the model's own, else jacobi)")
+    p.add_argument(
+        "--cfg",
+        metavar="W",
+        type=float,
+        default=None,
+        help="guidance weight, 0 for none (default: the model's own, else 3.6 as the reference image script)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["jacobi", "sequential"],
+        default=None,
+        help="jacobi: blocks of tokens solved in parallel by Jacobi iteration; sequential: token by "
+        "token (default: the model's own, else jacobi)",
+    )
     p.add_argument("--jacobi-block-size", metavar="N", type=int, default=16, help="tokens per Jacobi block")
-    p.add_argument("--jacobi-threshold", metavar="T", type=float, default=1e-3,
-                   help="a block is done when an iteration changes it by less than this (relative mean square)")
+    p.add_argument(
+        "--jacobi-threshold",
+        metavar="T",
+        type=float,
+        default=1e-3,
+        help="a block is done when an iteration changes it by less than this (relative mean square)",
+    )
     p.add_argument("--jacobi-max-iter", metavar="N", type=int, default=32, help="most Jacobi iterations per block")
-    p.add_argument("--denoise", choices=["auto", "score", "learned", "none"], default="auto",
-                   help="after sampling: the model's learned denoiser, one step along its score, or nothing; "
-                        "auto: learned if the model has one, none with a fine-tuned VAE, else score")
-    p.add_argument("--height", metavar="PX", type=int, default=None,
-                   help="image height in pixels (default: the model's size, 256 for the release); other sizes "
-                        "only for models trained on several aspect ratios")
-    p.add_argument("--width", metavar="PX", type=int, default=None,
-                   help="image width in pixels (default: the model's size)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="flow weights precision (auto: bfloat16 for float32 models above 1B parameters, "
-                        "else as stored)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
-                   help="quantize the flow's linear layers to this many bits (default: as stored)")
-    p.add_argument("--text-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="text encoder precision (T5 overflows in float16)")
-    p.add_argument("--text-quantize", type=int, choices=[4, 8], default=None,
-                   help="quantize the text encoder to this many bits (default: not quantized)")
+    p.add_argument(
+        "--denoise",
+        choices=["auto", "score", "learned", "none"],
+        default="auto",
+        help="after sampling: the model's learned denoiser, one step along its score, or nothing; "
+        "auto: learned if the model has one, none with a fine-tuned VAE, else score",
+    )
+    p.add_argument(
+        "--height",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="image height in pixels (default: the model's size, 256 for the release); other sizes "
+        "only for models trained on several aspect ratios",
+    )
+    p.add_argument(
+        "--width", metavar="PX", type=int, default=None, help="image width in pixels (default: the model's size)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="flow weights precision (auto: bfloat16 for float32 models above 1B parameters, else as stored)",
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="quantize the flow's linear layers to this many bits (default: as stored)",
+    )
+    p.add_argument(
+        "--text-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="text encoder precision (T5 overflows in float16)",
+    )
+    p.add_argument(
+        "--text-quantize",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="quantize the text encoder to this many bits (default: not quantized)",
+    )
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32", help="VAE precision")
-    p.add_argument("--vae-tile", metavar="N", type=int, default=None,
-                   help="decode in tiles of this many latents, for less memory (default: whole)")
-    p.add_argument("--output", metavar="PNG", default="starflow-{seed}.png",
-                   help="output PNG; {seed} and {index} are replaced")
+    p.add_argument(
+        "--vae-tile",
+        metavar="N",
+        type=int,
+        default=None,
+        help="decode in tiles of this many latents, for less memory (default: whole)",
+    )
+    p.add_argument(
+        "--output", metavar="PNG", default="starflow-{seed}.png", help="output PNG; {seed} and {index} are replaced"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--metadata", action="store_true", help="also write a JSON sidecar next to each image")
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (they are shown only when stderr is a terminal)")
-    p.add_argument("--pipeline-parallel", action="store_true",
-                   help="under mlx.launch: split the deep block's layers across the machines, each loading only "
-                        "its own (default under mlx.launch: each machine samples its share of the images)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)"
+    )
+    p.add_argument(
+        "--pipeline-parallel",
+        action="store_true",
+        help="under mlx.launch: split the deep block's layers across the machines, each loading only "
+        "its own (default under mlx.launch: each machine samples its share of the images)",
+    )
     from .edit import add_options  # --init-image, --strength, --source-prompt, --mask: a variation (edit.py)
 
     add_options(p)
@@ -143,11 +245,20 @@ def options(args):
     from .pipeline import GenerateOptions
     from .sample import OptionError
 
-    opts = GenerateOptions(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                           seed=args.seed, guidance=args.cfg, sampler=args.sampler,
-                           jacobi_block_size=args.jacobi_block_size, jacobi_threshold=args.jacobi_threshold,
-                           jacobi_max_iter=args.jacobi_max_iter, denoise=args.denoise, height=args.height,
-                           width=args.width)
+    opts = GenerateOptions(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+        guidance=args.cfg,
+        sampler=args.sampler,
+        jacobi_block_size=args.jacobi_block_size,
+        jacobi_threshold=args.jacobi_threshold,
+        jacobi_max_iter=args.jacobi_max_iter,
+        denoise=args.denoise,
+        height=args.height,
+        width=args.width,
+    )
     try:
         return opts.validate()
     except OptionError as e:
@@ -164,8 +275,18 @@ def check_args(args):
 # PNG metadata names that differ from the option's (--cfg is stored as the pipeline's "guidance").
 METADATA_NAMES = {"guidance": "cfg"}
 # What the command records besides the pipeline's own parameters, so --from-image loads the same way.
-LOAD_OPTIONS = ("checkpoint", "config", "text_encoder", "vae", "dtype", "quantize", "text_dtype",
-                "text_quantize", "vae_dtype", "vae_tile")
+LOAD_OPTIONS = (
+    "checkpoint",
+    "config",
+    "text_encoder",
+    "vae",
+    "dtype",
+    "quantize",
+    "text_dtype",
+    "text_quantize",
+    "vae_dtype",
+    "vae_tile",
+)
 
 
 def load_options(args) -> dict:
@@ -267,7 +388,7 @@ def output_paths(template: str, seeds, count: int):
         try:
             paths.append(Path(template.format(seed=seed, index=i)))
         except (KeyError, IndexError, ValueError):
-            raise ValueError(f"--output '{template}': only {{seed}} and {{index}} may be used")
+            raise ValueError(f"--output '{template}': only {{seed}} and {{index}} may be used") from None
     if len(set(paths)) != len(paths):
         raise ValueError(f"--output '{template}' gives the same file name to several images; add {{index}}")
     return paths
@@ -323,10 +444,10 @@ def save(result, paths, metadata_sidecar=False, load_options=None):
         params = {"prompt": result.prompts[i], **result.params, **(load_options or {}), "engine": version}
         if result.seeds:
             params["seed"] = result.seeds[i]
-        atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=png_info(params)))
+        atomic_write(path, lambda tmp, img=img, params=params: img.save(tmp, format="PNG", pnginfo=png_info(params)))
         if metadata_sidecar:
             side = path.with_suffix(".json")
-            atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2) + "\n"))
+            atomic_write(side, lambda tmp, params=params: Path(tmp).write_text(json.dumps(params, indent=2) + "\n"))
 
 
 class Bars:

@@ -33,14 +33,21 @@ PATTERNS = {
     "model": ("{checkpoint}", "LICENSE*"),
     "text encoder": ("*.json", "*.safetensors", "*.model", "tokenizer*"),
     # the VAE repo itself, or the vae/ folder of a full diffusers pipeline
-    "VAE": ("config.json", "diffusion_pytorch_model.safetensors",
-            "vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
+    "VAE": (
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ),
 }
 # The released text-to-image model: its repos and their approximate download sizes in GB
 # (the checkpoint is 3.86B float32 parameters; flan-t5-xl ships encoder and decoder, the
 # engine reads the encoder).
-RELEASE = (("model", DEFAULT_MODEL, 15.4), ("text encoder", "google/flan-t5-xl", 11.4),
-           ("VAE", "stabilityai/sd-vae-ft-ema", 0.33))
+RELEASE = (
+    ("model", DEFAULT_MODEL, 15.4),
+    ("text encoder", "google/flan-t5-xl", 11.4),
+    ("VAE", "stabilityai/sd-vae-ft-ema", 0.33),
+)
 
 
 class ModelNotFound(Exception):
@@ -58,8 +65,12 @@ def looks_like_path(name: str) -> bool:
 
 
 def is_repo_id(name) -> bool:
-    return (isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not looks_like_path(name) and not Path(name).exists())
+    return (
+        isinstance(name, str)
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+        and not looks_like_path(name)
+        and not Path(name).exists()
+    )
 
 
 def patterns(role: str, checkpoint: str = DEFAULT_CHECKPOINT) -> list:
@@ -81,15 +92,19 @@ def download_advice(repo_id: str, files) -> str:
     """How to get a repo that is not in the cache: for the release, all three of its repos."""
     released = {repo for _, repo, _ in RELEASE}
     if repo_id not in released:
-        return (f"Download it where there is network:\n  {download_command(repo_id, files)}\n"
-                "or pass a local folder.")
-    lines = [f"  {download_command(repo, files if repo == repo_id else patterns(role))}    (~{gb:g} GB)"
-             for role, repo, gb in RELEASE]
+        return f"Download it where there is network:\n  {download_command(repo_id, files)}\nor pass a local folder."
+    lines = [
+        f"  {download_command(repo, files if repo == repo_id else patterns(role))}    (~{gb:g} GB)"
+        for role, repo, gb in RELEASE
+    ]
     total = sum(gb for _, _, gb in RELEASE)
-    return (f"The released model needs three repositories, about {total:.0f} GB in all. Where there is "
-            "network, fetch exactly the files the engine reads (into the Hugging Face cache, where "
-            "they are found from then on; files already there are skipped):\n" + "\n".join(lines) +
-            "\nOr pass local folders (--model, --text-encoder, --vae), or try the bundled model: --model demo.")
+    return (
+        f"The released model needs three repositories, about {total:.0f} GB in all. Where there is "
+        "network, fetch exactly the files the engine reads (into the Hugging Face cache, where "
+        "they are found from then on; files already there are skipped):\n"
+        + "\n".join(lines)
+        + "\nOr pass local folders (--model, --text-encoder, --vae), or try the bundled model: --model demo."
+    )
 
 
 def download(repo_id: str, files, what: str) -> Path:
@@ -103,8 +118,11 @@ def download(repo_id: str, files, what: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=files))
     except (HfHubHTTPError, OSError, ValueError) as e:  # offline, no network, no such repo, gated
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = ("HF_HUB_OFFLINE is set: unset it to download" if offline
-               else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        why = (
+            "HF_HUB_OFFLINE is set: unset it to download"
+            if offline
+            else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        )
         raise ModelNotFound(
             f"{what} '{repo_id}' is not in the local Hugging Face cache and could not be downloaded ({why}). "
             + download_advice(repo_id, files)
@@ -188,16 +206,32 @@ def _local_vae(vae, origin: Optional[Path]) -> Optional[str]:
 
 def _with_components(flow: Path, origin: Optional[Path], text_encoder, vae) -> Resolved:
     cfg = json.loads((flow / "config.json").read_text())
-    text = None if cfg.get("class_names") or cfg.get("model_type") == "tarflow" else (
-        text_encoder or (origin and _subfolder(origin, TEXT_SUBFOLDERS)) or _subfolder(flow, TEXT_SUBFOLDERS)
-        or cfg.get("text_encoder"))
-    v = None if not cfg.get("vae") else (
-        vae or (origin and _subfolder(origin, VAE_SUBFOLDERS)) or _subfolder(flow, VAE_SUBFOLDERS) or cfg["vae"])
+    text = (
+        None
+        if cfg.get("class_names") or cfg.get("model_type") == "tarflow"
+        else (
+            text_encoder
+            or (origin and _subfolder(origin, TEXT_SUBFOLDERS))
+            or _subfolder(flow, TEXT_SUBFOLDERS)
+            or cfg.get("text_encoder")
+        )
+    )
+    v = (
+        None
+        if not cfg.get("vae")
+        else (vae or (origin and _subfolder(origin, VAE_SUBFOLDERS)) or _subfolder(flow, VAE_SUBFOLDERS) or cfg["vae"])
+    )
     return Resolved(flow=flow, text_encoder=text, vae=v)
 
 
-def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config=None,
-            text_encoder: Optional[str] = None, vae: Optional[str] = None, quantize=None) -> Resolved:
+def resolve(
+    model: str = DEFAULT_MODEL,
+    checkpoint: Optional[str] = None,
+    config=None,
+    text_encoder: Optional[str] = None,
+    vae: Optional[str] = None,
+    quantize=None,
+) -> Resolved:
     """Where the flow (converted), the text encoder and the VAE of `model` are."""
     if model == "demo":
         if not (DEMO / "model.safetensors").is_file():
@@ -210,8 +244,10 @@ def resolve(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, config
         pths = [path / checkpoint] if checkpoint else sorted(path.glob("*.pth"))
         if len(pths) != 1 or not pths[0].is_file():
             found = ", ".join(p.name for p in pths) or "none"
-            raise ModelNotFound(f"{path}: expected one converted model (config.json + model.safetensors) or "
-                                f"one .pth checkpoint (found: {found}); name it with --checkpoint")
+            raise ModelNotFound(
+                f"{path}: expected one converted model (config.json + model.safetensors) or "
+                f"one .pth checkpoint (found: {found}); name it with --checkpoint"
+            )
         flow = convert_cached(pths[0], config, quantize, vae=_local_vae(vae, path))
         return _with_components(flow, path, text_encoder, vae)
     if path.suffix == ".pth":

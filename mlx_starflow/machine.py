@@ -20,8 +20,14 @@ GB = 1e9
 
 # Debian/Ubuntu's libopenblas0-pthread installs a drop-in libblas under the
 # machine's multiarch directory.
-_MULTIARCH = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu",
-              "arm64": "aarch64-linux-gnu", "ppc64le": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu"}
+_MULTIARCH = {
+    "x86_64": "x86_64-linux-gnu",
+    "amd64": "x86_64-linux-gnu",
+    "aarch64": "aarch64-linux-gnu",
+    "arm64": "aarch64-linux-gnu",
+    "ppc64le": "powerpc64le-linux-gnu",
+    "s390x": "s390x-linux-gnu",
+}
 
 
 def openblas_path(machine=None) -> str:
@@ -70,8 +76,10 @@ def matmul_speed(repeats=3, size=1024):
     mx.eval(x)
     xn = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     flops = 2 * size**3
-    out = {"mlx_f32_matmul_GFLOPs": flops / median_time(lambda: mx.eval(x @ x), repeats) / GB,
-           "numpy_f32_matmul_GFLOPs": flops / median_time(lambda: xn @ xn, repeats) / GB}
+    out = {
+        "mlx_f32_matmul_GFLOPs": flops / median_time(lambda: mx.eval(x @ x), repeats) / GB,
+        "numpy_f32_matmul_GFLOPs": flops / median_time(lambda: xn @ xn, repeats) / GB,
+    }
     out["slow_blas"] = out["mlx_f32_matmul_GFLOPs"] < 0.25 * out["numpy_f32_matmul_GFLOPs"]
     return out
 
@@ -93,7 +101,7 @@ def layer_speed(layer, step_rows, repeats=3):
     for name, rows in (("many", 256 if fast else 32), ("step", step_rows)):
         x = mx.random.normal((rows, width)).astype(dtype)
         mx.eval(x)
-        dt = median_time(lambda: mx.eval(layer(x)), repeats, budget=20.0)
+        dt = median_time(lambda x=x: mx.eval(layer(x)), repeats, budget=20.0)
         out[f"layer_{name}_rows"] = rows
         out[f"layer_{name}_GFLOPs"] = 2 * rows * macs / dt / GB
         out[f"layer_{name}_GBps"] = weight_bytes / dt / GB
@@ -111,15 +119,23 @@ def _version(pkg):
 
 def machine_info():
     """Chip, cores, memory, OS, device, package versions, LD_PRELOAD, load average."""
-    info = {"os": platform.platform(), "python": platform.python_version(), "machine": platform.machine(),
-            "device": str(mx.default_device()),
-            "versions": {p: _version(p) for p in ("mlx", "mlx-lm", "numpy")},
-            "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
+    info = {
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": str(mx.default_device()),
+        "versions": {p: _version(p) for p in ("mlx", "mlx-lm", "numpy")},
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
+    }
     chip = platform.processor()
     try:
         if sys.platform == "darwin":
-            chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True).stdout.strip() or chip
+            chip = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+                ).stdout.strip()
+                or chip
+            )
         else:
             for line in Path("/proc/cpuinfo").read_text().splitlines():
                 if line.startswith("model name"):
@@ -145,13 +161,17 @@ def machine_info():
 def blas_advice(command="python -m mlx_starflow.generate ...") -> str:
     """How to fix a slow float32 matrix multiply on this machine, with the exact steps."""
     if sys.platform == "darwin":
-        return ("MLX's float32 matrix multiply is far slower than numpy's: MLX should use Accelerate; "
-                "reinstall it (pip install -U mlx).")
+        return (
+            "MLX's float32 matrix multiply is far slower than numpy's: MLX should use Accelerate; "
+            "reinstall it (pip install -U mlx)."
+        )
     path = openblas_path()
     have = " (installed here)" if Path(path).exists() else ""
-    return ("MLX's float32 matrix multiply is far slower than numpy's: MLX's Linux wheel links the "
-            "reference BLAS. To fix it:\n"
-            f"  1. install OpenBLAS{have}: sudo apt install libopenblas0-pthread (Debian/Ubuntu)\n"
-            "  2. run with it preloaded (the same for generate):\n"
-            f"     LD_PRELOAD={path} {command}\n"
-            "  Intel's MKL is faster still on the token loop (README, Memory and speed).")
+    return (
+        "MLX's float32 matrix multiply is far slower than numpy's: MLX's Linux wheel links the "
+        "reference BLAS. To fix it:\n"
+        f"  1. install OpenBLAS{have}: sudo apt install libopenblas0-pthread (Debian/Ubuntu)\n"
+        "  2. run with it preloaded (the same for generate):\n"
+        f"     LD_PRELOAD={path} {command}\n"
+        "  Intel's MKL is faster still on the token loop (README, Memory and speed)."
+    )

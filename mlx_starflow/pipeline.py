@@ -22,7 +22,7 @@ from . import device
 from .flow import Flow
 from .hub import DEFAULT_MODEL, resolve
 from .quant import quant_args
-from .sample import Jacobi, OptionError, Step, is_whole, check_guidance, sample_steps
+from .sample import Jacobi, OptionError, Step, check_guidance, is_whole, sample_steps
 from .weights import DTYPES, load_flow
 
 __all__ = ["Pipeline", "Result", "Cancelled", "ClassEncoder", "GenerateOptions", "Event"]
@@ -190,8 +190,10 @@ class ClassEncoder:
         if self.class_names:
             valid = ", ".join(f'"{n}"' for n in self.class_names)
             raise ValueError(f'unknown prompt "{prompt}": this model knows only these {self.num_classes}: {valid}')
-        raise ValueError(f'unknown class "{prompt}": this model is class-conditional; '
-                         f"the prompt must be a class id 0..{self.num_classes - 1}")
+        raise ValueError(
+            f'unknown class "{prompt}": this model is class-conditional; '
+            f"the prompt must be a class id 0..{self.num_classes - 1}"
+        )
 
     def encode(self, prompts) -> mx.array:
         return self.rows(mx.array([self.index(p) for p in prompts]))
@@ -232,8 +234,15 @@ def drive(events: Iterator[Event], progress: Optional[Callable] = None) -> Resul
 
 
 class Pipeline:
-    def __init__(self, flow: Flow, text_loader: Optional[Callable] = None, vae=None,
-                 keep_text_encoder: bool = False, info: Optional[dict] = None, vae_loader: Optional[Callable] = None):
+    def __init__(
+        self,
+        flow: Flow,
+        text_loader: Optional[Callable] = None,
+        vae=None,
+        keep_text_encoder: bool = False,
+        info: Optional[dict] = None,
+        vae_loader: Optional[Callable] = None,
+    ):
         self.flow = flow
         self.config = flow.config
         self.vae = vae  # the decoder (and the encoder once an image was encoded)
@@ -249,18 +258,33 @@ class Pipeline:
     # -- loading ---------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str] = "auto", quantize: Optional[int] = None,
-                        q_group_size: int = 64, text_encoder: Optional[str] = None, vae: Optional[str] = None,
-                        text_dtype: str = "float32", text_quantize: Optional[int] = None, vae_dtype: str = "float32",
-                        keep_text_encoder: bool = False, checkpoint: Optional[str] = None, config=None,
-                        vae_tile: Optional[int] = None, flow_loader: Optional[Callable] = None):
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        dtype: Optional[str] = "auto",
+        quantize: Optional[int] = None,
+        q_group_size: int = 64,
+        text_encoder: Optional[str] = None,
+        vae: Optional[str] = None,
+        text_dtype: str = "float32",
+        text_quantize: Optional[int] = None,
+        vae_dtype: str = "float32",
+        keep_text_encoder: bool = False,
+        checkpoint: Optional[str] = None,
+        config=None,
+        vae_tile: Optional[int] = None,
+        flow_loader: Optional[Callable] = None,
+    ):
         """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored;
         "auto": bfloat16 for float32 models of more than a billion parameters, as stored otherwise),
         optionally quantized to `quantize` bits; the text encoder is loaded when first
         needed and freed after encoding unless keep_text_encoder. flow_loader(folder,
         dtype=, quantize=) replaces weights.load_flow (distributed.py loads a rank's part)."""
-        for name, value in (("dtype", None if dtype == "auto" else dtype), ("text_dtype", text_dtype),
-                            ("vae_dtype", vae_dtype)):
+        for name, value in (
+            ("dtype", None if dtype == "auto" else dtype),
+            ("text_dtype", text_dtype),
+            ("vae_dtype", vae_dtype),
+        ):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
         quants = {}
@@ -284,18 +308,28 @@ class Pipeline:
 
             def loader():
                 return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
+
         vae_loader = None
         if where.vae is not None:
             from .vae import load_vae
 
             def vae_loader(encoder: bool):
                 return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
-        info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder,
-                "vae": where.vae, "dtype": dtype, "quantize": quantize}
+
+        info = {
+            "model": str(model),
+            "flow": str(where.flow),
+            "text_encoder": where.text_encoder,
+            "vae": where.vae,
+            "dtype": dtype,
+            "quantize": quantize,
+        }
         decoder = vae_loader(False) if vae_loader else None
         if decoder is not None and decoder.downsample_factor != flow.config.pixels_per_latent:
-            raise ValueError(f"the VAE {where.vae} downsamples by {decoder.downsample_factor} but the model was converted "
-                             f"for {flow.config.pixels_per_latent}; convert it again with this VAE (--vae FOLDER)")
+            raise ValueError(
+                f"the VAE {where.vae} downsamples by {decoder.downsample_factor} but the model was converted "
+                f"for {flow.config.pixels_per_latent}; convert it again with this VAE (--vae FOLDER)"
+            )
         pipe = cls(flow, loader, decoder, keep_text_encoder, info, vae_loader)
         pipe.vae_tile = vae_tile
         return pipe
@@ -417,8 +451,9 @@ class Pipeline:
         if opts.latents is not None:
             lat = opts.latents if isinstance(opts.latents, mx.array) else mx.array(opts.latents)
             if tuple(lat.shape) != (B, *shape):
-                raise ValueError(f"latents must have shape {(B, *shape)} (batch, height, width, channels), "
-                                 f"got {tuple(lat.shape)}")
+                raise ValueError(
+                    f"latents must have shape {(B, *shape)} (batch, height, width, channels), got {tuple(lat.shape)}"
+                )
             opts.latents = lat.astype(mx.float32)
             opts.seed = []
         else:
@@ -429,8 +464,14 @@ class Pipeline:
         opts.height, opts.width = shape[0] * cfg.pixels_per_latent, shape[1] * cfg.pixels_per_latent
         return opts
 
-    def generate(self, prompt: Union[str, Sequence[str], GenerateOptions], *, progress: Optional[Callable] = None,
-                 group=None, **options) -> Result:
+    def generate(
+        self,
+        prompt: Union[str, Sequence[str], GenerateOptions],
+        *,
+        progress: Optional[Callable] = None,
+        group=None,
+        **options,
+    ) -> Result:
         """Generate num_images images per prompt. Options are GenerateOptions' fields:
         negative_prompt, num_images, seed (one int: image i gets seed + i; one per
         image; None: random), guidance, sampler, jacobi_block_size, jacobi_threshold,
@@ -442,8 +483,14 @@ class Pipeline:
         mx.distributed group whose every rank makes this same call (distributed.py)."""
         return drive(self.generate_steps(prompt, group=group, **options), progress)
 
-    def generate_steps(self, prompt: Union[str, Sequence[str], GenerateOptions], *, group=None,
-                       after_sampling: Optional[Callable] = None, **options) -> Iterator[Event]:
+    def generate_steps(
+        self,
+        prompt: Union[str, Sequence[str], GenerateOptions],
+        *,
+        group=None,
+        after_sampling: Optional[Callable] = None,
+        **options,
+    ) -> Iterator[Event]:
         """Generation as a generator of Events: one per token or Jacobi chunk while
         sampling, one per other stage; the last carries the Result. Options are
         checked before the first event; stop iterating to cancel. after_sampling(x)
@@ -451,13 +498,15 @@ class Pipeline:
         pastes its kept latents back there)."""
         unknown = sorted(set(options) - set(GenerateOptions.names()))
         if unknown:
-            raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(GenerateOptions.names()[1:])}")
+            raise TypeError(
+                f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(GenerateOptions.names()[1:])}"
+            )
         opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
         if group is not None:  # several processes share the work: distributed.py
             if after_sampling is not None:
                 raise ValueError("after_sampling is not available with a distributed group")
             from .distributed import generate_steps
+
             return generate_steps(self, group, opts)
         opts = self.resolve_options(opts)
         return self._run(opts, after_sampling)
@@ -468,12 +517,21 @@ class Pipeline:
 
     def params(self, opts: GenerateOptions) -> dict:
         """What a Result records of resolved options (and PNG metadata carries)."""
-        params = {"guidance": opts.guidance, "sampler": opts.sampler, "denoise": opts.denoise,
-                  "negative_prompt": opts.negative_prompt, "model": self.info.get("model"),
-                  "height": opts.height, "width": opts.width}
+        params = {
+            "guidance": opts.guidance,
+            "sampler": opts.sampler,
+            "denoise": opts.denoise,
+            "negative_prompt": opts.negative_prompt,
+            "model": self.info.get("model"),
+            "height": opts.height,
+            "width": opts.width,
+        }
         if opts.jacobi is not None:
-            params.update(jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
-                          jacobi_max_iter=opts.jacobi_max_iter)
+            params.update(
+                jacobi_block_size=opts.jacobi_block_size,
+                jacobi_threshold=opts.jacobi_threshold,
+                jacobi_max_iter=opts.jacobi_max_iter,
+            )
         return params
 
     def _stages(self, opts: GenerateOptions, after_sampling) -> Iterator[Event]:
@@ -489,7 +547,11 @@ class Pipeline:
         timings["text"] = time.perf_counter() - t0
         yield Event("text", 1, 1)
 
-        x = opts.latents if opts.latents is not None else self.noise(opts.seed, self.latent_shape(opts.height, opts.width))
+        x = (
+            opts.latents
+            if opts.latents is not None
+            else self.noise(opts.seed, self.latent_shape(opts.height, opts.width))
+        )
         top = cfg.num_blocks - 1
         shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
         start = deep_end = time.perf_counter()
@@ -524,8 +586,15 @@ class Pipeline:
         images = self.decode(x)
         timings["decode"] = time.perf_counter() - t0
 
-        result = Result(images=images, latents=x, seeds=list(opts.seed), prompts=list(prompts), timings=timings,
-                        peak_memory=mx.get_peak_memory(), params=self.params(opts))
+        result = Result(
+            images=images,
+            latents=x,
+            seeds=list(opts.seed),
+            prompts=list(prompts),
+            timings=timings,
+            peak_memory=mx.get_peak_memory(),
+            params=self.params(opts),
+        )
         yield Event("decode", 1, 1, result=result)
 
     # -- what only a flow can do: each in its own module, reached from here ----------

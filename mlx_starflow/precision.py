@@ -24,9 +24,14 @@ from .weights import quantize_model
 
 # name, weight dtype, bits. Quantized from bf16 weights, the scales are bf16 too;
 # from float32 they stay float32.
-FLOW_VARIANTS = (("bfloat16", mx.bfloat16, None), ("float16", mx.float16, None), ("8-bit", mx.bfloat16, 8),
-                 ("4-bit", mx.bfloat16, 4), ("8-bit, fp32 scales", mx.float32, 8),
-                 ("4-bit, fp32 scales", mx.float32, 4))
+FLOW_VARIANTS = (
+    ("bfloat16", mx.bfloat16, None),
+    ("float16", mx.float16, None),
+    ("8-bit", mx.bfloat16, 8),
+    ("4-bit", mx.bfloat16, 4),
+    ("8-bit, fp32 scales", mx.float32, 8),
+    ("4-bit, fp32 scales", mx.float32, 4),
+)
 T5_VARIANTS = (("bfloat16", mx.bfloat16, None), ("8-bit", mx.float32, 8), ("4-bit", mx.float32, 4))
 
 
@@ -42,8 +47,7 @@ def variant(model, dtype, bits=None, group_size=64):
     new = VAE(model.config) if isinstance(model, VAE) else type(model)(model.config)
     if isinstance(new, VAE):
         new.encoder = None
-    new.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                        model.parameters()))
+    new.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     if bits:
         if isinstance(new, Flow):
             quantize_model(new, bits=bits, group_size=group_size)
@@ -79,11 +83,15 @@ def study(arch="small", group_size=64, seed=0, log=print):
     mx.eval(ref_x, ref_z)
     for name, dt, bits in FLOW_VARIANTS:
         m = variant(flow, dt, bits, group_size)
-        out["flow"][name] = {"sample": relative_error(m.sample(noise, y, guidance=2.0), ref_x),
-                             "forward": relative_error(m(ref_x, y[:1])[0], ref_z)}
+        out["flow"][name] = {
+            "sample": relative_error(m.sample(noise, y, guidance=2.0), ref_x),
+            "forward": relative_error(m(ref_x, y[:1])[0], ref_z),
+        }
     del flow, m
-    log("  flow: " + ", ".join(f"{k} sample {v['sample']:.2e} / forward {v['forward']:.2e}"
-                               for k, v in out["flow"].items()))
+    log(
+        "  flow: "
+        + ", ".join(f"{k} sample {v['sample']:.2e} / forward {v['forward']:.2e}" for k, v in out["flow"].items())
+    )
 
     vae = random_vae(arch, mx.float32, seed=seed)
     lat = mx.random.normal((1, side, side, vae.config.latent_channels), key=k3)
@@ -95,11 +103,17 @@ def study(arch="small", group_size=64, seed=0, log=print):
 def main(argv=None):
     from .generate import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="python -m mlx_starflow.precision",
-                                description="Each component's precisions against float32, on random weights.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--arch", default="small", choices=list(ARCHS),
-                   help="architecture of the random model (float32 must be affordable: 3b is 15 GB)")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_starflow.precision",
+        description="Each component's precisions against float32, on random weights.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--arch",
+        default="small",
+        choices=list(ARCHS),
+        help="architecture of the random model (float32 must be affordable: 3b is 15 GB)",
+    )
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this file")

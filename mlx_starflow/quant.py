@@ -27,8 +27,10 @@ def quant_args(quantize) -> Optional[dict]:
     else:
         q = None
     if q is None or q["bits"] not in BITS or q["group_size"] not in GROUP_SIZES:
-        raise ValueError(f"quantization must be {' or '.join(map(str, BITS))} bits with group size "
-                         f"{', '.join(map(str, GROUP_SIZES))}, not {quantize!r}")
+        raise ValueError(
+            f"quantization must be {' or '.join(map(str, BITS))} bits with group size "
+            f"{', '.join(map(str, GROUP_SIZES))}, not {quantize!r}"
+        )
     return q
 
 
@@ -51,8 +53,9 @@ def quantize(module: nn.Module, bits: int, group_size: int, class_predicate=None
     nn.quantize(module, group_size=group_size, bits=bits, class_predicate=class_predicate)
 
 
-def quantize_linear(model: nn.Module, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE, embeddings=False,
-                    prefix: str = "") -> list:
+def quantize_linear(
+    model: nn.Module, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE, embeddings=False, prefix: str = ""
+) -> list:
     """Quantize in place the layers `quantizable` accepts; returns the paths of those
     it leaves in full precision because of their input width. `prefix` is the path of
     `model` inside a larger model (the rule and the returned paths see full paths)."""
@@ -70,5 +73,9 @@ def quantize_like(model: nn.Module, weights: dict, quantization: dict):
     """Give `model` the quantized layout of stored `weights` (the layers stored with
     `scales`) before loading them: a converted folder, an mlx-community checkpoint.
     The file decides here, not the policy (mlx-community also publishes 3 and 6 bits)."""
-    quantize(model, quantization["bits"], quantization["group_size"],
-             lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+    quantize(
+        model,
+        quantization["bits"],
+        quantization["group_size"],
+        lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+    )

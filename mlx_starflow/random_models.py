@@ -22,25 +22,46 @@ from .weights import quantize_model
 # is cheap there: the precision study, the loop timings); a tiny one for tests.
 ARCHS = {
     "3b": {
-        "flow": RELEASED["starflow_3B_t2i_256x256"], "txt_dim": 2048,
-        "t5": dict(vocab_size=32128, d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24,
-                   feed_forward_proj="gated-gelu"),
+        "flow": RELEASED["starflow_3B_t2i_256x256"],
+        "txt_dim": 2048,
+        "t5": dict(
+            vocab_size=32128,
+            d_model=2048,
+            d_kv=64,
+            num_heads=32,
+            d_ff=5120,
+            num_layers=24,
+            feed_forward_proj="gated-gelu",
+        ),
         "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
     },
     "small": {
-        "flow": {**RELEASED["starflow_3B_t2i_256x256"], "img_size": 128, "txt_size": 16, "channels": 256,
-                 "layers_per_block": "1 1 1 1 1 4"},
+        "flow": {
+            **RELEASED["starflow_3B_t2i_256x256"],
+            "img_size": 128,
+            "txt_size": 16,
+            "channels": 256,
+            "layers_per_block": "1 1 1 1 1 4",
+        },
         "txt_dim": 256,
-        "t5": dict(vocab_size=1000, d_model=256, d_kv=64, num_heads=4, d_ff=640, num_layers=4,
-                   feed_forward_proj="gated-gelu"),
+        "t5": dict(
+            vocab_size=1000, d_model=256, d_kv=64, num_heads=4, d_ff=640, num_layers=4, feed_forward_proj="gated-gelu"
+        ),
         "vae": dict(block_out_channels=[64, 128, 256, 256], layers_per_block=2, norm_num_groups=32),
     },
     "tiny": {
-        "flow": {**RELEASED["starflow_3B_t2i_256x256"], "img_size": 64, "txt_size": 8, "channels": 128,
-                 "blocks": 3, "layers_per_block": "1 1 2"},
+        "flow": {
+            **RELEASED["starflow_3B_t2i_256x256"],
+            "img_size": 64,
+            "txt_size": 8,
+            "channels": 128,
+            "blocks": 3,
+            "layers_per_block": "1 1 2",
+        },
         "txt_dim": 64,
-        "t5": dict(vocab_size=100, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
-                   feed_forward_proj="gated-gelu"),
+        "t5": dict(
+            vocab_size=100, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, feed_forward_proj="gated-gelu"
+        ),
         "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, norm_num_groups=8),
     },
 }

@@ -9,6 +9,7 @@ direction: for any guidance weight, sample(invert(x)) == x.
 """
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -41,14 +42,18 @@ class Jacobi:
 
     def __post_init__(self):
         if not is_whole(self.block_size) or self.block_size < 1:
-            raise OptionError("jacobi_block_size",
-                              f"the Jacobi block size must be at least 1 (a whole number), not {self.block_size!r}")
+            raise OptionError(
+                "jacobi_block_size",
+                f"the Jacobi block size must be at least 1 (a whole number), not {self.block_size!r}",
+            )
         if not is_whole(self.max_iter) or self.max_iter < 1:
-            raise OptionError("jacobi_max_iter",
-                              f"the Jacobi max_iter must be at least 1 (a whole number), not {self.max_iter!r}")
+            raise OptionError(
+                "jacobi_max_iter", f"the Jacobi max_iter must be at least 1 (a whole number), not {self.max_iter!r}"
+            )
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
-            raise OptionError("jacobi_threshold",
-                              f"the Jacobi threshold must be >= 0 and finite, not {self.threshold!r}")
+            raise OptionError(
+                "jacobi_threshold", f"the Jacobi threshold must be >= 0 and finite, not {self.threshold!r}"
+            )
 
     def change(self, new, old):
         """The stopping measure of one iteration: the change relative to the new values,
@@ -117,7 +122,7 @@ def _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, c
 
     def current():
         done = mx.concatenate(tokens, axis=1) if tokens else z[:, :0]
-        return mx.concatenate([done, z[:, done.shape[1]:]], axis=1)
+        return mx.concatenate([done, z[:, done.shape[1] :]], axis=1)
 
     for t in range(N - first):
         i = t + first
@@ -179,9 +184,19 @@ def _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, ov
     return _jacobi(block, z, caches, rope, cond, guidance, jacobi)
 
 
-def block_steps(block: FlowBlock, z, caches, rope=None, cond=None, guidance: float = 0.0, *,
-                jacobi: Optional[Jacobi] = None, compile_step: bool = True, overlap: bool = False,
-                compile_min_tokens: int = 64):
+def block_steps(
+    block: FlowBlock,
+    z,
+    caches,
+    rope=None,
+    cond=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    compile_step: bool = True,
+    overlap: bool = False,
+    compile_min_tokens: int = 64,
+):
     """Sample one block: z (B', N, D) float32 in the block's own order (B' doubled
     when guiding), caches already holding any prefix (their offset is where these
     tokens start). Yields the number of tokens done after each token or Jacobi chunk
@@ -214,8 +229,18 @@ def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overl
     return x[:, ::-1] if block.flip else x
 
 
-def sample_block(block: FlowBlock, z, rope=None, text=None, cond=None, guidance: float = 0.0, *,
-                 jacobi: Optional[Jacobi] = None, compile_step: bool = True, overlap: bool = False):
+def sample_block(
+    block: FlowBlock,
+    z,
+    rope=None,
+    text=None,
+    cond=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    compile_step: bool = True,
+    overlap: bool = False,
+):
     """Noise -> data through one block: z (B', N, D) in natural order, B' doubled
     (text and cond rows too) when guiding; returns x (B', N, D)."""
     loop = _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap)
@@ -283,8 +308,16 @@ def sampling_order(flow: Flow):
     return [i for i in [n - 1] + list(range(n - 2, -1, -1)) if not isinstance(flow.blocks[i], IdentityBlock)]
 
 
-def sample_steps(flow: Flow, noise, y=None, guidance: float = 0.0, *, jacobi: Optional[Jacobi] = None,
-                 compile_step: bool = True, overlap: bool = False) -> Iterator[Step]:
+def sample_steps(
+    flow: Flow,
+    noise,
+    y=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    compile_step: bool = True,
+    overlap: bool = False,
+) -> Iterator[Step]:
     """Noise -> data, one Step per token or Jacobi chunk. noise (B, H, W, C). For
     STARFlow, y is the text embeddings: B rows, or 2B rows [conditional;
     unconditional] when guidance > 0. For TarFlow, y is the class labels (B,), the
@@ -318,12 +351,19 @@ def sample_steps(flow: Flow, noise, y=None, guidance: float = 0.0, *, jacobi: Op
         yield Step(i, z.shape[1], z.shape[1], out if last else None, lambda o=out: o)
 
 
-def sample(flow: Flow, noise, y=None, guidance: float = 0.0, *, jacobi: Optional[Jacobi] = None,
-           compile_step: bool = True, overlap: bool = False) -> mx.array:
+def sample(
+    flow: Flow,
+    noise,
+    y=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    compile_step: bool = True,
+    overlap: bool = False,
+) -> mx.array:
     """Run sample_steps to the end: the sample (B, H, W, C)."""
-    for step in sample_steps(flow, noise, y, guidance, jacobi=jacobi, compile_step=compile_step, overlap=overlap):
-        pass
-    return step.x
+    steps = sample_steps(flow, noise, y, guidance, jacobi=jacobi, compile_step=compile_step, overlap=overlap)
+    return deque(steps, maxlen=1)[0].x  # the last step, holding no others
 
 
 def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:

@@ -46,14 +46,23 @@ import numpy as np
 
 from .flow import Flow, IdentityBlock, log_normal
 
-__all__ = ["ScoreResult", "score", "load_images", "open_image", "batch_size_for", "noise_draw", "shared_blocks",
-           "log_densities", "score_stage", "main"]
+__all__ = [
+    "ScoreResult",
+    "score",
+    "load_images",
+    "open_image",
+    "batch_size_for",
+    "noise_draw",
+    "shared_blocks",
+    "log_densities",
+    "score_stage",
+    "main",
+]
 
 MEMORY_BUDGET = 1 << 30  # bytes of activations a batch of the density pass may take
 MAX_BATCH = 256
 GRAYSCALE = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-LATENT_NOTE = ("the likelihood of the image's VAE latent under the flow, not of its pixels "
-               "(the VAE is not a flow)")
+LATENT_NOTE = "the likelihood of the image's VAE latent under the flow, not of its pixels (the VAE is not a flow)"
 
 
 # -- images -------------------------------------------------------------------------------
@@ -74,15 +83,21 @@ def open_image(item, name: Optional[str] = None):
         item = np.array(item)
     if isinstance(item, np.ndarray):
         if item.ndim == 2 or (item.ndim == 3 and item.shape[-1] == 1):
-            raise ValueError(f"{name} is grayscale (shape {item.shape}); the model scores RGB images: "
-                             "give an (height, width, 3) array")
+            raise ValueError(
+                f"{name} is grayscale (shape {item.shape}); the model scores RGB images: "
+                "give an (height, width, 3) array"
+            )
         if item.ndim != 3 or item.shape[-1] != 3:
-            raise ValueError(f"{name} has shape {item.shape}; the model scores RGB images: give an "
-                             "(height, width, 3) uint8 array" + (" (drop the alpha channel: a[..., :3])"
-                                                                  if item.ndim == 3 and item.shape[-1] == 4 else ""))
+            raise ValueError(
+                f"{name} has shape {item.shape}; the model scores RGB images: give an "
+                "(height, width, 3) uint8 array"
+                + (" (drop the alpha channel: a[..., :3])" if item.ndim == 3 and item.shape[-1] == 4 else "")
+            )
         if item.dtype != np.uint8:
-            raise ValueError(f"{name} is a {item.dtype} array; give 8-bit values (uint8, 0..255), e.g. "
-                             "np.round(a * 255).astype(np.uint8) for floats in [0, 1]")
+            raise ValueError(
+                f"{name} is a {item.dtype} array; give 8-bit values (uint8, 0..255), e.g. "
+                "np.round(a * 255).astype(np.uint8) for floats in [0, 1]"
+            )
         return Image.fromarray(item, "RGB")
     if isinstance(item, Image.Image):
         img = item
@@ -96,17 +111,22 @@ def open_image(item, name: Optional[str] = None):
             img = Image.open(path)
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read {name} as an image ({e}); give a PNG, JPEG or other still image "
-                             "Pillow can open") from None
+            raise ValueError(
+                f"cannot read {name} as an image ({e}); give a PNG, JPEG or other still image Pillow can open"
+            ) from None
     else:
         raise ValueError(f"{name} is a {type(item).__name__}; give a path, a PIL image or a uint8 array")
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
-        raise ValueError(f"{name} is animated or has several pages ({frames} frames); the model scores still "
-                         "images: save the frame to score as a PNG")
+        raise ValueError(
+            f"{name} is animated or has several pages ({frames} frames); the model scores still "
+            "images: save the frame to score as a PNG"
+        )
     if img.mode in GRAYSCALE:
-        raise ValueError(f"{name} is grayscale (mode {img.mode}); the model scores RGB images: convert it to RGB "
-                         "first (e.g. PIL's image.convert('RGB')) to score its grey version")
+        raise ValueError(
+            f"{name} is grayscale (mode {img.mode}); the model scores RGB images: convert it to RGB "
+            "first (e.g. PIL's image.convert('RGB')) to score its grey version"
+        )
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -146,11 +166,15 @@ def load_images(images, size, resize: bool = True) -> Tuple[mx.array, List[Tuple
         w, h = img.size
         if (w, h) != (tw, th):
             if not resize:
-                raise ValueError(f"{name} is {w}x{h}; this model scores {tw}x{th} images and resizing is off: "
-                                 f"resize it to {tw}x{th}, or allow resizing (drop --no-resize / resize=False)")
+                raise ValueError(
+                    f"{name} is {w}x{h}; this model scores {tw}x{th} images and resizing is off: "
+                    f"resize it to {tw}x{th}, or allow resizing (drop --no-resize / resize=False)"
+                )
             if w < tw or h < th:
-                raise ValueError(f"{name} is {w}x{h}, smaller than the {tw}x{th} this model scores: upscaling "
-                                 f"would invent the pixels being scored; give an image of at least {tw}x{th}")
+                raise ValueError(
+                    f"{name} is {w}x{h}, smaller than the {tw}x{th} this model scores: upscaling "
+                    f"would invent the pixels being scored; give an image of at least {tw}x{th}"
+                )
         out.append(from_pil(img, (tw, th), factor=1))
         sizes.append((w, h))
     return mx.concatenate(out), sizes
@@ -222,8 +246,9 @@ def shared_blocks(flow: Flow) -> int:
     return n
 
 
-def log_densities(flow: Flow, x, y=None, *, batch_size: Optional[int] = None,
-                  on_batch: Optional[Callable] = None) -> np.ndarray:
+def log_densities(
+    flow: Flow, x, y=None, *, batch_size: Optional[int] = None, on_batch: Optional[Callable] = None
+) -> np.ndarray:
     """log p(x_i | y_j) in nats for every input x_i of x (N, H, W, C), in the
     flow's own space, and every conditioning row y_j of y (P rows: text
     embeddings, one-hot class rows or TarFlow class ids; None for an unconditional
@@ -272,8 +297,10 @@ def resolve_prompts(pipe, prompts) -> List[str]:
     cl = pipe.classes
     if isinstance(prompts, (list, tuple)) and len(prompts) == 1 and prompts[0] == "all" or prompts == "all":
         if cl is None:
-            raise ValueError('the prompt "all" means every class of a class-conditional model; '
-                             "this model takes text prompts: give them")
+            raise ValueError(
+                'the prompt "all" means every class of a class-conditional model; '
+                "this model takes text prompts: give them"
+            )
         return cl.labels
     prompts = strings(prompts)
     if _unconditional(pipe) and any(p.strip() for p in prompts):
@@ -295,9 +322,19 @@ def _conditioning(pipe, prompts) -> Optional[mx.array]:
     return pipe.conditioning(prompts)[1]
 
 
-def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, seed: Optional[int] = None,
-          resize: bool = True, progress: Optional[Callable] = None, dequant_samples: Optional[int] = None,
-          batch_size: Optional[int] = None) -> ScoreResult:
+def score(
+    pipe,
+    images,
+    prompts,
+    *,
+    dequant_noise=None,
+    noise_samples: int = 0,
+    seed: Optional[int] = None,
+    resize: bool = True,
+    progress: Optional[Callable] = None,
+    dequant_samples: Optional[int] = None,
+    batch_size: Optional[int] = None,
+) -> ScoreResult:
     """Negative log-likelihood of every image under every prompt (module doc: what
     exactly is computed).
 
@@ -321,11 +358,13 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
     if batch_size is not None:
         batch_size = _count(batch_size, "batch_size", 1)
     if not pixels and (dequant_noise is not None or dequant_samples is not None):
-        raise ValueError("dequantization is for pixel models; this model scores VAE latents "
-                         "(use noise_samples for noisy latents)")
+        raise ValueError(
+            "dequantization is for pixel models; this model scores VAE latents (use noise_samples for noisy latents)"
+        )
     if noise_samples and (dequant_noise is not None or dequant_samples is not None):
-        raise ValueError("choose either dequantization (dequant_noise / dequant_samples) or Gaussian noise "
-                         "(noise_samples), not both")
+        raise ValueError(
+            "choose either dequantization (dequant_noise / dequant_samples) or Gaussian noise (noise_samples), not both"
+        )
     if noise_samples and not cfg.noise_std > 0:
         raise ValueError("noise_samples needs the model's training noise, but its noise_std is 0")
     x, sizes = load_images(images, pipe.image_size(), resize)
@@ -336,8 +375,9 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
         if given.ndim == 4:
             given = given[None]
         if given.ndim != 5 or tuple(given.shape[1:]) != (N, H, W, 3):
-            raise ValueError(f"dequant_noise must have shape {(N, H, W, 3)} or (draws, {N}, {H}, {W}, 3), "
-                             f"got {tuple(given.shape)}")
+            raise ValueError(
+                f"dequant_noise must have shape {(N, H, W, 3)} or (draws, {N}, {H}, {W}, 3), got {tuple(given.shape)}"
+            )
         lo, hi = mx.min(given).item(), mx.max(given).item()
         if not (lo >= 0 and hi < 1):
             raise ValueError(f"dequant_noise must be in [0, 1), got values in [{lo}, {hi}]")
@@ -346,13 +386,20 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
     K = given.shape[0] if given is not None else noise_samples if gaussian else (dequant_samples or 1) if pixels else 1
     seed = None if given is not None or not (pixels or gaussian) else expand_seeds(seed, 1)[0]
     if pixels and gaussian:
-        method = (f"Gaussian noise at the training noise_std {cfg.noise_std:g}, {K} draw{'s' * (K > 1)} "
-                  f"(seed {seed}): density of the noised 8-bit image (x = u/127.5 - 1 + noise)")
+        method = (
+            f"Gaussian noise at the training noise_std {cfg.noise_std:g}, {K} draw{'s' * (K > 1)} "
+            f"(seed {seed}): density of the noised 8-bit image (x = u/127.5 - 1 + noise)"
+        )
     elif pixels:
-        method = (f"uniform dequantization as apple/ml-tarflow, {K} draw{'s' * (K > 1)}"
-                  + (f" (seed {seed})" if seed is not None else " (given)") + ": x = ((u + n)/256)*2 - 1")
+        method = (
+            f"uniform dequantization as apple/ml-tarflow, {K} draw{'s' * (K > 1)}"
+            + (f" (seed {seed})" if seed is not None else " (given)")
+            + ": x = ((u + n)/256)*2 - 1"
+        )
     elif gaussian:
-        method = f"the noised latent at noise_std {cfg.noise_std:g}, {K} draw{'s' * (K > 1)} (seed {seed}); {LATENT_NOTE}"
+        method = (
+            f"the noised latent at noise_std {cfg.noise_std:g}, {K} draw{'s' * (K > 1)} (seed {seed}); {LATENT_NOTE}"
+        )
     else:
         method = f"the clean latent (VAE posterior mean, scaled); {LATENT_NOTE}"
 
@@ -403,22 +450,39 @@ def score(pipe, images, prompts, *, dequant_noise=None, noise_samples: int = 0, 
         t0 = time.perf_counter()
         report("score", 0, total)
         for k in range(K):  # an unconditional model's (N, 1) broadcasts over its "" prompts
-            nll -= log_densities(pipe.flow, draw(k), y, batch_size=batch_size,
-                                 on_batch=lambda done, k=k: report("score", k * N * P + done, total))
+            nll -= log_densities(
+                pipe.flow,
+                draw(k),
+                y,
+                batch_size=batch_size,
+                on_batch=lambda done, k=k: report("score", k * N * P + done, total),
+            )
         timings["score"] = time.perf_counter() - t0
         nll /= K
         if pixels:  # [-1, 1] -> 8-bit levels: 128 per unit for the dequantized image, 127.5 for u/127.5 - 1
             nll += D * math.log(127.5 if gaussian else 128.0)
-        return ScoreResult(bits_per_dim=nll / (D * math.log(2)), nll=nll, prompts=list(prompts), sizes=sizes,
-                           size=(W, H), dims=D, space="pixels" if pixels else "latents", method=method,
-                           samples=K, seed=seed, timings=timings, peak_memory=mx.get_peak_memory())
+        return ScoreResult(
+            bits_per_dim=nll / (D * math.log(2)),
+            nll=nll,
+            prompts=list(prompts),
+            sizes=sizes,
+            size=(W, H),
+            dims=D,
+            space="pixels" if pixels else "latents",
+            method=method,
+            samples=K,
+            seed=seed,
+            timings=timings,
+            peak_memory=mx.get_peak_memory(),
+        )
 
 
 # -- the benchmark's stage ------------------------------------------------------------------
 
 
-def score_stage(flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats: int = 3, warmup: int = 1,
-                seed: int = 0) -> dict:
+def score_stage(
+    flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> dict:
     """The benchmark's `score` stage: the density pass as `score` runs it (batches of
     batch_size_for(flow) by default), on random inputs of the flow's own shape with
     one prompt's conditioning (the first row of y). The VAE encoding of latent models is
@@ -435,14 +499,28 @@ def score_stage(flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats
     mx.reset_peak_memory()
     ts = times(lambda: log_densities(flow, x, y, batch_size=bs), repeats, warmup)
     med = statistics.median(ts)
-    return {"batch": bs, "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
-            "images_per_second": bs / med, "peak_memory": mx.get_peak_memory()}
+    return {
+        "batch": bs,
+        "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
+        "images_per_second": bs / med,
+        "peak_memory": mx.get_peak_memory(),
+    }
 
 
 # -- the command line -----------------------------------------------------------------------
 
-LOAD_ARGS = ("model", "checkpoint", "config", "text_encoder", "vae", "dtype", "quantize", "text_dtype",
-             "text_quantize", "vae_dtype")
+LOAD_ARGS = (
+    "model",
+    "checkpoint",
+    "config",
+    "text_encoder",
+    "vae",
+    "dtype",
+    "quantize",
+    "text_dtype",
+    "text_quantize",
+    "vae_dtype",
+)
 
 
 def parser():
@@ -453,33 +531,58 @@ def parser():
         prog=name if name.startswith("mlx-starflow-") else "python -m mlx_starflow.score",
         formatter_class=generate.HelpFormatter,
         description="The exact likelihood of images under prompts, in bits per dimension (lower: more likely), "
-                    "and the most likely prompt of each image (zero-shot classification with several prompts).",
+        "and the most likely prompt of each image (zero-shot classification with several prompts).",
         epilog="Pixel models (TarFlow, the demo) score the 8-bit image: uniform dequantization as "
-               "apple/ml-tarflow's evaluate_bpd by default, or the Gaussian noise they were trained with "
-               "(--noise-samples). STARFlow models with a VAE score " + LATENT_NOTE + ": the image is encoded "
-               "(the scaled posterior mean) and the flow gives the latent's density given the prompt, in bits "
-               "per latent dimension. Guidance does not enter the likelihood.")
+        "apple/ml-tarflow's evaluate_bpd by default, or the Gaussian noise they were trained with "
+        "(--noise-samples). STARFlow models with a VAE score " + LATENT_NOTE + ": the image is encoded "
+        "(the scaled posterior mean) and the flow gives the latent's density given the prompt, in bits "
+        "per latent dimension. Guidance does not enter the likelihood.",
+    )
     p.add_argument("--image", metavar="FILE", nargs="*", required=True, help="one or more still RGB images")
-    p.add_argument("--prompt", metavar="P", nargs="*", required=True,
-                   help="one or more prompts; for a class-conditional model class names or ids, or 'all' for "
-                        "every class; '' is the unconditional density")
+    p.add_argument(
+        "--prompt",
+        metavar="P",
+        nargs="*",
+        required=True,
+        help="one or more prompts; for a class-conditional model class names or ids, or 'all' for "
+        "every class; '' is the unconditional density",
+    )
     gen = {a.dest: a for a in generate.parser()._actions}
     for dest in LOAD_ARGS:  # the same loading options as generate, from its parser
         p._add_action(gen[dest])
-    p.add_argument("--dequant-samples", metavar="K", type=int, default=None,
-                   help="pixel models: average K uniform dequantization draws (default 1)")
-    p.add_argument("--noise-samples", metavar="K", type=int, default=0,
-                   help="average K draws of Gaussian noise at the model's training noise_std (its training "
-                        "objective); 0: pixel models dequantize, latent models score the clean latent")
-    p.add_argument("--seed", metavar="N", type=int, default=None, help="seed of the noise draws (default: random, "
-                                                                        "printed)")
-    p.add_argument("--no-resize", action="store_true",
-                   help="refuse images of another size instead of resizing and centre-cropping them to the "
-                        "model's size")
-    p.add_argument("--batch-size", metavar="N", type=int, default=None,
-                   help="image-prompt pairs per density pass (default: what a 1 GiB activation budget allows)")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the scores as JSON (written whole, at "
-                                                                 "the end)")
+    p.add_argument(
+        "--dequant-samples",
+        metavar="K",
+        type=int,
+        default=None,
+        help="pixel models: average K uniform dequantization draws (default 1)",
+    )
+    p.add_argument(
+        "--noise-samples",
+        metavar="K",
+        type=int,
+        default=0,
+        help="average K draws of Gaussian noise at the model's training noise_std (its training "
+        "objective); 0: pixel models dequantize, latent models score the clean latent",
+    )
+    p.add_argument(
+        "--seed", metavar="N", type=int, default=None, help="seed of the noise draws (default: random, printed)"
+    )
+    p.add_argument(
+        "--no-resize",
+        action="store_true",
+        help="refuse images of another size instead of resizing and centre-cropping them to the model's size",
+    )
+    p.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=int,
+        default=None,
+        help="image-prompt pairs per density pass (default: what a 1 GiB activation budget allows)",
+    )
+    p.add_argument(
+        "--json", metavar="FILE", default=None, help="also write the scores as JSON (written whole, at the end)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (only shown on a terminal)")
     return p
@@ -488,13 +591,28 @@ def parser():
 def to_json(result: ScoreResult, names: Sequence[str], model: Optional[str] = None) -> dict:
     images = []
     for i, name in enumerate(names):
-        images.append({"image": name, "size": list(result.sizes[i]), "resized": result.resized[i],
-                       "bits_per_dim": [float(v) for v in result.bits_per_dim[i]],
-                       "nll": [float(v) for v in result.nll[i]],
-                       "ranking": [[p, b] for p, b in result.ranking(i)], "most_likely": result.best()[i]})
-    return {"model": model, "space": result.space, "method": result.method, "dims": result.dims,
-            "size": list(result.size), "samples": result.samples, "seed": result.seed, "prompts": result.prompts,
-            "images": images}
+        images.append(
+            {
+                "image": name,
+                "size": list(result.sizes[i]),
+                "resized": result.resized[i],
+                "bits_per_dim": [float(v) for v in result.bits_per_dim[i]],
+                "nll": [float(v) for v in result.nll[i]],
+                "ranking": [[p, b] for p, b in result.ranking(i)],
+                "most_likely": result.best()[i],
+            }
+        )
+    return {
+        "model": model,
+        "space": result.space,
+        "method": result.method,
+        "dims": result.dims,
+        "size": list(result.size),
+        "samples": result.samples,
+        "seed": result.seed,
+        "prompts": result.prompts,
+        "images": images,
+    }
 
 
 def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
@@ -507,8 +625,9 @@ def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
         how = f", resized and centre-cropped to {w}x{h}" if result.resized[i] else ""
         lines.append(f"{name} ({sw}x{sh}{how})")
         for rank, (p, b) in enumerate(result.ranking(i)):
-            lines.append(f"  {b:9.4f}  {p!r:<{width + 2}}" + ("  most likely" if rank == 0 and
-                                                                 len(result.prompts) > 1 else ""))
+            lines.append(
+                f"  {b:9.4f}  {p!r:<{width + 2}}" + ("  most likely" if rank == 0 and len(result.prompts) > 1 else "")
+            )
     return lines
 
 
@@ -520,15 +639,19 @@ def main(argv=None) -> int:
     bars = Bars(not args.no_progress)
 
     def body():
-        for flag, v, low in (("--dequant-samples", args.dequant_samples, 1), ("--noise-samples", args.noise_samples, 0),
-                             ("--batch-size", args.batch_size, 1)):
+        for flag, v, low in (
+            ("--dequant-samples", args.dequant_samples, 1),
+            ("--noise-samples", args.noise_samples, 0),
+            ("--batch-size", args.batch_size, 1),
+        ):
             if v is not None and v < low:
                 raise ValueError(f"{flag} must be at least {low}, not {v}")
         if not args.image:
             raise ValueError("--image: give at least one image file")
         if not args.prompt:
-            raise ValueError("--prompt: give at least one prompt (or 'all' for every class of a class-conditional "
-                             "model)")
+            raise ValueError(
+                "--prompt: give at least one prompt (or 'all' for every class of a class-conditional model)"
+            )
         out = Path(args.json) if args.json else None
         if out is not None:
             if out.exists() and not args.overwrite:
@@ -537,9 +660,16 @@ def main(argv=None) -> int:
         for path in args.image:  # bad files fail before the model loads
             open_image(path, path)
         pipe = Pipeline.from_pretrained(**{k: getattr(args, k) for k in LOAD_ARGS})
-        result = pipe.score(args.image, args.prompt, noise_samples=args.noise_samples, seed=args.seed,
-                            resize=not args.no_resize, progress=bars, dequant_samples=args.dequant_samples,
-                            batch_size=args.batch_size)
+        result = pipe.score(
+            args.image,
+            args.prompt,
+            noise_samples=args.noise_samples,
+            seed=args.seed,
+            resize=not args.no_resize,
+            progress=bars,
+            dequant_samples=args.dequant_samples,
+            batch_size=args.batch_size,
+        )
         bars.close()
         if out is not None:
             text = json.dumps(to_json(result, args.image, args.model), indent=2) + "\n"

@@ -79,19 +79,39 @@ LOOPBACK_NAMES = ("localhost", "localhost.")
 class ApiError(Exception):
     """A request answered with an OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-             404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        403: "invalid_request_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        411: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # -- checking a request ---------------------------------------------------------------------
@@ -105,20 +125,53 @@ KINDS = {
 # Every parameter a request may carry, with its JSON type. The OpenAI ones a flow has no use
 # for are accepted and ignored (ignored below); ours are seed ... progress.
 PARAMS = {
-    "prompt": "string", "n": "integer", "size": "string", "response_format": "string", "stream": "boolean",
-    "partial_images": "integer", "output_format": "string", "background": "string", "model": "string",
-    "quality": "string", "style": "string", "moderation": "string", "user": "string",
-    "safety_identifier": "string", "output_compression": "integer", "input_fidelity": "string",
-    "seed": "integer", "negative_prompt": "string", "guidance": "number", "sampler": "string", "denoise": "string",
-    "jacobi_block_size": "integer", "jacobi_threshold": "number", "jacobi_max_iter": "integer",
+    "prompt": "string",
+    "n": "integer",
+    "size": "string",
+    "response_format": "string",
+    "stream": "boolean",
+    "partial_images": "integer",
+    "output_format": "string",
+    "background": "string",
+    "model": "string",
+    "quality": "string",
+    "style": "string",
+    "moderation": "string",
+    "user": "string",
+    "safety_identifier": "string",
+    "output_compression": "integer",
+    "input_fidelity": "string",
+    "seed": "integer",
+    "negative_prompt": "string",
+    "guidance": "number",
+    "sampler": "string",
+    "denoise": "string",
+    "jacobi_block_size": "integer",
+    "jacobi_threshold": "number",
+    "jacobi_max_iter": "integer",
     "progress": "boolean",
 }
 EDIT_PARAMS = {"source_prompt": "string", "strength": "number"}
-IGNORED = ("model", "quality", "style", "moderation", "user", "safety_identifier", "output_compression",
-           "input_fidelity")
+IGNORED = (
+    "model",
+    "quality",
+    "style",
+    "moderation",
+    "user",
+    "safety_identifier",
+    "output_compression",
+    "input_fidelity",
+)
 # Passed to the pipeline as they are (GenerateOptions' names).
-OPTIONS = ("negative_prompt", "guidance", "sampler", "denoise", "jacobi_block_size", "jacobi_threshold",
-           "jacobi_max_iter")
+OPTIONS = (
+    "negative_prompt",
+    "guidance",
+    "sampler",
+    "denoise",
+    "jacobi_block_size",
+    "jacobi_threshold",
+    "jacobi_max_iter",
+)
 
 
 def _typed(body: dict, name: str, kind: str):
@@ -143,8 +196,11 @@ def _seed(value, n: int):
     for s in seeds:
         s = int(s) if isinstance(s, float) and s.is_integer() else s
         if not KINDS["integer"](s) or not 0 <= s < SEED_LIMIT - n:
-            raise ApiError(400, f"'seed' must be an integer from 0 to {SEED_LIMIT - n - 1} (or a list of them), "
-                           f"not {json.dumps(s)}", "seed")
+            raise ApiError(
+                400,
+                f"'seed' must be an integer from 0 to {SEED_LIMIT - n - 1} (or a list of them), not {json.dumps(s)}",
+                "seed",
+            )
     return [int(s) for s in seeds] if isinstance(value, list) else int(value)
 
 
@@ -193,12 +249,18 @@ class Output:
             raise ApiError(400, f"'response_format' must be b64_json or url, not {fmt!r}", "response_format")
         out = _typed(body, "output_format", "string") or "png"
         if out != "png":
-            raise ApiError(400, f"'output_format' must be png (this server writes PNGs with their parameters), "
-                           f"not {out!r}", "output_format")
+            raise ApiError(
+                400,
+                f"'output_format' must be png (this server writes PNGs with their parameters), not {out!r}",
+                "output_format",
+            )
         background = _typed(body, "background", "string") or "auto"
         if background not in ("auto", "opaque"):
-            raise ApiError(400, f"'background' must be auto or opaque (the model makes opaque images), "
-                           f"not {background!r}", "background")
+            raise ApiError(
+                400,
+                f"'background' must be auto or opaque (the model makes opaque images), not {background!r}",
+                "background",
+            )
         self.format, self.size = fmt, size
         self.stream = bool(_typed(body, "stream", "boolean"))
         partials = _typed(body, "partial_images", "integer")
@@ -305,9 +367,15 @@ class Worker:
 
     def state(self) -> dict:
         with self._cond:
-            return {"running": int(self.running is not None), "queued": len(self._waiting),
-                    "max_queue": self.max_queue, **{k: self.stats[k] for k in
-                    ("accepted", "rejected", "invalid", "started", "completed", "cancelled", "failed")}}
+            return {
+                "running": int(self.running is not None),
+                "queued": len(self._waiting),
+                "max_queue": self.max_queue,
+                **{
+                    k: self.stats[k]
+                    for k in ("accepted", "rejected", "invalid", "started", "completed", "cancelled", "failed")
+                },
+            }
 
     def submit(self, job: Job):
         with self._cond:
@@ -384,8 +452,12 @@ class Worker:
                     stage, last = event.stage, now
                     job.events.put(("progress", event.stage, event.done, event.total))
                 # partial_images previews, evenly through the deep block; the last one is the deep block's end
-                if (out.partials and event.stage == "deep" and event.step is not None
-                        and event.done >= math.ceil(event.total * (shown + 1) / out.partials)):
+                if (
+                    out.partials
+                    and event.stage == "deep"
+                    and event.step is not None
+                    and event.done >= math.ceil(event.total * (shown + 1) / out.partials)
+                ):
                     job.events.put(("partial", shown, self.pipe.decode(event.step.preview())))
                     shown += 1
         except Exception as e:
@@ -508,8 +580,9 @@ class Handler(BaseHTTPRequestHandler):
         whose own name resolves to 127.0.0.1 (DNS rebinding) is refused."""
         host = self.headers.get("Host")
         if self.server.loopback and host is not None and not _is_loopback(_host_name(host)):
-            raise ApiError(403, "this server listens on the loopback only and answers requests addressed "
-                           "to localhost or 127.0.0.1")
+            raise ApiError(
+                403, "this server listens on the loopback only and answers requests addressed to localhost or 127.0.0.1"
+            )
 
     def _check_origin(self):
         """A browser names the page that sends a POST; only the server's own page may."""
@@ -524,8 +597,13 @@ class Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         token = given[7:].strip() if given[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), key.encode()):
-            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'"
-                           if not token else "incorrect API key", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "a valid API key is required: send it as 'Authorization: Bearer <key>'"
+                if not token
+                else "incorrect API key",
+                code="invalid_api_key",
+            )
 
     def _read_body(self, limit: int) -> bytes:
         length = self.headers.get("Content-Length")
@@ -594,8 +672,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def do_GET(self):
-        self._dispatch({"/": self._page, "/index.html": self._page, "/health": self._health,
-                        "/v1/models": self._models, "/v1/models/": self._model, "/files/": self._file})
+        self._dispatch(
+            {
+                "/": self._page,
+                "/index.html": self._page,
+                "/health": self._health,
+                "/v1/models": self._models,
+                "/v1/models/": self._model,
+                "/files/": self._file,
+            }
+        )
 
     def do_POST(self):
         self._dispatch({"/v1/images/generations": self._generations, "/v1/images/edits": self._edits})
@@ -603,10 +689,17 @@ class Handler(BaseHTTPRequestHandler):
     # -- GET
 
     def _page(self, path):
-        self._send(200, self.server.page, "text/html; charset=utf-8", {
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                       "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
-            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+        self._send(
+            200,
+            self.server.page,
+            "text/html; charset=utf-8",
+            {
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     def _health(self, path):
         self._json(200, {"status": "ok", "model": self.server.model_id, **self.server.worker.state()})
@@ -617,11 +710,18 @@ class Handler(BaseHTTPRequestHandler):
 
         # the defaults a request gets (the model's own), for a prompt this model takes
         opts = pipe.resolve_options(GenerateOptions(pipe.classes.labels[0] if pipe.classes is not None else "a"))
-        return {"id": self.server.model_id, "object": "model", "created": self.server.created,
-                "owned_by": "mlx-starflow",
-                # ours: what the page offers
-                "sizes": model_sizes(pipe), "prompts": pipe.classes.labels if pipe.classes is not None else None,
-                "guidance": opts.guidance, "sampler": opts.sampler, "max_images": self.server.max_images}
+        return {
+            "id": self.server.model_id,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "mlx-starflow",
+            # ours: what the page offers
+            "sizes": model_sizes(pipe),
+            "prompts": pipe.classes.labels if pipe.classes is not None else None,
+            "guidance": opts.guidance,
+            "sampler": opts.sampler,
+            "max_images": self.server.max_images,
+        }
 
     def _models(self, path):
         self._check_key()
@@ -629,14 +729,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _model(self, path):
         self._check_key()
-        name = path[len("/v1/models/"):]
+        name = path[len("/v1/models/") :]
         if name != self.server.model_id:
-            raise ApiError(404, f"model '{name}' is not served here; this server serves '{self.server.model_id}'",
-                           code="model_not_found")
+            raise ApiError(
+                404,
+                f"model '{name}' is not served here; this server serves '{self.server.model_id}'",
+                code="model_not_found",
+            )
         self._json(200, self._model_card())
 
     def _file(self, path):
-        data = self.server.files.get(path[len("/files/"):])
+        data = self.server.files.get(path[len("/files/") :])
         if data is None:
             raise ApiError(404, "no such image (images asked for by URL are kept for an hour)", code="not_found")
         self._send(200, data, "image/png", {"Cache-Control": "private, max-age=3600"})
@@ -687,12 +790,25 @@ class Handler(BaseHTTPRequestHandler):
         def start():
             from .edit import edit_steps
 
-            return edit_steps(pipe, images if len(images) > 1 else images[0], opts.prompts, mask=mask,
-                              num_images=opts.num_images, seed=opts.seed, guidance=opts.guidance,
-                              negative_prompt=opts.negative_prompt, sampler=opts.sampler, denoise=opts.denoise,
-                              jacobi_block_size=opts.jacobi_block_size, jacobi_threshold=opts.jacobi_threshold,
-                              jacobi_max_iter=opts.jacobi_max_iter, height=opts.height, width=opts.width,
-                              notes=self._note, **extra)
+            return edit_steps(
+                pipe,
+                images if len(images) > 1 else images[0],
+                opts.prompts,
+                mask=mask,
+                num_images=opts.num_images,
+                seed=opts.seed,
+                guidance=opts.guidance,
+                negative_prompt=opts.negative_prompt,
+                sampler=opts.sampler,
+                denoise=opts.denoise,
+                jacobi_block_size=opts.jacobi_block_size,
+                jacobi_threshold=opts.jacobi_threshold,
+                jacobi_max_iter=opts.jacobi_max_iter,
+                height=opts.height,
+                width=opts.width,
+                notes=self._note,
+                **extra,
+            )
 
         self._run(Job(start, output, self.connection))
 
@@ -707,9 +823,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             worker.submit(job)
         except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {worker.max_queue} requests are already waiting; "
-                           f"try again in {e.retry_after} s", code="queue_full",
-                           headers={"Retry-After": e.retry_after}) from None
+            raise ApiError(
+                429,
+                f"the server is busy: {worker.max_queue} requests are already waiting; try again in {e.retry_after} s",
+                code="queue_full",
+                headers={"Retry-After": e.retry_after},
+            ) from None
         try:
             if job.output.stream:
                 self._stream(job)
@@ -749,8 +868,11 @@ class Handler(BaseHTTPRequestHandler):
     def _items(self, job: Job, pngs: list, result) -> list:
         data = []
         for i, png in enumerate(pngs):
-            item = {"url": self._url(self.server.files.add(png))} if job.output.format == "url" else \
-                {"b64_json": base64.b64encode(png).decode()}
+            item = (
+                {"url": self._url(self.server.files.add(png))}
+                if job.output.format == "url"
+                else {"b64_json": base64.b64encode(png).decode()}
+            )
             if result.seeds:
                 item["seed"] = result.seeds[i]  # ours: the seed that makes this image again
             data.append(item)
@@ -769,8 +891,15 @@ class Handler(BaseHTTPRequestHandler):
                 return
             pngs = self._final(item)
             result = item[1]
-            self._json(200, {"created": int(time.time()), "data": self._items(job, pngs, result),
-                             "size": job.output.size, "output_format": "png"})
+            self._json(
+                200,
+                {
+                    "created": int(time.time()),
+                    "data": self._items(job, pngs, result),
+                    "size": job.output.size,
+                    "output_format": "png",
+                },
+            )
 
     def _sse(self, kind: str, obj: dict):
         self.wfile.write(f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode())
@@ -805,10 +934,17 @@ class Handler(BaseHTTPRequestHandler):
                     self._sse("progress", {"type": "progress", "stage": item[1], "done": item[2], "total": item[3]})
                 elif kind == "partial":
                     for i, image in enumerate(item[2]):
-                        self._sse("image_generation.partial_image", {
-                            "type": "image_generation.partial_image", "created_at": int(time.time()),
-                            "partial_image_index": item[1], "image_index": i,
-                            "b64_json": base64.b64encode(png_bytes(image)).decode(), **common})
+                        self._sse(
+                            "image_generation.partial_image",
+                            {
+                                "type": "image_generation.partial_image",
+                                "created_at": int(time.time()),
+                                "partial_image_index": item[1],
+                                "image_index": i,
+                                "b64_json": base64.b64encode(png_bytes(image)).decode(),
+                                **common,
+                            },
+                        )
                 elif kind == "cancelled":
                     return
                 else:
@@ -818,9 +954,16 @@ class Handler(BaseHTTPRequestHandler):
                         self._sse("error", e.body())
                         return
                     for i, data in enumerate(self._items(job, pngs, item[1])):
-                        self._sse("image_generation.completed", {
-                            "type": "image_generation.completed", "created_at": int(time.time()),
-                            "image_index": i, **data, **common})
+                        self._sse(
+                            "image_generation.completed",
+                            {
+                                "type": "image_generation.completed",
+                                "created_at": int(time.time()),
+                                "image_index": i,
+                                **data,
+                                **common,
+                            },
+                        )
         except OSError:  # the client left mid-stream: its request stops at the next token
             self.server.worker.cancel(job)
 
@@ -837,7 +980,8 @@ def parse_multipart(content_type: str, body: bytes):
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(400, "an edit is sent as multipart/form-data (the image as a file field 'image')")
     message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
+    )
     if not message.is_multipart():
         raise ApiError(400, "the multipart body could not be read (a missing or wrong boundary?)")
     fields, images, mask = {}, [], None
@@ -852,8 +996,9 @@ def parse_multipart(content_type: str, body: bytes):
                 picture.load()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
                 field = name.rstrip("[]")
-                raise ApiError(400, f"'{field}' is not an image file this server can read (PNG, JPEG, WebP, ...)",
-                               field) from None
+                raise ApiError(
+                    400, f"'{field}' is not an image file this server can read (PNG, JPEG, WebP, ...)", field
+                ) from None
             if name == "mask":
                 mask = picture
             else:
@@ -880,8 +1025,16 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, pipe=None, host: str = "127.0.0.1", port: int = 8080, max_queue: int = 16,
-                 api_key: Optional[str] = None, max_images: int = MAX_IMAGES, quiet: bool = False):
+    def __init__(
+        self,
+        pipe=None,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        max_queue: int = 16,
+        api_key: Optional[str] = None,
+        max_images: int = MAX_IMAGES,
+        quiet: bool = False,
+    ):
         """Binds at once; serves `pipe` (or the one given later to `use`, so a command
         line finds a taken port before it loads a model)."""
         if ":" in host:
@@ -925,8 +1078,10 @@ def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
     """What to tell someone who opens the server to other machines without a key."""
     if _is_loopback(host) or api_key:
         return None
-    return (f"listening on {host} with no authentication: anyone who can reach this machine can use the model. "
-            "Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key.")
+    return (
+        f"listening on {host} with no authentication: anyone who can reach this machine can use the model. "
+        "Give --api-key (or $MLX_STARFLOW_API_KEY) to require a key."
+    )
 
 
 def parser():
@@ -934,35 +1089,55 @@ def parser():
     from .generate import parser as generate_parser
 
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    p = argparse.ArgumentParser(prog=name if name.startswith("mlx-starflow-") else "python -m mlx_starflow.server",
-                                formatter_class=HelpFormatter,
-                                description="Serve a STARFlow model over the OpenAI images API, with a web page.")
+    p = argparse.ArgumentParser(
+        prog=name if name.startswith("mlx-starflow-") else "python -m mlx_starflow.server",
+        formatter_class=HelpFormatter,
+        description="Serve a STARFlow model over the OpenAI images API, with a web page.",
+    )
     # The model options are generate's own (one definition of each flag).
     for action in generate_parser()._actions:
         if action.dest in ("model",) + LOAD_OPTIONS:
             p._add_action(action)
-    p.add_argument("--keep-text-encoder", action="store_true",
-                   help="keep the text encoder loaded between requests (faster prompts, more memory); "
-                        "by default it is loaded for each request and freed after encoding")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; anything but the loopback lets other machines in")
+    p.add_argument(
+        "--keep-text-encoder",
+        action="store_true",
+        help="keep the text encoder loaded between requests (faster prompts, more memory); "
+        "by default it is loaded for each request and freed after encoding",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; anything but the loopback lets other machines in"
+    )
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
-    p.add_argument("--max-queue", metavar="N", type=int, default=16,
-                   help="requests that may wait behind the one running; more are answered 429")
+    p.add_argument(
+        "--max-queue",
+        metavar="N",
+        type=int,
+        default=16,
+        help="requests that may wait behind the one running; more are answered 429",
+    )
     p.add_argument("--max-images", metavar="N", type=int, default=MAX_IMAGES, help="the largest n a request may ask")
-    p.add_argument("--api-key", metavar="KEY", default=None,
-                   help="require this bearer token on /v1 (default: $MLX_STARFLOW_API_KEY, else none)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="require this bearer token on /v1 (default: $MLX_STARFLOW_API_KEY, else none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    for flag, value, low in (("--port", args.port, 0), ("--max-queue", args.max_queue, 0),
-                             ("--max-images", args.max_images, 1)):
+    for flag, value, low in (
+        ("--port", args.port, 0),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-images", args.max_images, 1),
+    ):
         if value < low or (flag == "--port" and value > 65535):
-            print(f"error: {flag} must be {'0..65535' if flag == '--port' else f'at least {low}'}, not {value}",
-                  file=sys.stderr)
+            print(
+                f"error: {flag} must be {'0..65535' if flag == '--port' else f'at least {low}'}, not {value}",
+                file=sys.stderr,
+            )
             return 1
     api_key = args.api_key or os.environ.get("MLX_STARFLOW_API_KEY") or None
     try:
@@ -976,11 +1151,22 @@ def main(argv=None):
     from .pipeline import Pipeline
 
     try:
-        server.use(Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
-                                            text_encoder=args.text_encoder, vae=args.vae, checkpoint=args.checkpoint,
-                                            config=args.config, text_dtype=args.text_dtype,
-                                            text_quantize=args.text_quantize, vae_dtype=args.vae_dtype,
-                                            vae_tile=args.vae_tile, keep_text_encoder=args.keep_text_encoder))
+        server.use(
+            Pipeline.from_pretrained(
+                args.model,
+                dtype=args.dtype,
+                quantize=args.quantize,
+                text_encoder=args.text_encoder,
+                vae=args.vae,
+                checkpoint=args.checkpoint,
+                config=args.config,
+                text_dtype=args.text_dtype,
+                text_quantize=args.text_quantize,
+                vae_dtype=args.vae_dtype,
+                vae_tile=args.vae_tile,
+                keep_text_encoder=args.keep_text_encoder,
+            )
+        )
     except (ValueError, ModelNotFound, FileNotFoundError) as e:
         server.close()
         print(f"error: {e}", file=sys.stderr)

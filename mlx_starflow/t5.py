@@ -191,13 +191,10 @@ class T5Encoder(nn.Module):
 # Hugging Face names of the encoder's weights -> names in T5Encoder.
 _KEY_PATTERNS = [
     (r"shared\.weight", "shared.weight"),
-    (r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
-     "relative_bias.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight",
-     r"blocks.\1.attention.\2.weight"),
+    (r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "relative_bias.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attention.\2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.attn_norm.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight",
-     r"blocks.\1.mlp.\2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight", r"blocks.\1.mlp.\2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.mlp_norm.weight"),
     (r"encoder\.final_layer_norm\.weight", "final_norm.weight"),
 ]
@@ -273,8 +270,7 @@ def read_weights(folder, wanted=_wanted) -> dict:
 def check_dtype(dtype):
     if dtype == mx.float16:
         raise ValueError(
-            "T5 overflows in float16 (its activations exceed the float16 range); "
-            "use dtype=mx.bfloat16 or mx.float32"
+            "T5 overflows in float16 (its activations exceed the float16 range); use dtype=mx.bfloat16 or mx.float32"
         )
     if dtype not in (mx.float32, mx.bfloat16):
         raise ValueError(f"unsupported T5 dtype {dtype}; use mx.bfloat16 or mx.float32")

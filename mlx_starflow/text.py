@@ -28,10 +28,7 @@ from .weights import load_checked
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 # STARFlow's chat template for the Gemma token-embedding mode.
-EMBED_TEMPLATE = (
-    "<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n"
-    "<start_of_turn>model\n"
-)
+EMBED_TEMPLATE = "<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 # transformers' Gemma3TextConfig defaults, for gemma3 configs that leave them out.
 _GEMMA3_DEFAULTS = {
@@ -85,7 +82,7 @@ def _check_prompts(prompts):
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt (\"\" is the unconditional one)")
+        raise ValueError('prompts is empty: give at least one prompt ("" is the unconditional one)')
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string")
@@ -156,22 +153,25 @@ class Tokenizer:
         loses tokens on the truncation side, the special tokens stay."""
         if self._fast is not None:  # exactly what transformers asks of the same library
             self._fast.enable_truncation(length, direction=self.truncation_side)
-            self._fast.enable_padding(direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad,
-                                      length=length)
+            self._fast.enable_padding(
+                direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad, length=length
+            )
             try:
                 out = self._fast.encode_batch(list(prompts))
             finally:
                 self._fast.no_padding()
                 self._fast.no_truncation()
-            return (np.array([e.ids for e in out], dtype=np.int32),
-                    np.array([e.attention_mask for e in out], dtype=np.int32))
+            return (
+                np.array([e.ids for e in out], dtype=np.int32),
+                np.array([e.attention_mask for e in out], dtype=np.int32),
+            )
         start, end = len(self._start), len(self._end)
         keep = max(length - start - end, 0)
         ids = np.full((len(prompts), length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(prompts), length), dtype=np.int32)
         for i, p in enumerate(prompts):
             text = self._sp.encode(p)
-            text = text[:keep] if self.truncation_side == "right" else text[len(text) - keep:]
+            text = text[:keep] if self.truncation_side == "right" else text[len(text) - keep :]
             row = self._start + text + self._end
             cols = slice(0, len(row)) if self.padding_side == "right" else slice(length - len(row), length)
             ids[i, cols], mask[i, cols] = row, 1
@@ -199,9 +199,9 @@ def _gemma_key(key: str) -> str:
     """Published Gemma key -> mlx-lm's name (`model.` + the decoder's own name)."""
     for prefix in ("language_model.model.", "model.language_model."):
         if key.startswith(prefix):
-            return "model." + key[len(prefix):]
+            return "model." + key[len(prefix) :]
     if key.startswith("language_model.lm_head."):
-        return key[len("language_model."):]
+        return key[len("language_model.") :]
     if key.startswith(("embed_tokens.", "layers.", "norm.")):  # a bare GemmaModel
         return "model." + key
     return key
@@ -327,7 +327,7 @@ class _Embedding(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, dims)
 
     def sanitize(self, weights):
-        return {k[len("model."):]: v for k, v in weights.items()}
+        return {k[len("model.") :]: v for k, v in weights.items()}
 
 
 def _load_gemma_embedding(folder: Path, config: dict, dtype, quantize):
@@ -384,8 +384,7 @@ class TextEncoder:
         mask = mx.array(np.asarray(attention_mask), dtype=mx.int32)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(
-                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
-                "must both be (batch, length)"
+                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be (batch, length)"
             )
         if self.mode == "embed":
             x = self.model.embed_tokens(ids)

@@ -34,8 +34,15 @@ _STORAGE_DTYPES = {
 }
 
 _DTYPE_NAMES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16",
-    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": "bfloat16",
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
     "bool": np.bool_,
 }
 
@@ -104,7 +111,7 @@ class _SafeUnpickler(pickle.Unpickler):
             try:
                 raw = self.zf.read(name)
             except KeyError:
-                raise CheckpointError(f"{self.path}: tensor data '{name}' is missing (truncated file?)")
+                raise CheckpointError(f"{self.path}: tensor data '{name}' is missing (truncated file?)") from None
             dtype = stype.dtype if isinstance(stype, _StorageType) else np.uint8
             if dtype == "bfloat16":
                 self.storages[key] = _Storage(np.frombuffer(raw, dtype=np.uint16))
@@ -139,7 +146,7 @@ def load_pth(path) -> dict:
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (not a zip archive written by torch.save; "
             "the file may be truncated or of another format)"
-        )
+        ) from None
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if not pkls:
@@ -151,7 +158,7 @@ def load_pth(path) -> dict:
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({e}); the file may be truncated")
+            raise CheckpointError(f"{path}: cannot read checkpoint ({e}); the file may be truncated") from None
         obj = _finish(obj)
     # Training checkpoints sometimes wrap the weights.
     if isinstance(obj, dict):

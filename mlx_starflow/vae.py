@@ -68,9 +68,7 @@ class VAEConfig:
                 )
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}"
-                )
+                raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}")
 
     @property
     def downsample_factor(self) -> int:
@@ -232,8 +230,7 @@ class Encoder(nn.Module):
         ch, g = config.block_out_channels, config.norm_num_groups
         self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
-            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g,
-                        Downsample if i < len(ch) - 1 else None)
+            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g, Downsample if i < len(ch) - 1 else None)
             for i in range(len(ch))
         ]
         self.mid_block = MidBlock(ch[-1], g, config.mid_block_add_attention)
@@ -257,8 +254,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(ch[0], g, config.mid_block_add_attention)
         # The decoder has one more resnet per level than the encoder.
         self.up_blocks = [
-            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, g,
-                        Upsample if i < len(ch) - 1 else None)
+            ResnetStage(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, g, Upsample if i < len(ch) - 1 else None)
             for i in range(len(ch))
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
@@ -315,9 +311,7 @@ class VAE(nn.Module):
     def _check_latents(self, z):
         c = self.config.latent_channels
         if z.ndim != 4:
-            raise ValueError(
-                f"VAE.decode expects NHWC latents (batch, height, width, {c}); got shape {tuple(z.shape)}"
-            )
+            raise ValueError(f"VAE.decode expects NHWC latents (batch, height, width, {c}); got shape {tuple(z.shape)}")
         if z.shape[-1] != c:
             hint = " (NCHW? transpose to NHWC)" if z.shape[1] == c else ""
             raise ValueError(

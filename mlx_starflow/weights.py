@@ -54,8 +54,11 @@ def check_weights(model: nn.Module, weights: dict, source="checkpoint"):
         raise WeightsError(f"{source} is missing {len(missing)} tensors the model needs: {_names(missing)}")
     if unexpected:
         raise WeightsError(f"{source} has {len(unexpected)} tensors the model does not use: {_names(unexpected)}")
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
-             for k in sorted(expected) if tuple(weights[k].shape) != tuple(expected[k])]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
+        for k in sorted(expected)
+        if tuple(weights[k].shape) != tuple(expected[k])
+    ]
     if wrong:
         raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
 
@@ -98,8 +101,9 @@ def _version(pkg):
         return "unknown"
 
 
-def save_model(out, config: FlowConfig, weights: dict, force=False, extra: Optional[dict] = None,
-               files: Optional[dict] = None):
+def save_model(
+    out, config: FlowConfig, weights: dict, force=False, extra: Optional[dict] = None, files: Optional[dict] = None
+):
     """Write config.json and model.safetensors into `out`, atomically: the folder
     appears only once complete; an existing one is replaced only with force."""
     out = Path(out)
@@ -165,9 +169,16 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
     if cfg.txt_size > 0 and not txt_keys:
         raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
     name = "(built-in)" if isinstance(config, dict) else Path(config).name
-    return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, quantize,
-                    source={"checkpoint": Path(checkpoint).name, "config": name,
-                            "sampling_cfg": args.get("cfg"), **(origin or {})})
+    return _convert(
+        Path(checkpoint),
+        cfg,
+        sd,
+        out,
+        mx_dtype,
+        force,
+        quantize,
+        source={"checkpoint": Path(checkpoint).name, "config": name, "sampling_cfg": args.get("cfg"), **(origin or {})},
+    )
 
 
 def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3, noise_std=None, head_dim=64):
@@ -178,14 +189,14 @@ def convert_tarflow(checkpoint, out, dtype="float32", force=False, in_channels=3
     if noise_std is None:
         m = re.search(r"_([0-9]*\.[0-9]+)\.pth$", Path(checkpoint).name)
         if not m:
-            raise ValueError(f"cannot read the training noise level from '{Path(checkpoint).name}'; "
-                             "give it with --noise-std")
+            raise ValueError(
+                f"cannot read the training noise level from '{Path(checkpoint).name}'; give it with --noise-std"
+            )
         noise_std = float(m.group(1))
     cfg = tarflow_config_from_shapes(_shapes(sd), in_channels=in_channels, noise_std=noise_std, head_dim=head_dim)
     if "var" in sd and not np.allclose(np.asarray(sd["var"], dtype=np.float32), 1.0):
         raise WeightsError(f"{checkpoint}: a learned prior variance ('var') is not supported")
-    return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, None,
-                    source={"checkpoint": Path(checkpoint).name})
+    return _convert(Path(checkpoint), cfg, sd, out, mx_dtype, force, None, source={"checkpoint": Path(checkpoint).name})
 
 
 def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
@@ -206,8 +217,9 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
         cfg.quantization = quantize
         weights = dict(tree_flatten(model.parameters()))
     licence = _model_licence(checkpoint) if cfg.model_type == "starflow" else None
-    return save_model(out, cfg, weights, force=force, extra={"source": source},
-                      files={"LICENSE_MODEL": licence} if licence else None)
+    return save_model(
+        out, cfg, weights, force=force, extra={"source": source}, files={"LICENSE_MODEL": licence} if licence else None
+    )
 
 
 def quantize_model(model: Flow, bits=4, group_size=64) -> list:
@@ -229,8 +241,11 @@ def quantize_model(model: Flow, bits=4, group_size=64) -> list:
 
 def _warn_unquantized(paths, group_size):
     if paths:
-        warnings.warn(f"{len(paths)} linear layers left unquantized (input width not a multiple of "
-                      f"{group_size}): {_names(paths, 16)}", stacklevel=3)
+        warnings.warn(
+            f"{len(paths)} linear layers left unquantized (input width not a multiple of "
+            f"{group_size}): {_names(paths, 16)}",
+            stacklevel=3,
+        )
 
 
 def read_config(path) -> FlowConfig:
@@ -259,8 +274,10 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Fl
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{path} is not a converted model folder (needs config.json and model.safetensors); "
-                                "convert a checkpoint with convert/starflow.py or convert/tarflow.py")
+        raise FileNotFoundError(
+            f"{path} is not a converted model folder (needs config.json and model.safetensors); "
+            "convert a checkpoint with convert/starflow.py or convert/tarflow.py"
+        )
     cfg = read_config(path)
     want = quant_args(quantize)
     if want and cfg.quantization:
@@ -269,13 +286,14 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Fl
             raise ValueError(
                 f"{path} is already quantized to {have['bits']} bits (group size {have['group_size']}); "
                 f"to quantize to {want['bits']} bits (group size {want['group_size']}), load the "
-                "unquantized folder (or convert the checkpoint again)")
+                "unquantized folder (or convert the checkpoint again)"
+            )
     mx_dtype = _parse_dtype(dtype)
     model, rename = (Flow(cfg), None) if part is None else part(cfg)
     try:
         weights = mx.load(str(w_path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
-        raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated")
+        raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated") from None
     if rename is not None:
         weights = {rename(k): v for k, v in weights.items() if rename(k) is not None}
     if cfg.quantization:

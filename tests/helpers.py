@@ -11,11 +11,28 @@ from mlx_starflow.flow import Flow
 # A miniature of the released 3B recipe: deep-shallow, SOS, softplus, soft clip, final
 # norm, text on the deep block only, L2R.
 T2I_ARGS = {
-    "img_size": 32, "txt_size": 5, "channel_size": 4, "patch_size": 1, "channels": 32,
-    "head_dim": 24, "blocks": 4, "layers_per_block": "1 0 1 2", "noise_std": 0.3, "nvp": 1,
-    "rope": 1, "sos": 1, "seq_order": "L2R", "use_softplus": 1, "cond_top_only": 1,
-    "use_final_norm": 1, "vae": "stabilityai/sd-vae-ft-ema", "text": "google/flan-t5-xl",
-    "cfg": 2.5, "soft_clip": 4, "batch_size": 64, "lr": 1e-4,
+    "img_size": 32,
+    "txt_size": 5,
+    "channel_size": 4,
+    "patch_size": 1,
+    "channels": 32,
+    "head_dim": 24,
+    "blocks": 4,
+    "layers_per_block": "1 0 1 2",
+    "noise_std": 0.3,
+    "nvp": 1,
+    "rope": 1,
+    "sos": 1,
+    "seq_order": "L2R",
+    "use_softplus": 1,
+    "cond_top_only": 1,
+    "use_final_norm": 1,
+    "vae": "stabilityai/sd-vae-ft-ema",
+    "text": "google/flan-t5-xl",
+    "cfg": 2.5,
+    "soft_clip": 4,
+    "batch_size": 64,
+    "lr": 1e-4,
 }
 TXT_DIM = 12
 

@@ -41,8 +41,12 @@ def test_random_3b_matches_the_released_checkpoint():
 
 def test_command_on_tiny(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert benchmark.main([*TINY, "--dtype", "float32", "--tokens", "2", "--compare-loop", "--precision",
-                           "--json", str(out)]) == 0
+    assert (
+        benchmark.main(
+            [*TINY, "--dtype", "float32", "--tokens", "2", "--compare-loop", "--precision", "--json", str(out)]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert set(r["stages"]) == set(benchmark.STAGES)
     deep = r["stages"]["deep"]
@@ -58,8 +62,14 @@ def test_command_on_tiny(tmp_path, capsys):
     # float32 on the CPU: held input-major (device.prepare), and the layer probe likewise
     assert r["stages"]["load"]["input_major"] and lim["input_major"]
     assert len(r["loop"]) == 4
-    assert set(r["precision"]["flow"]) == {"bfloat16", "float16", "8-bit", "4-bit", "8-bit, fp32 scales",
-                                           "4-bit, fp32 scales"}
+    assert set(r["precision"]["flow"]) == {
+        "bfloat16",
+        "float16",
+        "8-bit",
+        "4-bit",
+        "8-bit, fp32 scales",
+        "4-bit, fp32 scales",
+    }
     assert all(np.isfinite(v["sample"]) for v in r["precision"]["flow"].values())
     assert r["machine"]["versions"]["mlx"]
     img = r["image"]
@@ -76,9 +86,30 @@ def test_command_on_tiny(tmp_path, capsys):
 
 def test_command_quantized_jacobi(tmp_path):
     out = tmp_path / "r.json"
-    assert benchmark.main([*TINY, "--dtype", "bfloat16", "--quantize", "4", "--sampler", "jacobi",
-                           "--cfg", "0", "--tokens", "4", "--text-quantize", "8",
-                           "--stages", "text,deep,shallow", "--json", str(out)]) == 0
+    assert (
+        benchmark.main(
+            [
+                *TINY,
+                "--dtype",
+                "bfloat16",
+                "--quantize",
+                "4",
+                "--sampler",
+                "jacobi",
+                "--cfg",
+                "0",
+                "--tokens",
+                "4",
+                "--text-quantize",
+                "8",
+                "--stages",
+                "text,deep,shallow",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["args"]["quantize"] == 4 and "denoise" not in r["stages"]
     assert r["image"]["missing"] == ["prefill", "denoise", "vae"]
@@ -136,8 +167,9 @@ def test_random_flow_is_built_in_the_target_precision():
     assert cfg.quantization == {"bits": 4, "group_size": 64}
     # Same seed, same weights; another seed, others.
     again, _ = random_models.random_flow(random_models.flow_config("tiny"), mx.bfloat16, {"bits": 4, "group_size": 64})
-    other, _ = random_models.random_flow(random_models.flow_config("tiny"), mx.bfloat16, {"bits": 4, "group_size": 64},
-                                         seed=1)
+    other, _ = random_models.random_flow(
+        random_models.flow_config("tiny"), mx.bfloat16, {"bits": 4, "group_size": 64}, seed=1
+    )
     w = [np.array(m.blocks[-1].proj_in.weight.astype(mx.float32)) for m in (model, again, other)]
     np.testing.assert_array_equal(w[0], w[1])
     assert not np.array_equal(w[0], w[2])
@@ -201,8 +233,11 @@ def test_jacobi_timing_counts_whole_chunks():
 
 
 def test_t5_quantization_options():
-    model = T5Encoder(T5Config(vocab_size=50, d_model=96, d_kv=16, num_heads=2, d_ff=128, num_layers=1,
-                               feed_forward_proj="gated-gelu"))
+    model = T5Encoder(
+        T5Config(
+            vocab_size=50, d_model=96, d_kv=16, num_heads=2, d_ff=128, num_layers=1, feed_forward_proj="gated-gelu"
+        )
+    )
     assert quant_args(4) == {"bits": 4, "group_size": 64}
     assert quant_args({"bits": 8, "group_size": 32}) == {"bits": 8, "group_size": 32}
     with pytest.raises(ValueError):
@@ -227,8 +262,25 @@ def test_command_with_a_converted_folder(tmp_path):
     model, _ = random_models.random_flow(cfg, mx.float32)
     save_model(tmp_path / "f", cfg, dict(tree_flatten(model.parameters())))
     out = tmp_path / "r.json"
-    assert benchmark.main(["--model", str(tmp_path / "f"), "--quantize", "8", "--repeats", "1", "--tokens", "2",
-                           "--stages", "prefill,deep", "--json", str(out)]) == 0
+    assert (
+        benchmark.main(
+            [
+                "--model",
+                str(tmp_path / "f"),
+                "--quantize",
+                "8",
+                "--repeats",
+                "1",
+                "--tokens",
+                "2",
+                "--stages",
+                "prefill,deep",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     float32_bytes = 4 * sum(int(np.prod(s)) for s in random_models.flow_spec("tiny").values())
     assert r["stages"]["load"]["weight_bytes"] < float32_bytes / 2  # quantized on the fly
@@ -242,15 +294,23 @@ def test_warmup_runs_and_bad_options(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     for warmup in (0, 2):
         calls.clear()
-        assert benchmark.main([*TINY, "--dtype", "float32", "--stages", "denoise", "--warmup", str(warmup),
-                               "--json", str(out)]) == 0
+        assert (
+            benchmark.main(
+                [*TINY, "--dtype", "float32", "--stages", "denoise", "--warmup", str(warmup), "--json", str(out)]
+            )
+            == 0
+        )
         assert len(calls) == 1 + warmup  # a slow stage can be measured once
         assert json.loads(out.read_text())["stages"]["denoise"]["time"]["n"] == 1
     capsys.readouterr()
-    for bad, message in ((["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"),
-                         (["--tokens", "some"], "--tokens must be auto, all or a number"),
-                         (["--cfg", "nan"], "--cfg"), (["--stages", "deep,decode"], "--stages: unknown decode"),
-                         (["--model", str(tmp_path / "nope")], "is not a folder")):
+    for bad, message in (
+        (["--repeats", "0"], "--repeats"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--tokens", "some"], "--tokens must be auto, all or a number"),
+        (["--cfg", "nan"], "--cfg"),
+        (["--stages", "deep,decode"], "--stages: unknown decode"),
+        (["--model", str(tmp_path / "nope")], "is not a folder"),
+    ):
         with pytest.raises(SystemExit) as e:
             benchmark.main(["--arch", "tiny", *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err

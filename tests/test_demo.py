@@ -81,13 +81,14 @@ def test_bpd_definition():
 def test_training_smoke(tmp_path):
     cfg = demo.demo_config(channels=32, head_dim=32, layers=(1, 1), expansion=1)
     model, losses = demo.train(cfg, steps=30, batch_size=16, lr=2e-3, warmup=5, seed=3, log=None)
-    assert len(losses) == 30 and all(math.isfinite(l) for l in losses)
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
     # Same seed, same run (the first 5 steps are warmup in both, so the same rates).
     _, again = demo.train(cfg, steps=6, batch_size=16, lr=2e-3, warmup=5, seed=3, log=None)
     assert again[:5] == pytest.approx(losses[:5], rel=1e-5)
 
     from mlx.utils import tree_flatten
+
     from mlx_starflow.weights import save_model
 
     cfg.sampling = {"guidance": 1.0, "sampler": "sequential", "denoise": "score"}

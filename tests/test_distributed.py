@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import tiny_flow
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from helpers import tiny_flow
 from mlx_starflow import distributed
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.pipeline import Pipeline
@@ -49,8 +49,14 @@ def run_group(tmp_path, commands, timeout=TIMEOUT, env=None, connect_timeout=30)
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
     procs = []
     for rank, cmd in enumerate(commands):
-        e = dict(os.environ, HF_HUB_OFFLINE="1", MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile),
-                 **{distributed.CONNECT_TIMEOUT_ENV: str(connect_timeout)}, **(env or {}))
+        e = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            MLX_RANK=str(rank),
+            MLX_HOSTFILE=str(hostfile),
+            **{distributed.CONNECT_TIMEOUT_ENV: str(connect_timeout)},
+            **(env or {}),
+        )
         out, err = (open(tmp_path / f"rank{rank}-{ports[0]}.{s}", "w+") for s in ("out", "err"))
         procs.append((subprocess.Popen(cmd, env=e, stdout=out, stderr=err, start_new_session=True), out, err))
     deadline = time.monotonic() + timeout
@@ -81,7 +87,7 @@ def pixels(paths):
 
 
 def assert_ok(results):
-    for rank, (code, out, err) in enumerate(results):
+    for rank, (code, _out, err) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
 
 
@@ -101,12 +107,41 @@ def test_demo_batch_parallel_under_mlx_launch(tmp_path, demo_reference):
     out = tmp_path / "img-{index}.png"
     port = free_ports(1)[0]
     env = dict(os.environ, **{distributed.CONNECT_TIMEOUT_ENV: "30"})
-    cmd = [str(Path(sys.executable).parent / "mlx.launch"), "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
-           str(port), "--", *cli("--model", "demo", "--prompt-file", str(tmp_path / "prompts.txt"), "--num-images",
-                                  "2", "--seed", "5", "--denoise", "none", "--output", str(out), "--verbose")]
+    cmd = [
+        str(Path(sys.executable).parent / "mlx.launch"),
+        "--hosts",
+        "127.0.0.1",
+        "-n",
+        "2",
+        "--starting-port",
+        str(port),
+        "--",
+        *cli(
+            "--model",
+            "demo",
+            "--prompt-file",
+            str(tmp_path / "prompts.txt"),
+            "--num-images",
+            "2",
+            "--seed",
+            "5",
+            "--denoise",
+            "none",
+            "--output",
+            str(out),
+            "--verbose",
+        ),
+    ]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, env=env,
-                           start_new_session=True)
+        r = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"mlx.launch did not finish within {TIMEOUT} s")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -122,7 +157,8 @@ def test_demo_batch_parallel_under_mlx_launch(tmp_path, demo_reference):
 
 def test_demo_batch_parallel_three_ranks_api(tmp_path, demo_reference):
     # uneven shares (4, 3, 3); every rank returns the whole group's result
-    script = textwrap.dedent("""
+    script = textwrap.dedent(
+        """
         import sys, numpy as np
         from mlx_starflow import distributed
         g = distributed.init()
@@ -135,7 +171,9 @@ def test_demo_batch_parallel_three_ranks_api(tmp_path, demo_reference):
         t = distributed.throughput(pipe, g, ["red circle", "blue square"], num_images=2, seed=1, denoise="none")
         print("throughput", [(x["rank"], x["images"]) for x in t["ranks"]], t["images"], t["images_per_minute"] > 0)
         print("hop", distributed.hop_seconds(g, pipe.config, repeats=3) > 0)
-    """ % PROMPTS)
+    """
+        % PROMPTS
+    )
     results = run_group(tmp_path, [[sys.executable, "-c", script, str(tmp_path / "out")]] * 3)
     assert_ok(results)
     pix, lat, seeds = demo_reference
@@ -167,8 +205,21 @@ def release_pipe(release):
 def test_release_batch_parallel(tmp_path, release, release_pipe, ranks, sampler):
     ref = release_pipe.generate(PROMPTS, num_images=2, seed=11, sampler=sampler)  # with the score denoising step
     out = tmp_path / "img-{seed}.png"
-    args = cli("--model", str(release), "--prompt", *PROMPTS, "--num-images", "2", "--seed", "11", "--output",
-               str(out), "--metadata", "--sampler", sampler)
+    args = cli(
+        "--model",
+        str(release),
+        "--prompt",
+        *PROMPTS,
+        "--num-images",
+        "2",
+        "--seed",
+        "11",
+        "--output",
+        str(out),
+        "--metadata",
+        "--sampler",
+        sampler,
+    )
     results = run_group(tmp_path, [args] * ranks)
     assert_ok(results)
     paths = [tmp_path / f"img-{s}.png" for s in range(11, 21)]
@@ -243,8 +294,19 @@ def test_pipeline_parallel_command_line(tmp_path, release, release_pipe):
     # the release's default denoising is the score step: its gradient crosses the ranks too
     ref = release_pipe.generate(PROMPTS[:2], num_images=2, seed=3)
     assert ref.params["denoise"] == "score"
-    args = cli("--model", str(release), "--prompt", *PROMPTS[:2], "--num-images", "2", "--seed", "3",
-               "--pipeline-parallel", "--output", str(tmp_path / "p-{index}.png"))
+    args = cli(
+        "--model",
+        str(release),
+        "--prompt",
+        *PROMPTS[:2],
+        "--num-images",
+        "2",
+        "--seed",
+        "3",
+        "--pipeline-parallel",
+        "--output",
+        str(tmp_path / "p-{index}.png"),
+    )
     results = run_group(tmp_path, [args] * 2)
     assert_ok(results)
     paths = [tmp_path / f"p-{i}.png" for i in range(4)]
@@ -308,12 +370,30 @@ def test_a_rank_that_hangs_stops_the_others(tmp_path, six_layers):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
     procs = []
     for rank in range(2):
-        env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile),
-                   **{distributed.CONNECT_TIMEOUT_ENV: "30", distributed.STEP_TIMEOUT_ENV: "3"})
-        procs.append(subprocess.Popen([sys.executable, "-c", PIPELINE_SCRIPT, str(folder), "sequential",
-                                       str(tmp_path / "x.npy"), *(["hang"] if rank else [])], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+        env = dict(
+            os.environ,
+            MLX_RANK=str(rank),
+            MLX_HOSTFILE=str(hostfile),
+            **{distributed.CONNECT_TIMEOUT_ENV: "30", distributed.STEP_TIMEOUT_ENV: "3"},
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    PIPELINE_SCRIPT,
+                    str(folder),
+                    "sequential",
+                    str(tmp_path / "x.npy"),
+                    *(["hang"] if rank else []),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     try:
         _, err = procs[0].communicate(timeout=60)
         assert procs[0].returncode == 1 and "made no progress for 3 s" in err, err
@@ -332,8 +412,13 @@ def test_a_rank_that_cannot_connect_stops_with_a_clear_error(tmp_path):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
     env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(hostfile), **{distributed.CONNECT_TIMEOUT_ENV: "3"})
     start = time.monotonic()
-    r = subprocess.run(cli("--model", "demo", "--prompt", "red circle", "--output", str(tmp_path / "x.png")),
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        cli("--model", "demo", "--prompt", "red circle", "--output", str(tmp_path / "x.png")),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert time.monotonic() - start < 30
     assert r.returncode != 0 and "could not join the group within 3 s" in r.stderr
     assert not list(tmp_path.glob("*.png"))
@@ -356,13 +441,26 @@ DIES = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["batch", "pipeline"])
 def test_a_rank_that_dies_stops_the_others_without_files(tmp_path, release, mode):
-    args = cli("--model", str(release), "--prompt", *PROMPTS, "--num-images", "2", "--seed", "1",
-               "--denoise", "none", "--output", str(tmp_path / "img-{index}.png"))
+    args = cli(
+        "--model",
+        str(release),
+        "--prompt",
+        *PROMPTS,
+        "--num-images",
+        "2",
+        "--seed",
+        "1",
+        "--denoise",
+        "none",
+        "--output",
+        str(tmp_path / "img-{index}.png"),
+    )
     if mode == "pipeline":
         args.append("--pipeline-parallel")
     start = time.monotonic()
-    results = run_group(tmp_path, [args, [sys.executable, "-c", DIES, *args[3:]]], timeout=60,
-                        env={distributed.STEP_TIMEOUT_ENV: "5"})
+    results = run_group(
+        tmp_path, [args, [sys.executable, "-c", DIES, *args[3:]]], timeout=60, env={distributed.STEP_TIMEOUT_ENV: "5"}
+    )
     assert time.monotonic() - start < 60
     code, _, err = results[0]
     # the lost connection is noticed, or (MLX's ring can wait forever on a dead peer) the stall
@@ -381,8 +479,12 @@ def test_ranks_asked_different_things_refuse(tmp_path):
 
 def test_single_process_unchanged_and_pipeline_needs_a_group(tmp_path):
     assert distributed.init() is None  # no launcher: no group, nothing started
-    r = subprocess.run(cli("--model", "demo", "--prompt", "red circle", "--pipeline-parallel", "--output",
-                           str(tmp_path / "x.png")), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        cli("--model", "demo", "--prompt", "red circle", "--pipeline-parallel", "--output", str(tmp_path / "x.png")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "mlx.launch" in r.stderr and not list(tmp_path.glob("*.png"))
     assert distributed.shares(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
     assert distributed.shares(1, 2) == [range(0, 1), range(1, 1)]
@@ -391,15 +493,27 @@ def test_single_process_unchanged_and_pipeline_needs_a_group(tmp_path):
 def test_prompt_file_mistakes(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     for path, match in ((tmp_path / "none.txt", "cannot read it"), (tmp_path / "empty.txt", "no prompt in it")):
-        r = subprocess.run(cli("--model", "demo", "--prompt-file", str(path)), capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run(
+            cli("--model", "demo", "--prompt-file", str(path)), capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_benchmark_under_the_launcher_reports_ranks_and_rate(tmp_path):
     out = tmp_path / "group.json"
-    cmd = [sys.executable, "-m", "mlx_starflow.benchmark", "--model", "demo", "--group-images", "3",
-           "--cfg", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_starflow.benchmark",
+        "--model",
+        "demo",
+        "--group-images",
+        "3",
+        "--cfg",
+        "1",
+        "--json",
+        str(out),
+    ]
     results = run_group(tmp_path, [cmd, cmd])
     assert_ok(results)
     r = json.loads(out.read_text())

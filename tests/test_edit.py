@@ -13,13 +13,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_release import make_release
 
 from mlx_starflow.demo import shapes
 from mlx_starflow.edit import blend, invert_stage, load_mask
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.pipeline import Cancelled, Pipeline
 from mlx_starflow.vae import from_pil
-from tiny_release import make_release
 
 
 def rel(a, b):
@@ -174,8 +174,16 @@ def test_jacobi_round_trip_error_follows_its_threshold(pipe):
     z = pipe.invert("a dog", latents=x, guidance=2.0)
     errors = []
     for t, iters in ((1e-2, 64), (1e-4, 64), (1e-8, 64), (0.0, 16)):
-        out = pipe.generate("a dog", latents=z, guidance=2.0, sampler="jacobi", jacobi_block_size=16,
-                            jacobi_threshold=t, jacobi_max_iter=iters, denoise="none").latents
+        out = pipe.generate(
+            "a dog",
+            latents=z,
+            guidance=2.0,
+            sampler="jacobi",
+            jacobi_block_size=16,
+            jacobi_threshold=t,
+            jacobi_max_iter=iters,
+            denoise="none",
+        ).latents
         errors.append(rel_norm(out, x))
         assert errors[-1] < max(5 * t**0.5, 1e-4), (t, errors)
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
@@ -194,8 +202,7 @@ def test_blend_is_variance_preserving():
 def test_strength_zero_with_the_source_prompt_reproduces_the_latents(pipe, demo, red):
     # STARFlow: the image's latents come back (compared in latent space, no denoising)
     img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    r = pipe.edit(img, "a cat", source_prompt="a cat", strength=0.0, guidance=2.0, sampler="sequential",
-                  denoise="none")
+    r = pipe.edit(img, "a cat", source_prompt="a cat", strength=0.0, guidance=2.0, sampler="sequential", denoise="none")
     assert rel(r.latents, pipe.encode_images(from_pil(img, size=16, factor=2))) < 1e-4
     # pixel model: the image's own pixels
     r = demo.edit(red.images, "red circle", source_prompt="red circle", strength=0.0, num_images=4, denoise="none")
@@ -216,8 +223,9 @@ def test_masked_edit_keeps_the_rest_bit_identical(demo, red, denoise):
     mask = np.zeros((32, 32), bool)
     mask[8:20, 4:28] = True  # token rows 2..4 (4x4 pixel tokens)
     src = from_pil(red.images[0])  # the pixel model's latents are the image's pixels
-    r = demo.edit(red.images[0], "blue circle", source_prompt="red circle", strength=0.8, seed=1, mask=mask,
-                  denoise=denoise)
+    r = demo.edit(
+        red.images[0], "blue circle", source_prompt="red circle", strength=0.8, seed=1, mask=mask, denoise=denoise
+    )
     out, x = np.array(r.latents[0]), np.array(src[0])
     np.testing.assert_array_equal(out[~mask], x[~mask])
     assert np.abs(out[mask] - x[mask]).max() > 0.1
@@ -297,25 +305,27 @@ def test_progress_and_cancel(demo, red):
     demo.edit(red.images[0], "blue circle", seed=1, progress=lambda s, d, t: seen.append(s))
     assert list(dict.fromkeys(seen)) == ["encode", "invert", "text", "deep", "shallow", "denoise", "decode"]
     with pytest.raises(Cancelled):
-        demo.edit(red.images[0], "blue circle", seed=1, mask=np.ones((32, 32)),
-                  progress=lambda s, d, t: s != "deep")
+        demo.edit(red.images[0], "blue circle", seed=1, mask=np.ones((32, 32)), progress=lambda s, d, t: s != "deep")
     assert demo.invert("red circle", latents=red.latents[:1]).shape == (1, 32, 32, 3)  # still usable
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(strength=1.5), r"strength must be a number in \[0, 1\]"),
-    (dict(strength=-0.1), r"strength must be a number in \[0, 1\]"),
-    (dict(strength=float("nan")), r"strength must be a number in \[0, 1\]"),
-    (dict(strength="a lot"), r"strength must be a number in \[0, 1\]"),
-    (dict(mask=np.random.default_rng(0).uniform(size=(32, 32))), "not a mask: .* neither black nor white"),
-    (dict(prompt="purple circle"), "unknown prompt"),
-    (dict(source_prompt="purple circle"), "unknown prompt"),
-    (dict(image=Image.new("L", (32, 32))), "is grayscale"),
-    (dict(image=np.zeros((32, 32, 3), np.float32)), "float32 array; give 8-bit values"),
-    (dict(image=Image.new("RGB", (16, 16))), "smaller than the 32x32"),
-    (dict(image=3), "must be a path, PIL image, uint8 array"),
-    (dict(mask="/no/such/mask.png"), "no such file"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strength=1.5), r"strength must be a number in \[0, 1\]"),
+        (dict(strength=-0.1), r"strength must be a number in \[0, 1\]"),
+        (dict(strength=float("nan")), r"strength must be a number in \[0, 1\]"),
+        (dict(strength="a lot"), r"strength must be a number in \[0, 1\]"),
+        (dict(mask=np.random.default_rng(0).uniform(size=(32, 32))), "not a mask: .* neither black nor white"),
+        (dict(prompt="purple circle"), "unknown prompt"),
+        (dict(source_prompt="purple circle"), "unknown prompt"),
+        (dict(image=Image.new("L", (32, 32))), "is grayscale"),
+        (dict(image=np.zeros((32, 32, 3), np.float32)), "float32 array; give 8-bit values"),
+        (dict(image=Image.new("RGB", (16, 16))), "smaller than the 32x32"),
+        (dict(image=3), "must be a path, PIL image, uint8 array"),
+        (dict(mask="/no/such/mask.png"), "no such file"),
+    ],
+)
 def test_bad_input_fails_before_work(demo, red, kwargs, match):
     kw = {"image": red.images[0], "prompt": "blue circle", **kwargs}
     calls = []
@@ -343,8 +353,13 @@ def test_invert_stage_times_the_inversion(demo):
 
 def cli(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "mlx_starflow.edit", *args, "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_starflow.edit", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +375,25 @@ def test_command_line_edit(red_png, tmp_path):
     m[8:56, 8:56] = 255
     Image.fromarray(m).save(mask)
     out = tmp_path / "blue-{seed}.png"
-    r = cli("--model", "demo", "--image", str(red_png), "--source-prompt", "red circle", "--prompt", "blue circle",
-            "--strength", "0.3", "--seed", "5", "--mask", str(mask), "--output", str(out), "--verbose")
+    r = cli(
+        "--model",
+        "demo",
+        "--image",
+        str(red_png),
+        "--source-prompt",
+        "red circle",
+        "--prompt",
+        "blue circle",
+        "--strength",
+        "0.3",
+        "--seed",
+        "5",
+        "--mask",
+        str(mask),
+        "--output",
+        str(out),
+        "--verbose",
+    )
     assert r.returncode == 0, r.stderr
     written = tmp_path / "blue-5.png"
     assert r.stdout.split() == [str(written)]
@@ -375,19 +407,30 @@ def test_command_line_edit(red_png, tmp_path):
     assert meta["guidance"] == 1.0 and meta["model"] == "demo"
     assert shapes.classify(np.asarray(Image.open(written).convert("RGB")))[0] == "blue"
     # the PNG's parameters make the same edit again
-    again = cli("--from-image", str(written), "--image", str(red_png), "--mask", str(mask), "--output",
-                str(tmp_path / "again.png"))
+    again = cli(
+        "--from-image",
+        str(written),
+        "--image",
+        str(red_png),
+        "--mask",
+        str(mask),
+        "--output",
+        str(tmp_path / "again.png"),
+    )
     assert again.returncode == 0, again.stderr
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(written)))
 
 
-@pytest.mark.parametrize("make,args,match", [
-    (None, ["--strength", "1.5"], "strength must be a number in [0, 1]"),
-    ("junk", [], "cannot read"),
-    ("gif", [], "animated or has several pages (2 frames)"),
-    ("missing", [], "no such file"),
-    ("noise_mask", [], "is not a mask"),
-])
+@pytest.mark.parametrize(
+    "make,args,match",
+    [
+        (None, ["--strength", "1.5"], "strength must be a number in [0, 1]"),
+        ("junk", [], "cannot read"),
+        ("gif", [], "animated or has several pages (2 frames)"),
+        ("missing", [], "no such file"),
+        ("noise_mask", [], "is not a mask"),
+    ],
+)
 def test_command_line_mistakes(red_png, tmp_path, make, args, match):
     image, extra = red_png, []
     if make == "junk":
@@ -405,8 +448,18 @@ def test_command_line_mistakes(red_png, tmp_path, make, args, match):
         extra = ["--mask", str(noise)]
     out = tmp_path / "out"
     out.mkdir()
-    r = cli("--model", "demo", "--image", str(image), "--prompt", "blue circle", "--output",
-            str(out / "x.png"), *extra, *args)
+    r = cli(
+        "--model",
+        "demo",
+        "--image",
+        str(image),
+        "--prompt",
+        "blue circle",
+        "--output",
+        str(out / "x.png"),
+        *extra,
+        *args,
+    )
     assert r.returncode == 1 and match in r.stderr, r.stderr
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert not list(out.iterdir())
@@ -415,16 +468,52 @@ def test_command_line_mistakes(red_png, tmp_path, make, args, match):
 def test_generate_init_image_is_a_variation(red_png, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = tmp_path / "var.png"
-    r = subprocess.run([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt", "red circle",
-                        "--init-image", str(red_png), "--strength", "0", "--denoise", "none", "--output", str(out),
-                        "--no-progress"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_starflow.generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "red circle",
+            "--init-image",
+            str(red_png),
+            "--strength",
+            "0",
+            "--denoise",
+            "none",
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     meta = read_metadata(out)
     assert meta["operation"] == "variation" and meta["source_prompt"] == "red circle" and meta["strength"] == 0.0
     # strength 0 under its own prompt, no denoising: the image itself, to 8-bit rounding
     diff = np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(Image.open(red_png), np.int16))
     assert diff.max() <= 1
-    bad = subprocess.run([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt", "red circle",
-                          "--strength", "0.5", "--output", str(tmp_path / "no.png"), "--no-progress"],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_starflow.generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "red circle",
+            "--strength",
+            "0.5",
+            "--output",
+            str(tmp_path / "no.png"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 1 and "--init-image: give the image" in bad.stderr and not (tmp_path / "no.png").exists()

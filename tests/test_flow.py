@@ -3,8 +3,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers import TXT_DIM, rand, randomize, tiny_flow
+
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow import Flow, IdentityBlock
 from mlx_starflow.sample import Jacobi, guided, sample_block, sample_steps
@@ -14,15 +14,27 @@ B = 2
 VARIANTS = {
     # the released recipe in miniature (identity block included)
     "t2i": {},
-    "gemma_style": {"use_swiglu": 1, "norm_type": "rms_norm", "use_qk_norm": 1, "use_post_norm": 1,
-                    "num_heads": 2, "num_kv_heads": 1, "use_bias": 0},
-    "no_sos_exp_r2l_text_everywhere": {"sos": 0, "use_softplus": 0, "seq_order": "R2L",
-                                       "cond_top_only": 0, "soft_clip": 0, "use_final_norm": 0},
+    "gemma_style": {
+        "use_swiglu": 1,
+        "norm_type": "rms_norm",
+        "use_qk_norm": 1,
+        "use_post_norm": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "use_bias": 0,
+    },
+    "no_sos_exp_r2l_text_everywhere": {
+        "sos": 0,
+        "use_softplus": 0,
+        "seq_order": "R2L",
+        "cond_top_only": 0,
+        "soft_clip": 0,
+        "use_final_norm": 0,
+    },
     "learned_positions_unconditional": {"rope": 0, "txt_size": 0, "cond_top_only": 0},
     "rope_2d_unconditional": {"txt_size": 0, "cond_top_only": 0},
     "wider_top_block": {"top_block_channels": 48},
-    "patch2_denoiser": {"patch_size": 2, "img_size": 64, "learnable_self_denoiser": 1,
-                        "conditional_denoiser": 1},
+    "patch2_denoiser": {"patch_size": 2, "img_size": 64, "learnable_self_denoiser": 1, "conditional_denoiser": 1},
 }
 
 
@@ -177,10 +189,23 @@ def test_identity_blocks_and_orders():
 
 
 def tiny_tarflow(num_classes=3, seed=0):
-    cfg = FlowConfig(model_type="tarflow", in_channels=3, input_size=8, patch_size=2, channels=16,
-                     top_channels=16, head_dim=8, num_heads=2, num_kv_heads=2, top_num_heads=2,
-                     top_num_kv_heads=2, layers_per_block=[1, 2, 1], pt_seq_len=4,
-                     num_classes=num_classes, noise_std=0.05)
+    cfg = FlowConfig(
+        model_type="tarflow",
+        in_channels=3,
+        input_size=8,
+        patch_size=2,
+        channels=16,
+        top_channels=16,
+        head_dim=8,
+        num_heads=2,
+        num_kv_heads=2,
+        top_num_heads=2,
+        top_num_kv_heads=2,
+        layers_per_block=[1, 2, 1],
+        pt_seq_len=4,
+        num_classes=num_classes,
+        noise_std=0.05,
+    )
     return randomize(Flow(cfg), seed, scale=0.05)  # exp scales blow up with larger weights
 
 
@@ -191,8 +216,9 @@ def test_tarflow_roundtrip_guidance_and_mean_embedding():
     z, logdet = model(x, labels)
     np.testing.assert_allclose(np.array(model.sample(z[:2], labels[:2])), np.array(x[:2]), atol=1e-4)
     # apple/ml-tarflow's reverse indexes class_embed[y] as is: -1 samples the last class
-    np.testing.assert_allclose(np.array(model.sample(z[2:], labels[2:])),
-                               np.array(model.sample(z[2:], mx.array([2]))), atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(model.sample(z[2:], labels[2:])), np.array(model.sample(z[2:], mx.array([2]))), atol=1e-6
+    )
     # a negative label means "no class": the mean class embedding
     z_none, _ = model(x[2:], None)
     np.testing.assert_allclose(np.array(z[2:]), np.array(z_none), atol=1e-6)
@@ -256,8 +282,10 @@ def test_input_major_weights_give_the_same_model(name, tmp_path):
     y2 = mx.concatenate([y, rand(y.shape, 7)])
     before = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    n_linears = sum(k.endswith(".weight") and ".attn_blocks." in f".{k}" and v.ndim == 2
-                    for k, v in tree_flatten(model.parameters()))
+    n_linears = sum(
+        k.endswith(".weight") and ".attn_blocks." in f".{k}" and v.ndim == 2
+        for k, v in tree_flatten(model.parameters())
+    )
     assert input_major(model) == n_linears > 0
     assert {k: v.shape for k, v in tree_flatten(model.parameters())} == shapes
     after = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]

@@ -50,10 +50,18 @@ def test_help_describes_every_option_and_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ["(default: apple/starflow)", "(default: 16)", "(default: 0.001)", "(default: 32)",
-                     "(default: auto)", "(default: starflow-{seed}.png)", "--sampler {jacobi,sequential}",
-                     "(default: the model's own, else jacobi)", "(default: the model's own, else 3.6",
-                     "(default: the model's size, 256 for the release)"]:
+    for expected in [
+        "(default: apple/starflow)",
+        "(default: 16)",
+        "(default: 0.001)",
+        "(default: 32)",
+        "(default: auto)",
+        "(default: starflow-{seed}.png)",
+        "--sampler {jacobi,sequential}",
+        "(default: the model's own, else jacobi)",
+        "(default: the model's own, else 3.6",
+        "(default: the model's size, 256 for the release)",
+    ]:
         assert expected in text, expected
     # What the help says about the demo's own defaults is what its folder holds.
     cfg = json.loads((DEMO / "config.json").read_text())
@@ -62,22 +70,26 @@ def test_help_describes_every_option_and_its_default(capsys):
     assert "the demo samples with guidance 1.0, sequentially, at 32x32" in text.lower()
 
 
-@pytest.mark.parametrize("flag,value,rule", [
-    ("--cfg", "-1", "guidance must be >= 0"),
-    ("--cfg", "nan", "guidance must be >= 0 and finite"),
-    ("--cfg", "inf", "guidance must be >= 0 and finite"),
-    ("--jacobi-threshold", "-0.5", "threshold must be >= 0"),
-    ("--jacobi-threshold", "nan", "threshold must be >= 0 and finite"),
-    ("--jacobi-block-size", "0", "at least 1"),
-    ("--jacobi-max-iter", "0", "at least 1"),
-    ("--num-images", "0", "at least 1"),
-    ("--height", "-32", "at least 1"),
-    ("--vae-tile", "1", "at least 2"),
-])
+@pytest.mark.parametrize(
+    "flag,value,rule",
+    [
+        ("--cfg", "-1", "guidance must be >= 0"),
+        ("--cfg", "nan", "guidance must be >= 0 and finite"),
+        ("--cfg", "inf", "guidance must be >= 0 and finite"),
+        ("--jacobi-threshold", "-0.5", "threshold must be >= 0"),
+        ("--jacobi-threshold", "nan", "threshold must be >= 0 and finite"),
+        ("--jacobi-block-size", "0", "at least 1"),
+        ("--jacobi-max-iter", "0", "at least 1"),
+        ("--num-images", "0", "at least 1"),
+        ("--height", "-32", "at least 1"),
+        ("--vae-tile", "1", "at least 2"),
+    ],
+)
 def test_errors_name_the_flag_before_any_loading(tmp_path, capsys, flag, value, rule):
     # The model does not exist: the flag is checked before anything is loaded.
-    code = main(["--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(tmp_path / "x.png"),
-                 flag, value])
+    code = main(
+        ["--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(tmp_path / "x.png"), flag, value]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"error: {flag}: ") and rule in err, err
     assert "no-model" not in err and not (tmp_path / "x.png").exists()
@@ -94,8 +106,23 @@ def test_a_missing_path_is_reported_as_a_path(tmp_path, capsys, monkeypatch):
 def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, capsys):
     first = tmp_path / "starflow-42.png"
     # settings away from the demo's defaults, so they can only come back from the metadata
-    assert demo("--seed", "42", "--cfg", "2", "--sampler", "jacobi", "--jacobi-block-size", "8",
-                "--denoise", "none", "--output", str(first)) == 0
+    assert (
+        demo(
+            "--seed",
+            "42",
+            "--cfg",
+            "2",
+            "--sampler",
+            "jacobi",
+            "--jacobi-block-size",
+            "8",
+            "--denoise",
+            "none",
+            "--output",
+            str(first),
+        )
+        == 0
+    )
     again = tmp_path / "again.png"
     assert main(["--from-image", str(first), "--output", str(again)]) == 0
     assert again.read_bytes() == first.read_bytes()  # same pixels and the same parameters
@@ -108,8 +135,23 @@ def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, caps
     meta = read_metadata(other)
     assert (meta["seed"], meta["guidance"], meta["sampler"], meta["jacobi_block_size"]) == (7, 1.5, "jacobi", 8)
     direct = tmp_path / "direct.png"
-    assert demo("--seed", "7", "--cfg", "1.5", "--sampler", "jacobi", "--jacobi-block-size", "8",
-                "--denoise", "none", "--output", str(direct)) == 0
+    assert (
+        demo(
+            "--seed",
+            "7",
+            "--cfg",
+            "1.5",
+            "--sampler",
+            "jacobi",
+            "--jacobi-block-size",
+            "8",
+            "--denoise",
+            "none",
+            "--output",
+            str(direct),
+        )
+        == 0
+    )
     assert np.array_equal(pixels(other), pixels(direct))
     assert not np.array_equal(pixels(other), pixels(first))
 
@@ -121,8 +163,11 @@ def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, caps
 def test_from_image_errors(tmp_path, capsys):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     (tmp_path / "notes.txt").write_text("hello")
-    for name, says in [("missing.png", "no such file"), ("plain.png", "no prompt and seed"),
-                       ("notes.txt", "not a PNG with generation parameters")]:
+    for name, says in [
+        ("missing.png", "no such file"),
+        ("plain.png", "no prompt and seed"),
+        ("notes.txt", "not a PNG with generation parameters"),
+    ]:
         assert main(["--from-image", str(tmp_path / name)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: --from-image {tmp_path / name}: ") and says in err, err
@@ -171,8 +216,14 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
 
 def run_example(name, *args, cwd):
     env = dict(os.environ)  # HF_HUB_OFFLINE, an empty HF_HOME and cache from the fixture
-    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_examples_with_no_arguments(tmp_path):

@@ -16,17 +16,21 @@ from mlx_starflow.hub import ModelNotFound, download_command, is_repo_id, looks_
 
 
 def offline_env(tmp_path):
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-                MLX_STARFLOW_CACHE=str(tmp_path / "cache"))
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MLX_STARFLOW_CACHE=str(tmp_path / "cache")
+    )
 
 
 def not_found(tmp_path, model) -> str:
     """The ModelNotFound message for `model`, in a fresh process (huggingface-hub reads
     HF_HOME and HF_HUB_OFFLINE when imported)."""
-    code = ("import sys\nfrom mlx_starflow.hub import resolve, ModelNotFound\n"
-            f"try:\n    resolve({model!r})\nexcept ModelNotFound as e:\n    print(e)\nelse:\n    sys.exit('found')\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(tmp_path),
-                         timeout=120)
+    code = (
+        "import sys\nfrom mlx_starflow.hub import resolve, ModelNotFound\n"
+        f"try:\n    resolve({model!r})\nexcept ModelNotFound as e:\n    print(e)\nelse:\n    sys.exit('found')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(tmp_path), timeout=120
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -71,8 +75,10 @@ def test_the_release_message_gives_the_commands_and_the_size(tmp_path):
         assert f"{command}    (~{size} GB)" in lines, msg
     assert "huggingface-cli" not in msg and "--model demo" in msg
     # another checkpoint of the release repo: the command names that file
-    code = ("from mlx_starflow.hub import download_advice, patterns\n"
-            "print(download_advice('apple/starflow', patterns('model', 'other.pth')))\n")
+    code = (
+        "from mlx_starflow.hub import download_advice, patterns\n"
+        "print(download_advice('apple/starflow', patterns('model', 'other.pth')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "hf download apple/starflow --include other.pth --include 'LICENSE*'" in out
 
@@ -87,7 +93,8 @@ def test_commands_for_huggingface_hub_before_1(monkeypatch):
     # huggingface-cli's --include takes several patterns after one flag
     monkeypatch.setattr(huggingface_hub, "__version__", "0.35.3")
     assert download_command("google/flan-t5-xl", patterns("text encoder")) == (
-        "huggingface-cli download google/flan-t5-xl --include '*.json' '*.safetensors' '*.model' 'tokenizer*'")
+        "huggingface-cli download google/flan-t5-xl --include '*.json' '*.safetensors' '*.model' 'tokenizer*'"
+    )
 
 
 def _cached_repo(home: Path, repo: str, files, rev="0123456789abcdef0123456789abcdef01234567") -> Path:
@@ -117,8 +124,9 @@ def test_the_installed_cli_accepts_the_commands(tmp_path):
         argv = shlex.split(download_command(repo, patterns(role)))
         exe = bindir / argv[0]
         assert exe.is_file(), f"{argv[0]} is not installed beside {sys.executable}"
-        run = subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, env=offline_env(tmp_path),
-                             timeout=120)
+        run = subprocess.run(
+            [str(exe), *argv[1:]], capture_output=True, text=True, env=offline_env(tmp_path), timeout=120
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         assert str(snaps[repo]) in run.stdout
 

@@ -25,10 +25,16 @@ def test_fixtures_present():
 def test_fixture(name, tmp_path):
     fixture = FIXTURES / name
     out = tmp_path / "results.npz"
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "parity" / "run_fixture.py"), str(fixture), str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "parity" / "run_fixture.py"), str(fixture), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    cmp = subprocess.run([sys.executable, str(FIXTURES / "compare.py"), str(out), str(fixture / "expected.npz")],
-                         capture_output=True, text=True)
+    cmp = subprocess.run(
+        [sys.executable, str(FIXTURES / "compare.py"), str(out), str(fixture / "expected.npz")],
+        capture_output=True,
+        text=True,
+    )
     print(cmp.stdout)
     assert cmp.returncode == 0, cmp.stdout

@@ -12,9 +12,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import save_reference, tiny_flow
 from PIL import Image
 
-from helpers import save_reference, tiny_flow
 from mlx_starflow.generate import read_metadata
 from mlx_starflow.hub import ModelNotFound, resolve
 from mlx_starflow.pipeline import Cancelled, Pipeline
@@ -120,23 +120,26 @@ def test_concurrent_calls_are_serialised(pipe):
     np.testing.assert_allclose(np.array(out[2]), np.array(alone), atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prompt=[]), "at least one prompt"),
-    (dict(prompt=["ok", 3]), "strings"),
-    (dict(prompt="x", guidance=-1), "guidance"),
-    (dict(prompt="x", num_images=0), "num_images"),
-    (dict(prompt="x", height=64, width=64), "32x32 images only"),
-    (dict(prompt="x", height=30), "multiple of 8"),
-    (dict(prompt="x", jacobi_block_size=0), "block size"),
-    (dict(prompt="x", sampler="euler"), "sampler"),
-    (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
-    (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
-    (dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32)), "latents must have shape"),
-    (dict(prompt="x", guidance=float("nan")), "guidance must be >= 0 and finite"),
-    (dict(prompt="x", guidance=float("inf")), "guidance must be >= 0 and finite"),
-    (dict(prompt="x", jacobi_threshold=-0.1), "threshold"),
-    (dict(prompt="x", num_images=True), "num_images"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt=[]), "at least one prompt"),
+        (dict(prompt=["ok", 3]), "strings"),
+        (dict(prompt="x", guidance=-1), "guidance"),
+        (dict(prompt="x", num_images=0), "num_images"),
+        (dict(prompt="x", height=64, width=64), "32x32 images only"),
+        (dict(prompt="x", height=30), "multiple of 8"),
+        (dict(prompt="x", jacobi_block_size=0), "block size"),
+        (dict(prompt="x", sampler="euler"), "sampler"),
+        (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
+        (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
+        (dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32)), "latents must have shape"),
+        (dict(prompt="x", guidance=float("nan")), "guidance must be >= 0 and finite"),
+        (dict(prompt="x", guidance=float("inf")), "guidance must be >= 0 and finite"),
+        (dict(prompt="x", jacobi_threshold=-0.1), "threshold"),
+        (dict(prompt="x", num_images=True), "num_images"),
+    ],
+)
 def test_bad_arguments_fail_before_work(pipe, kwargs, match):
     calls = []
     with pytest.raises(ValueError, match=match):
@@ -191,14 +194,35 @@ def cli(*args, cache=None, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if cache:
         env["MLX_STARFLOW_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "mlx_starflow.generate", *args, "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_starflow.generate", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def test_command_line(release, cache, tmp_path):
     out = tmp_path / "img-{seed}-{index}.png"
-    r = cli("--model", str(release), "--prompt", "a cat", "a dog", "--seed", "7", "--cfg", "2.5",
-            "--sampler", "jacobi", "--output", str(out), "--metadata", "--verbose", cache=cache)
+    r = cli(
+        "--model",
+        str(release),
+        "--prompt",
+        "a cat",
+        "a dog",
+        "--seed",
+        "7",
+        "--cfg",
+        "2.5",
+        "--sampler",
+        "jacobi",
+        "--output",
+        str(out),
+        "--metadata",
+        "--verbose",
+        cache=cache,
+    )
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("img-*.png"))
     assert [f.name for f in files] == ["img-7-0.png", "img-8-1.png"]
@@ -209,18 +233,30 @@ def test_command_line(release, cache, tmp_path):
     assert Image.open(files[0]).size == (32, 32)
     assert "Deep block" in r.stderr and "peak memory" in r.stderr
     # never overwrites
-    again = cli("--model", str(release), "--prompt", "a cat", "--seed", "7", "--output",
-                str(tmp_path / "img-{seed}-0.png"), cache=cache)
+    again = cli(
+        "--model",
+        str(release),
+        "--prompt",
+        "a cat",
+        "--seed",
+        "7",
+        "--output",
+        str(tmp_path / "img-{seed}-0.png"),
+        cache=cache,
+    )
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--cfg", "-1"], ">= 0"),
-    (["--num-images", "0"], "num-images"),
-    (["--output", "/nonexistent/dir/x.png"], "does not exist"),
-    (["--model", "/no/such/model"], "no such file or folder"),
-    (["--jacobi-block-size", "0"], "block size"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--cfg", "-1"], ">= 0"),
+        (["--num-images", "0"], "num-images"),
+        (["--output", "/nonexistent/dir/x.png"], "does not exist"),
+        (["--model", "/no/such/model"], "no such file or folder"),
+        (["--jacobi-block-size", "0"], "block size"),
+    ],
+)
 def test_command_line_mistakes(release, cache, tmp_path, args, match):
     base = ["--model", str(release), "--prompt", "a cat", "--output", str(tmp_path / "x.png")]
     r = cli(*base, *args, cache=cache)
@@ -278,8 +314,11 @@ def _hf_cache(home, repo, files, rev="0123456789abcdef0123456789abcdef01234567")
 
 def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
     home = tmp_path / "hf"
-    _hf_cache(home, "apple/starflow", [(release / "tiny_t2i.pth", "tiny_t2i.pth"),
-                                       (release / "tiny_t2i.yaml", "tiny_t2i.yaml")])
+    _hf_cache(
+        home,
+        "apple/starflow",
+        [(release / "tiny_t2i.pth", "tiny_t2i.pth"), (release / "tiny_t2i.yaml", "tiny_t2i.yaml")],
+    )
     t5 = _hf_cache(home, "google/flan-t5-xl", [])
     for f in (release / "text_encoder").iterdir():
         (t5 / f.name).write_bytes(f.read_bytes())
@@ -305,8 +344,9 @@ def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
 
 
 def test_auto_precision_policy(tmp_path):
-    from mlx_starflow.pipeline import _auto_dtype
     import mlx.core as mx
+
+    from mlx_starflow.pipeline import _auto_dtype
 
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((8, 8))})
     assert _auto_dtype(tmp_path) is None  # small float32: as stored
@@ -340,9 +380,24 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     # stderr on a terminal (a pty), where the progress bars are drawn
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm draws nothing 0 columns wide
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_starflow.generate", "--model", "demo", "--prompt",
-                             "red circle", "--num-images", "64", "--output", str(tmp_path / "x-{index}.png")],
-                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_starflow.generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "red circle",
+            "--num-images",
+            "64",
+            "--output",
+            str(tmp_path / "x-{index}.png"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+    )
     os.close(slave)
     seen = b""
     deadline = time.time() + 60
@@ -377,9 +432,9 @@ def test_a_vae_of_two_levels_generates_at_its_own_scale(tmp_path, monkeypatch):
     reference computes them (the flow as built from the reference weights, diffusers)."""
     import diffusers
     import torch
+    from tiny_release import make_release
 
     from mlx_starflow.sample import sample
-    from tiny_release import make_release
 
     monkeypatch.setenv("MLX_STARFLOW_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "release"

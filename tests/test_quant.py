@@ -1,9 +1,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
-
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_starflow import device
 from mlx_starflow.device import CPUQuantizedLinear
@@ -15,8 +14,9 @@ def test_quantized_linear_accumulates_in_float32():
     # at this width); ours must stay within bf16 rounding of the float32 product.
     mx.random.seed(0)
     layer = nn.Linear(3072, 256)
-    layer.update({"weight": mx.random.uniform(-1, 1, (256, 3072)) / np.sqrt(3072),
-                  "bias": mx.random.uniform(-1, 1, (256,))})
+    layer.update(
+        {"weight": mx.random.uniform(-1, 1, (256, 3072)) / np.sqrt(3072), "bias": mx.random.uniform(-1, 1, (256,))}
+    )
     layer.set_dtype(mx.bfloat16)  # a bf16 model: bf16 scales and biases
     for bits in (8, 4):
         q = CPUQuantizedLinear.from_linear(layer, 64, bits)

@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers import rand, randomize
-from mlx_starflow.sample import Jacobi, invert, sample, sample_steps
 from test_flow import inputs, make, tiny_tarflow
+
+from mlx_starflow.sample import Jacobi, invert, sample, sample_steps
 
 
 def model_of(name):

@@ -13,9 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import rand, tiny_flow
 from PIL import Image
 
-from helpers import rand, tiny_flow
 from mlx_starflow import demo
 from mlx_starflow.demo import shapes
 from mlx_starflow.machine import openblas_path
@@ -91,8 +91,9 @@ def test_tarflow_bits_per_dim_is_the_reference_formula(tarflow):
     assert r.samples == 2 and r.seed is None and r.sizes == [(s, s)] * 3 and not any(r.resized)
     # drawn from a seed: reproducible, and the seed is what draws them
     a = pipe.score(images[:1], "1", dequant_samples=2, seed=5)
-    b = pipe.score(images[:1], "1", dequant_noise=np.stack([np.array(noise_draw(5, k, 2, (1, s, s, 3), True))
-                                                              for k in range(2)]))
+    b = pipe.score(
+        images[:1], "1", dequant_noise=np.stack([np.array(noise_draw(5, k, 2, (1, s, s, 3), True)) for k in range(2)])
+    )
     np.testing.assert_allclose(a.bits_per_dim, b.bits_per_dim, rtol=1e-6)
     assert a.seed == 5 and "dequantization" in a.method
     c = pipe.score(images[:1], "1", seed=6)
@@ -142,12 +143,20 @@ def latent_pipe(tmp_path_factory):
     width = flow.config.txt_dim
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["a photo of a cat", "a dog in the snow", "a red fox"],
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.train_from_iterator(
+        ["a photo of a cat", "a dog in the snow", "a red fox"],
+        trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]),
+    )
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.save(str(folder / "tokenizer.json"))
-    t5 = random_weights(T5Encoder(T5Config(vocab_size=32, d_model=width, d_kv=8, num_heads=2, d_ff=32,
-                                           num_layers=1, feed_forward_proj="gated-gelu")), seed=1)
+    t5 = random_weights(
+        T5Encoder(
+            T5Config(
+                vocab_size=32, d_model=width, d_kv=8, num_heads=2, d_ff=32, num_layers=1, feed_forward_proj="gated-gelu"
+            )
+        ),
+        seed=1,
+    )
     vae = random_weights(VAE(VAEConfig(block_out_channels=[8, 8, 8, 8], norm_num_groups=4)), seed=2)
 
     def text_loader():
@@ -211,8 +220,11 @@ def test_sampled_latents_are_consistent_with_their_noise():
     assert np.abs(np.array(back) - np.array(z)).max() <= 1e-4 * np.abs(np.array(z)).max()
     D = z.size
     # the Jacobian's rows in one reverse pass: D copies of z, cotangent e_i on copy i
-    _, (rows_) = mx.vjp(lambda v: sample(flow, v, mx.repeat(y, D, axis=0), compile_step=False),
-                        [mx.repeat(z, D, axis=0)], [mx.eye(D).reshape(D, 4, 4, 4)])
+    _, (rows_) = mx.vjp(
+        lambda v: sample(flow, v, mx.repeat(y, D, axis=0), compile_step=False),
+        [mx.repeat(z, D, axis=0)],
+        [mx.eye(D).reshape(D, 4, 4, 4)],
+    )
     sign, logdet_sampling = np.linalg.slogdet(np.array(rows_[0], dtype=np.float64).reshape(D, D))
     zn = np.array(z, dtype=np.float64)
     prior = -0.5 * np.square(zn).sum() - 0.5 * D * np.log(2 * np.pi)
@@ -266,26 +278,32 @@ def test_bad_images(demo_pipe, bad_files, name, kwargs, match):
         demo_pipe.score(bad_files / name, "red circle", **kwargs)
 
 
-@pytest.mark.parametrize("images,match", [
-    (np.zeros((32, 32), np.uint8), r"grayscale \(shape \(32, 32\)\)"),
-    (np.zeros((32, 32, 4), np.uint8), r"a\[\.\.\., :3\]"),
-    (np.zeros((32, 32, 3), np.float32), "float32 array; give 8-bit values"),
-    ([], "at least one image"),
-])
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (np.zeros((32, 32), np.uint8), r"grayscale \(shape \(32, 32\)\)"),
+        (np.zeros((32, 32, 4), np.uint8), r"a\[\.\.\., :3\]"),
+        (np.zeros((32, 32, 3), np.float32), "float32 array; give 8-bit values"),
+        ([], "at least one image"),
+    ],
+)
 def test_bad_arrays(demo_pipe, images, match):
     with pytest.raises(ValueError, match=match):
         demo_pipe.score(images, "red circle")
 
 
-@pytest.mark.parametrize("prompts,kwargs,match", [
-    ("purple blob", {}, 'unknown prompt "purple blob": this model knows only these 12'),
-    ([], {}, "at least one prompt"),
-    ("red circle", {"noise_samples": -1}, "noise_samples must be an integer >= 0"),
-    ("red circle", {"dequant_samples": 0}, "dequant_samples must be an integer >= 1"),
-    ("red circle", {"dequant_samples": 2, "noise_samples": 1}, "not both"),
-    ("red circle", {"dequant_noise": np.zeros((1, 32, 32, 3))}, r"dequant_noise must have shape \(2, 32, 32, 3\)"),
-    ("red circle", {"dequant_noise": np.ones((2, 32, 32, 3))}, r"dequant_noise must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "prompts,kwargs,match",
+    [
+        ("purple blob", {}, 'unknown prompt "purple blob": this model knows only these 12'),
+        ([], {}, "at least one prompt"),
+        ("red circle", {"noise_samples": -1}, "noise_samples must be an integer >= 0"),
+        ("red circle", {"dequant_samples": 0}, "dequant_samples must be an integer >= 1"),
+        ("red circle", {"dequant_samples": 2, "noise_samples": 1}, "not both"),
+        ("red circle", {"dequant_noise": np.zeros((1, 32, 32, 3))}, r"dequant_noise must have shape \(2, 32, 32, 3\)"),
+        ("red circle", {"dequant_noise": np.ones((2, 32, 32, 3))}, r"dequant_noise must be in \[0, 1\)"),
+    ],
+)
 def test_bad_arguments(demo_pipe, prompts, kwargs, match):
     images = shapes.make_dataset(2, 1)[0]
     with pytest.raises(ValueError, match=match):
@@ -319,8 +337,9 @@ def test_unconditional_model_scores_the_empty_prompt():
 def test_batches_progress_and_cancel(demo_pipe):
     images = shapes.make_dataset(3, 2)[0]
     seen = []
-    r = demo_pipe.score(images, ["red circle", "green square"], seed=1, batch_size=4,
-                        progress=lambda *a: seen.append(a))
+    r = demo_pipe.score(
+        images, ["red circle", "green square"], seed=1, batch_size=4, progress=lambda *a: seen.append(a)
+    )
     whole = demo_pipe.score(images, ["red circle", "green square"], seed=1)
     np.testing.assert_allclose(r.bits_per_dim, whole.bits_per_dim, rtol=1e-6)
     assert seen[:2] == [("text", 0, 1), ("text", 1, 1)]
@@ -341,18 +360,21 @@ def test_score_stage_for_the_benchmark(demo_pipe):
 # -- the command line ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--image", "{d}/missing.png", "--prompt", "all"], "missing.png: no such file"),
-    (["--image", "{d}/text.png", "--prompt", "all"], "cannot read"),
-    (["--image", "{d}/anim.gif", "--prompt", "all"], "animated"),
-    (["--image", "{d}/grey.png", "--prompt", "all"], "grayscale"),
-    (["--image", "{d}/small.png", "--prompt", "all"], "smaller than"),
-    (["--image", "{d}/big.png", "--prompt", "all", "--no-resize"], "resizing is off"),
-    (["--image", "{d}/big.png", "--prompt", "pink circle"], 'unknown prompt "pink circle"'),
-    (["--image", "{d}/big.png", "--prompt"], "give at least one prompt"),
-    (["--image", "--prompt", "all"], "give at least one image"),
-    (["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"], "--noise-samples must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--image", "{d}/missing.png", "--prompt", "all"], "missing.png: no such file"),
+        (["--image", "{d}/text.png", "--prompt", "all"], "cannot read"),
+        (["--image", "{d}/anim.gif", "--prompt", "all"], "animated"),
+        (["--image", "{d}/grey.png", "--prompt", "all"], "grayscale"),
+        (["--image", "{d}/small.png", "--prompt", "all"], "smaller than"),
+        (["--image", "{d}/big.png", "--prompt", "all", "--no-resize"], "resizing is off"),
+        (["--image", "{d}/big.png", "--prompt", "pink circle"], 'unknown prompt "pink circle"'),
+        (["--image", "{d}/big.png", "--prompt"], "give at least one prompt"),
+        (["--image", "--prompt", "all"], "give at least one image"),
+        (["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"], "--noise-samples must be at least 0"),
+    ],
+)
 def test_command_line_mistakes(bad_files, tmp_path, capsys, args, match):
     out = tmp_path / "scores.json"
     code = main(["--model", "demo", "--no-progress", *[a.format(d=bad_files) for a in args], "--json", str(out)])
@@ -370,8 +392,27 @@ def test_command_line_existing_json_is_kept(bad_files, tmp_path, capsys):
 
 def test_command_line_says_what_it_resized(bad_files, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    assert main(["--model", "demo", "--image", str(bad_files / "big.png"), "--prompt", "red square", "",
-                 "--noise-samples", "1", "--seed", "4", "--json", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "demo",
+                "--image",
+                str(bad_files / "big.png"),
+                "--prompt",
+                "red square",
+                "",
+                "--noise-samples",
+                "1",
+                "--seed",
+                "4",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"{bad_files / 'big.png'} (64x48, resized and centre-cropped to 32x32)" in text
     assert "Gaussian noise at the training noise_std 0.1, 1 draw (seed 4)" in text
@@ -394,9 +435,27 @@ def test_zero_shot_classification_of_the_demo_shapes(tmp_path):
     env = dict(os.environ)
     if sys.platform.startswith("linux") and Path(openblas_path()).exists():
         env["LD_PRELOAD"] = openblas_path()  # the README's Linux setup: MLX's bundled BLAS is ~30x slower
-    run = subprocess.run([sys.executable, "-m", "mlx_starflow.score", "--model", "demo", "--prompt", "all",
-                          "--seed", "0", "--json", str(out), "--image", *map(str, paths)],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_starflow.score",
+            "--model",
+            "demo",
+            "--prompt",
+            "all",
+            "--seed",
+            "0",
+            "--json",
+            str(out),
+            "--image",
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     result = json.loads(out.read_text())

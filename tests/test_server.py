@@ -42,8 +42,13 @@ def server(pipe):
 
 
 def client(server, **kw):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
-                         timeout=kw.pop("timeout", 60), **kw)
+    return openai.OpenAI(
+        base_url=server.url + "/v1",
+        api_key=kw.pop("api_key", "unused"),
+        max_retries=0,
+        timeout=kw.pop("timeout", 60),
+        **kw,
+    )
 
 
 def request(server, method, path, body=None, headers=None, timeout=20):
@@ -91,8 +96,10 @@ def open_stream(server, body: dict) -> socket.socket:
     """A raw streaming request; the caller reads and closes the socket."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(server.server_address[:2], timeout=20)
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    sock.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     return sock
 
 
@@ -111,8 +118,9 @@ def test_openai_client_gets_pngs_and_a_seed_gives_the_same_bytes_streamed_or_not
     assert images[0].text["prompt"] == "red circle"
     assert images[0].tobytes() != images[1].tobytes()
 
-    events = list(c.images.generate(prompt="red circle", n=2, size="32x32", stream=True, partial_images=1,
-                                    extra_body={"seed": 5}))
+    events = list(
+        c.images.generate(prompt="red circle", n=2, size="32x32", stream=True, partial_images=1, extra_body={"seed": 5})
+    )
     kinds = [e.type for e in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] * 2
     for e in events[:2]:  # the preview after the deep block: a decodable image of the same size
@@ -126,7 +134,7 @@ def test_url_responses_are_served_from_the_servers_folder(server):
     r = client(server).images.generate(prompt="blue square", response_format="url", extra_body={"seed": 3, **FAST})
     url = r.data[0].url
     assert r.data[0].b64_json is None and url.startswith(server.url + "/files/")
-    status, headers, data = request(server, "GET", url[len(server.url):])
+    status, headers, data = request(server, "GET", url[len(server.url) :])
     assert status == 200 and headers["Content-Type"] == "image/png"
     im = Image.open(io.BytesIO(data))
     assert im.size == (32, 32) and json.loads(im.text["parameters"])["seed"] == 3
@@ -184,8 +192,7 @@ def test_bad_requests_are_400s_that_never_reach_the_model(server):
     before = health(server)
     for body, param, words in BAD:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status, _, answer = request(server, "POST", "/v1/images/generations", raw,
-                                    {"Content-Type": "application/json"})
+        status, _, answer = request(server, "POST", "/v1/images/generations", raw, {"Content-Type": "application/json"})
         assert status == 400, (body, answer)
         assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param, body
         assert words in answer["error"]["message"], (words, answer)
@@ -201,8 +208,10 @@ def test_body_size_length_route_and_method_errors(server):
     # a body without a length (chunked) is refused, not read
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  b"5\r\nhello\r\n0\r\n\r\n")
+        s.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
         assert s.recv(100).startswith(b"HTTP/1.1 411")
     status, _, answer = request(server, "POST", "/v1/images/variations", {"prompt": "x"})
     assert status == 404 and "no route" in answer["error"]["message"]
@@ -250,8 +259,13 @@ def test_api_key_host_and_origin(pipe):
         status, _, body = request(s, "GET", "/health", headers={"Host": "evil.example:80"})
         assert status == 403 and "loopback" in body["error"]["message"]
         # a page of another origin cannot post (the key is not even looked at)
-        status, _, body = request(s, "POST", "/v1/images/generations", {"prompt": "red circle"},
-                                  {"Origin": "http://evil.example", "Authorization": "Bearer sekret"})
+        status, _, body = request(
+            s,
+            "POST",
+            "/v1/images/generations",
+            {"prompt": "red circle"},
+            {"Origin": "http://evil.example", "Authorization": "Bearer sekret"},
+        )
         assert status == 403 and "cross-origin" in body["error"]["message"]
     finally:
         s.close()
@@ -269,8 +283,9 @@ def test_queue_order_429_and_a_waiting_client_that_leaves(pipe):
         c = client(s)
         start = health(s)
         first = {}
-        a = threading.Thread(target=lambda: first.update(r=c.images.generate(
-            prompt="red circle", n=3, extra_body={"seed": 10, **FAST})))
+        a = threading.Thread(
+            target=lambda: first.update(r=c.images.generate(prompt="red circle", n=3, extra_body={"seed": 10, **FAST}))
+        )
         a.start()
         wait_for(s, lambda h: h["running"] == 1)
         waiting = open_stream(s, {"prompt": "blue circle", "seed": 20, **FAST})  # queued behind it
@@ -328,8 +343,12 @@ def test_command_line_server_under_load(tmp_path):
     """8 clients x 4 requests at once against `python -m mlx_starflow.server --max-queue 2`:
     each request is answered once, with its own image or a 429; memory comes back."""
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_starflow.server", "--model", "demo", "--port", "0",
-                             "--max-queue", "2", "--quiet"], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_starflow.server", "--model", "demo", "--port", "0", "--max-queue", "2", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()  # printed once the model is loaded
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -389,11 +408,13 @@ def test_command_line_server_under_load(tmp_path):
         assert h["completed"] - start["completed"] == len(ok) and h["rejected"] - start["rejected"] == len(rejected)
         assert h["accepted"] - start["accepted"] == len(ok) and h["failed"] == h["cancelled"] == 0
         latency = sorted(o[2] for o in ok.values())
-        print(f"\nload: 8 clients x 4 requests in {wall:.1f} s: {len(ok)} served, {len(rejected)} answered 429; "
-              f"served latency median {statistics.median(latency):.2f} s, max {latency[-1]:.2f} s, "
-              f"{len(ok) / wall:.2f} images/s; 429s in {max(o[2] for o in rejected.values()) * 1000:.0f} ms at most; "
-              f"RSS {rss_before / 2**20:.0f} MB before, {max(peak) / 2**20:.0f} MB peak, "
-              f"{rss_after / 2**20:.0f} MB after")
+        print(
+            f"\nload: 8 clients x 4 requests in {wall:.1f} s: {len(ok)} served, {len(rejected)} answered 429; "
+            f"served latency median {statistics.median(latency):.2f} s, max {latency[-1]:.2f} s, "
+            f"{len(ok) / wall:.2f} images/s; 429s in {max(o[2] for o in rejected.values()) * 1000:.0f} ms at most; "
+            f"RSS {rss_before / 2**20:.0f} MB before, {max(peak) / 2**20:.0f} MB peak, "
+            f"{rss_after / 2**20:.0f} MB after"
+        )
         assert rss_after < rss_before + max(48 << 20, rss_before // 10), (rss_before, rss_after)
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
@@ -413,9 +434,11 @@ def test_command_line_refuses_bad_options_and_a_taken_port_before_loading(capsys
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
-    for args, words in ((["--max-queue", "-1"], "--max-queue must be at least 0"),
-                        (["--port", "70000"], "--port must be 0..65535"),
-                        (["--max-images", "0"], "--max-images must be at least 1")):
+    for args, words in (
+        (["--max-queue", "-1"], "--max-queue must be at least 0"),
+        (["--port", "70000"], "--port must be 0..65535"),
+        (["--max-images", "0"], "--max-images must be at least 1"),
+    ):
         assert server_module.main(args) == 1
         assert words in capsys.readouterr().err
     with socket.socket() as taken:
@@ -445,9 +468,12 @@ def test_edits_with_the_openai_client_keep_what_the_mask_keeps(server):
     mask[:, :16] = 255  # white: the left half may change; black: the right half stays
     c = client(server)
     before = health(server)
-    r = c.images.edit(image=("red.png", png_file(source), "image/png"), mask=("mask.png", png_file(mask), "image/png"),
-                      prompt="blue circle", extra_body={"source_prompt": "red circle", "strength": 1.0, "seed": 4,
-                                                        **FAST})
+    r = c.images.edit(
+        image=("red.png", png_file(source), "image/png"),
+        mask=("mask.png", png_file(mask), "image/png"),
+        prompt="blue circle",
+        extra_body={"source_prompt": "red circle", "strength": 1.0, "seed": 4, **FAST},
+    )
     im = png(r.data[0].b64_json)
     params = json.loads(im.text["parameters"])
     assert im.size == (32, 32) and params["operation"] == "edit" and params["source_prompt"] == "red circle"
@@ -457,10 +483,14 @@ def test_edits_with_the_openai_client_keep_what_the_mask_keeps(server):
     assert not (edited[:, :16] == source[:, :16]).all()  # fresh noise under the mask: changed
 
     for kwargs, param, words in (
-            ({"image": ("x.png", b"not a picture", "image/png")}, "image", "not an image file"),
-            ({"image": ("red.png", png_file(source), "image/png"), "extra_body": {"strength": 2}}, "strength",
-             "strength must be a number in [0, 1]"),
-            ({"image": ("red.png", png_file(source), "image/png"), "n": 0}, "n", "from 1 to 10")):
+        ({"image": ("x.png", b"not a picture", "image/png")}, "image", "not an image file"),
+        (
+            {"image": ("red.png", png_file(source), "image/png"), "extra_body": {"strength": 2}},
+            "strength",
+            "strength must be a number in [0, 1]",
+        ),
+        ({"image": ("red.png", png_file(source), "image/png"), "n": 0}, "n", "from 1 to 10"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             c.images.edit(prompt="blue circle", **kwargs)
         assert e.value.body["param"] == param and words in e.value.body["message"]

@@ -23,8 +23,14 @@ CONFIGS = {
     "relu": dict(d_model=32, d_kv=16, num_heads=2, d_ff=48, num_layers=2, feed_forward_proj="relu"),
     # Few buckets and a short max distance, so a 40-token sequence uses the log buckets.
     "buckets": dict(
-        d_model=32, d_kv=8, num_heads=2, d_ff=32, num_layers=3, feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8, relative_attention_max_distance=12,
+        d_model=32,
+        d_kv=8,
+        num_heads=2,
+        d_ff=32,
+        num_layers=3,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
     ),
 }
 
@@ -53,7 +59,7 @@ def inputs(length=12, vocab=100, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(2, vocab, (3, length))
     mask = np.ones_like(ids)
-    mask[1, length - 3:] = 0
+    mask[1, length - 3 :] = 0
     mask[2, 2:] = 0
     ids[mask == 0] = 0
     return ids, mask

@@ -65,15 +65,24 @@ def make_tokenizer(folder, family):
     return fast
 
 
-SP_CORPUS = CORPUS + [
-    "Café crème, naïve façade — über straße!",
-    "numbers 123 4567 and symbols #@% (in brackets)",
-    "A PHOTO OF A CAT, sitting; on a red chair.",
-] * 3
+SP_CORPUS = (
+    CORPUS
+    + [
+        "Café crème, naïve façade — über straße!",
+        "numbers 123 4567 and symbols #@% (in brackets)",
+        "A PHOTO OF A CAT, sitting; on a red chair.",
+    ]
+    * 3
+)
 PROMPTS = [
-    "a photo of a cat sitting on a red chair", "", "  leading and trailing spaces  ", "double  spaces\there",
-    "Café crème — naïve über straße", "an oil painting of a lighthouse at night with stars and a dog in the snow",
-    "unseen words: zebra quokka 98765", "A PHOTO, OF A CAT!",
+    "a photo of a cat sitting on a red chair",
+    "",
+    "  leading and trailing spaces  ",
+    "double  spaces\there",
+    "Café crème — naïve über straße",
+    "an oil painting of a lighthouse at night with stars and a dog in the snow",
+    "unseen words: zebra quokka 98765",
+    "A PHOTO, OF A CAT!",
 ]
 
 
@@ -89,15 +98,38 @@ def make_sentencepiece(folder, family):
     if family == "t5":
         kind = dict(model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     else:
-        kind = dict(model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, bos_piece="<bos>",
-                    add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=90,
-                                   character_coverage=1.0, minloglevel=2, **kind)
+        kind = dict(
+            model_type="bpe",
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            bos_piece="<bos>",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+        )
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS),
+        model_writer=buf,
+        vocab_size=90,
+        character_coverage=1.0,
+        minloglevel=2,
+        **kind,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ("spiece.model" if family == "t5" else "tokenizer.model")).write_bytes(buf.getvalue())
     if family != "t5":
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False, "padding_side": "left"}))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "GemmaTokenizer",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "padding_side": "left",
+                }
+            )
+        )
 
 
 @pytest.mark.parametrize("family", ["t5", "gemma"])
@@ -198,7 +230,11 @@ def make_gemma(folder, kind, seed=0):
         model = Gemma2ForCausalLM(config)
     elif kind == "gemma3":
         config = Gemma3TextConfig(
-            **GEMMA, num_hidden_layers=3, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=8,
+            **GEMMA,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={
                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
@@ -249,10 +285,17 @@ def test_gemma_matches_transformers(tmp_path, kind):
 
 def test_gemma3_multimodal_checkpoint(tmp_path):
     text = dict(GEMMA, num_hidden_layers=2, num_key_value_heads=2, query_pre_attn_scalar=8)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                          image_token_index=63, boi_token_index=61, eoi_token_index=62)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=63,
+        boi_token_index=61,
+        eoi_token_index=62,
+    )
     torch.manual_seed(0)
     ref = Gemma3ForConditionalGeneration(config).eval()
     ref.save_pretrained(tmp_path)
@@ -306,8 +349,15 @@ def test_gemma_bfloat16(tmp_path):
 
 def test_gemma_quantized_layers(tmp_path):
     torch.manual_seed(0)
-    config = GemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_attention_heads=2,
-                         head_dim=32, num_hidden_layers=1, num_key_value_heads=1)
+    config = GemmaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=2,
+        head_dim=32,
+        num_hidden_layers=1,
+        num_key_value_heads=1,
+    )
     ref = GemmaForCausalLM(config).eval()
     ref.save_pretrained(tmp_path)
     enc = load_text_encoder(tmp_path, txt_size=10, quantize=8)

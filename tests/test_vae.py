@@ -17,9 +17,7 @@ from mlx_starflow import vae as V  # noqa: E402
 from mlx_starflow.weights import WeightsError  # noqa: E402
 
 
-def make_reference(
-    path, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, **kw
-):
+def make_reference(path, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, **kw):
     """A random diffusers AutoencoderKL saved to `path`; the norms are random
     too so swapped scale/shift or group layouts show up."""
     torch.manual_seed(len(block_out_channels) * 10 + layers_per_block)
@@ -64,8 +62,12 @@ CONFIGS = {
     "two_levels": dict(block_out_channels=(8, 16), layers_per_block=1),
     "three_levels_two_layers": dict(block_out_channels=(8, 16, 16), layers_per_block=2),
     "no_quant_conv_no_attention": dict(
-        block_out_channels=(8, 16), layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False, latent_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        latent_channels=3,
     ),
 }
 

@@ -15,8 +15,11 @@ from PIL import Image
 CHROMIUM = os.environ.get("MLX_STARFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright (pip install playwright)")
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does) "
-                "or point MLX_STARFLOW_CHROMIUM at one", allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does) "
+        "or point MLX_STARFLOW_CHROMIUM at one",
+        allow_module_level=True,
+    )
 
 from mlx_starflow import Pipeline  # noqa: E402
 from mlx_starflow.server import Server  # noqa: E402
@@ -113,8 +116,7 @@ def test_cancel_on_the_page_stops_the_generation(server, browser):
     before = health(page, server)
     page.fill("#n", "4")
     page.click("#generate")
-    page.wait_for_function("() => +document.getElementById('bar').getAttribute('aria-valuenow') >= 10",
-                           timeout=TIMEOUT)
+    page.wait_for_function("() => +document.getElementById('bar').getAttribute('aria-valuenow') >= 10", timeout=TIMEOUT)
     page.click("#cancel")
     page.wait_for_function("() => document.getElementById('status').textContent === 'Cancelled'", timeout=TIMEOUT)
     deadline = time.monotonic() + 10

@@ -8,14 +8,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-
 from helpers import rand, save_reference, tiny_flow
+from tiny_release import T5_WIDTH, make_release
+
 from mlx_starflow.config import ConfigError
 from mlx_starflow.convert import starflow_main
 from mlx_starflow.hub import resolve
 from mlx_starflow.torch_reader import CheckpointError, load_pth
 from mlx_starflow.weights import WeightsError, convert_starflow, convert_tarflow, load_flow, read_config
-from tiny_release import T5_WIDTH, make_release
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,25 @@ def test_convert_and_load_reproduces_the_model(reference, tmp_path):
     out = convert_starflow(ckpt, cfg, tmp_path / "mlx")
     meta = json.loads((out / "config.json").read_text())
     # every architectural number is explicit
-    for key in ("channels", "num_heads", "num_kv_heads", "head_dim", "layers_per_block", "seq_order",
-                "txt_size", "txt_dim", "in_channels", "input_size", "patch_size", "noise_std", "vae",
-                "text_encoder", "sos", "use_softplus", "soft_clip"):
+    for key in (
+        "channels",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "layers_per_block",
+        "seq_order",
+        "txt_size",
+        "txt_dim",
+        "in_channels",
+        "input_size",
+        "patch_size",
+        "noise_std",
+        "vae",
+        "text_encoder",
+        "sos",
+        "use_softplus",
+        "soft_clip",
+    ):
         assert key in meta
     assert meta["txt_dim"] == 12 and meta["input_size"] == 4 and meta["layers_per_block"] == [1, 0, 1, 2]
     assert (out / "LICENSE_MODEL").is_file()
@@ -59,7 +75,10 @@ def test_bfloat16_and_quantized_conversion(reference, tmp_path):
     x, y = rand((1, 4, 4, 4)), rand((1, 5, 12), 2)
     z32, _ = model(x, y)
     z16, _ = loaded(x, y)
-    rel = lambda a: np.abs(np.array(a) - np.array(z32)).max() / np.abs(np.array(z32)).max()
+
+    def rel(a):
+        return np.abs(np.array(a) - np.array(z32)).max() / np.abs(np.array(z32)).max()
+
     assert rel(z16) < 0.05  # bfloat16 rounding through four random blocks
     # group size 32 fits the 32-wide layers of the tiny model
     q = convert_starflow(ckpt, cfg, tmp_path / "q8", quantize={"bits": 8, "group_size": 32})
@@ -73,8 +92,14 @@ def test_bfloat16_and_quantized_conversion(reference, tmp_path):
 
 
 def test_tensor_reader_matches_torch_and_refuses_code(tmp_path):
-    sd = {"a": torch.randn(3, 4), "b": torch.randn(5, 6)[:, ::2], "h": torch.randn(2).half(),
-          "bf": torch.randn(4, 2).bfloat16(), "s": torch.tensor(3.0), "i": torch.arange(4)}
+    sd = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5, 6)[:, ::2],
+        "h": torch.randn(2).half(),
+        "bf": torch.randn(4, 2).bfloat16(),
+        "s": torch.tensor(3.0),
+        "i": torch.arange(4),
+    }
     torch.save(sd, tmp_path / "x.pth")
     got = load_pth(tmp_path / "x.pth")
     for k, v in sd.items():
@@ -113,12 +138,17 @@ def _resave(ckpt, edit):
     torch.save(sd, ckpt)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("blocks.3.proj_out.bias"), "missing 1 tensors .*blocks.3.proj_out.bias"),
-    (lambda sd: sd.__setitem__("blocks.3.extra.weight", torch.zeros(2)), "does not use: blocks.3.extra.weight"),
-    (lambda sd: sd.__setitem__("blocks.0.proj_in.weight", torch.zeros(32, 5)),
-     r"wrong shape: blocks.0.proj_in.weight \(32, 5\) \(expected \(32, 4\)\)"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda sd: sd.pop("blocks.3.proj_out.bias"), "missing 1 tensors .*blocks.3.proj_out.bias"),
+        (lambda sd: sd.__setitem__("blocks.3.extra.weight", torch.zeros(2)), "does not use: blocks.3.extra.weight"),
+        (
+            lambda sd: sd.__setitem__("blocks.0.proj_in.weight", torch.zeros(32, 5)),
+            r"wrong shape: blocks.0.proj_in.weight \(32, 5\) \(expected \(32, 4\)\)",
+        ),
+    ],
+)
 def test_key_mismatches_are_named(reference, tmp_path, edit, match):
     _, ckpt, cfg = reference
     _resave(ckpt, edit)
@@ -127,12 +157,15 @@ def test_key_mismatches_are_named(reference, tmp_path, edit, match):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("line,match", [
-    ("- wobble: 3\n", "unknown config option 'wobble'"),
-    ("- temporal_causal: 1\n", "'temporal_causal: 1' is not supported"),
-    ("- use_mm_attn: 1\n", "'use_mm_attn: 1' is not supported"),
-    ("- vid_size: '81:16'\n", "'vid_size: 81:16' is not supported"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("- wobble: 3\n", "unknown config option 'wobble'"),
+        ("- temporal_causal: 1\n", "'temporal_causal: 1' is not supported"),
+        ("- use_mm_attn: 1\n", "'use_mm_attn: 1' is not supported"),
+        ("- vid_size: '81:16'\n", "'vid_size: 81:16' is not supported"),
+    ],
+)
 def test_config_options(reference, tmp_path, line, match):
     _, ckpt, cfg = reference
     cfg.write_text(cfg.read_text() + line)
@@ -173,8 +206,8 @@ def test_load_errors(tmp_path):
 
 
 def test_tarflow_converter_infers_architecture(tmp_path):
-    from test_flow import tiny_tarflow
     from mlx.utils import tree_flatten
+    from test_flow import tiny_tarflow
 
     model = tiny_tarflow()
     sd = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(model.parameters())}
@@ -239,8 +272,21 @@ def test_latent_grid_from_the_vae(tmp_path, monkeypatch):
 
     # The converter on its own: --vae FOLDER; without it the config's VAE must be known by name.
     ckpt, cfg = root / "tiny_t2i.pth", root / "tiny_t2i.yaml"
-    assert starflow_main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "cli"),
-                          "--vae", str(root / "vae")]) == 0
+    assert (
+        starflow_main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "cli"),
+                "--vae",
+                str(root / "vae"),
+            ]
+        )
+        == 0
+    )
     assert read_config(tmp_path / "cli").input_size == 8
     sd_vae = read_config(convert_starflow(ckpt, cfg, tmp_path / "by_name"))  # stabilityai/sd-vae-ft-ema
     assert (sd_vae.input_size, sd_vae.vae_downsample) == (2, 8)

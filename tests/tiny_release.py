@@ -3,6 +3,7 @@ resolve or generate: a reference-format STARFlow .pth and YAML config, a T5 with
 tokenizer (text_encoder/) and a diffusers SD-style VAE (vae/) of any number of levels."""
 
 from helpers import T2I_ARGS, randomize, save_reference
+
 from mlx_starflow.config import starflow_config_from_args
 from mlx_starflow.flow import Flow
 

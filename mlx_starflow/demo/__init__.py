@@ -45,13 +45,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import shapes
 from ..config import FlowConfig
 from ..flow import Flow
+from ..hub import DEMO as DEMO_DIR
 from ..pipeline import ClassEncoder
 from ..sample import Jacobi
-from ..hub import DEMO as DEMO_DIR
 from ..weights import load_flow, save_model
+from . import shapes
 
 LOG2_SCALE = math.log2(127.5)  # [-1, 1] -> 8-bit levels, per dimension
 HELD_OUT_SEED = 1_000_003  # held-out images for bits/dim: never a training seed
@@ -60,8 +60,9 @@ EVAL_SEED = 3_000_017  # noise for the reported checker accuracy
 JACOBI = Jacobi(block_size=16, threshold=1e-3, max_iter=32)
 
 
-def demo_config(channels=128, head_dim=64, layers=(1, 1, 1, 4), expansion=2, noise_std=0.1,
-                top_channels=None) -> FlowConfig:
+def demo_config(
+    channels=128, head_dim=64, layers=(1, 1, 1, 4), expansion=2, noise_std=0.1, top_channels=None
+) -> FlowConfig:
     """Pixel-space STARFlow for 32x32 RGB: 4x4 patches (64 tokens of 48), RoPE,
     SOS, softplus scales, deep-shallow blocks with the class on the top block."""
     n = len(shapes.PROMPTS)
@@ -119,9 +120,21 @@ def init_for_training(model: Flow):
     mx.eval(model.parameters())
 
 
-def train(cfg: FlowConfig, steps=5200, batch_size=32, lr=7e-4, warmup=300, min_lr_ratio=0.02,
-          weight_decay=1e-4, label_drop=0.1, grad_clip=1.0, seed=0, log_every=100, log=print,
-          init: Optional[Flow] = None):
+def train(
+    cfg: FlowConfig,
+    steps=5200,
+    batch_size=32,
+    lr=7e-4,
+    warmup=300,
+    min_lr_ratio=0.02,
+    weight_decay=1e-4,
+    label_drop=0.1,
+    grad_clip=1.0,
+    seed=0,
+    log_every=100,
+    log=print,
+    init: Optional[Flow] = None,
+):
     """Train a Flow on freshly drawn shapes, from scratch or continuing `init`;
     returns (model, losses in nats/dim).
 
@@ -136,8 +149,9 @@ def train(cfg: FlowConfig, steps=5200, batch_size=32, lr=7e-4, warmup=300, min_l
         model = init
     warm = min(warmup, max(steps - 1, 1))
     schedule = optim.join_schedules(
-        [optim.linear_schedule(lr / warm, lr, warm),
-         optim.cosine_decay(lr, max(steps - warm, 1), lr * min_lr_ratio)], [warm])
+        [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, max(steps - warm, 1), lr * min_lr_ratio)],
+        [warm],
+    )
     opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=weight_decay)
     n_cls = len(cfg.class_names)
     D = cfg.in_channels * cfg.input_size**2
@@ -184,17 +198,20 @@ def train(cfg: FlowConfig, steps=5200, batch_size=32, lr=7e-4, warmup=300, min_l
         if log and ((i + 1) % log_every == 0 or i == steps - 1):
             avg = float(np.mean(losses[-log_every:]))
             dt = time.perf_counter() - tic
-            log(f"step {i + 1}/{steps}  loss {avg:.4f} nats/dim  {bpd_8bit(avg):.3f} bits/dim  "
+            log(
+                f"step {i + 1}/{steps}  loss {avg:.4f} nats/dim  {bpd_8bit(avg):.3f} bits/dim  "
                 f"grad norm {norm.item():.2f}  lr {opt.learning_rate.item():.2e}  skipped {skipped}  "
-                f"{seen / dt:.0f} img/s  {dt / 60:.1f} min")
+                f"{seen / dt:.0f} img/s  {dt / 60:.1f} min"
+            )
     return model, losses
 
 
 # -- sampling and evaluation ---------------------------------------------------
 
 
-def sample(model: Flow, labels, guidance=2.0, sampler="sequential", denoise="score", seed=0,
-           batch_size=96) -> np.ndarray:
+def sample(
+    model: Flow, labels, guidance=2.0, sampler="sequential", denoise="score", seed=0, batch_size=96
+) -> np.ndarray:
     """uint8 images (N, 32, 32, 3) of the given class indices, in batches."""
     cfg = model.config
     if sampler not in ("sequential", "jacobi"):
@@ -211,8 +228,9 @@ def sample(model: Flow, labels, guidance=2.0, sampler="sequential", denoise="sco
         lab = mx.array(labels[i : i + batch_size])
         y = class_text(lab, cfg)
         y_all = mx.concatenate([y, class_text(mx.full(lab.shape, uncond), cfg)]) if guidance > 0 else y
-        x = model.sample(noise[i : i + batch_size], y_all, guidance=guidance,
-                         jacobi=JACOBI if sampler == "jacobi" else None)
+        x = model.sample(
+            noise[i : i + batch_size], y_all, guidance=guidance, jacobi=JACOBI if sampler == "jacobi" else None
+        )
         if denoise == "score":
             x = model.denoise(x, y)
         mx.eval(x)
@@ -244,8 +262,9 @@ def held_out_bpd(model: Flow, n=1200, seed=HELD_OUT_SEED, batch_size=100) -> flo
     return bpd_8bit(total / (n * D))
 
 
-def select_sampling(model: Flow, guidances=(1.0, 2.0, 3.0, 4.0), samplers=("sequential", "jacobi"),
-                    per_class=16, log=print) -> dict:
+def select_sampling(
+    model: Flow, guidances=(1.0, 2.0, 3.0, 4.0), samplers=("sequential", "jacobi"), per_class=16, log=print
+) -> dict:
     """Sampling defaults that score best on the checker (both colour and shape
     right), on noise separate from the reported evaluation; ties go to the
     lower guidance and then the sequential sampler."""
@@ -255,9 +274,11 @@ def select_sampling(model: Flow, guidances=(1.0, 2.0, 3.0, 4.0), samplers=("sequ
             tic = time.perf_counter()
             r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler)
             if log:
-                log(f"guidance {g:g} {sampler:<10}  colour {r['colour_accuracy']:.1%}  "
+                log(
+                    f"guidance {g:g} {sampler:<10}  colour {r['colour_accuracy']:.1%}  "
                     f"shape {r['shape_accuracy']:.1%}  both {r['accuracy']:.1%}  "
-                    f"({time.perf_counter() - tic:.1f} s)")
+                    f"({time.perf_counter() - tic:.1f} s)"
+                )
             if r["accuracy"] > best_acc:
                 best, best_acc = {"guidance": g, "sampler": sampler, "denoise": "score"}, r["accuracy"]
     return best
@@ -300,16 +321,27 @@ def _cmd_train(args):
         cfg.sampling = None
     else:
         init = None
-        cfg = demo_config(args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion,
-                          args.noise_std)
+        cfg = demo_config(
+            args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion, args.noise_std
+        )
     model = init or Flow(cfg)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"demo model: {n_params / 1e6:.2f}M parameters, layers {cfg.layers_per_block}, "
-          f"width {cfg.channels}, head_dim {cfg.head_dim}, noise_std {cfg.noise_std}")
+    print(
+        f"demo model: {n_params / 1e6:.2f}M parameters, layers {cfg.layers_per_block}, "
+        f"width {cfg.channels}, head_dim {cfg.head_dim}, noise_std {cfg.noise_std}"
+    )
     tic = time.perf_counter()
-    model, losses = train(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                          weight_decay=args.weight_decay, label_drop=args.label_drop, seed=args.seed,
-                          init=init)
+    model, losses = train(
+        cfg,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        label_drop=args.label_drop,
+        seed=args.seed,
+        init=init,
+    )
     minutes = (time.perf_counter() - tic) / 60
     print(f"trained {args.steps} steps in {minutes:.1f} min")
     if args.dtype != "float32":
@@ -320,10 +352,18 @@ def _cmd_train(args):
     print(f"sampling defaults: {cfg.sampling}")
     weights = dict(tree_flatten(model.parameters()))
     # Training settings go beside the config: FlowConfig accepts architecture keys only.
-    stage = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
-             "weight_decay": args.weight_decay, "label_drop": args.label_drop, "seed": args.seed,
-             "init": args.init, "minutes": round(minutes, 1),
-             "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4)}
+    stage = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
+        "label_drop": args.label_drop,
+        "seed": args.seed,
+        "init": args.init,
+        "minutes": round(minutes, 1),
+        "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4),
+    }
     # A continued run keeps the record of the runs it started from.
     previous = Path(args.init or "", "training.json")
     stages = json.loads(previous.read_text())["stages"] if args.init and previous.is_file() else []
@@ -343,20 +383,38 @@ def _cmd_evaluate(args):
     sampler = args.sampler or d["sampler"]
     tic = time.perf_counter()
     r = checker_accuracy(model, args.n, seed=args.seed, guidance=g, sampler=sampler, denoise=d["denoise"])
-    print(f"checker, {args.n} samples per class, guidance {g:g}, {sampler} sampler, "
-          f"score denoising ({time.perf_counter() - tic:.1f} s):")
+    print(
+        f"checker, {args.n} samples per class, guidance {g:g}, {sampler} sampler, "
+        f"score denoising ({time.perf_counter() - tic:.1f} s):"
+    )
     print(shapes.format_report(r))
     tic = time.perf_counter()
     bpd = held_out_bpd(model, args.held_out)
-    print(f"held-out bits/dim ({args.held_out} fresh images, noise_std {model.config.noise_std}): "
-          f"{bpd:.3f} ({time.perf_counter() - tic:.1f} s)")
+    print(
+        f"held-out bits/dim ({args.held_out} fresh images, noise_std {model.config.noise_std}): "
+        f"{bpd:.3f} ({time.perf_counter() - tic:.1f} s)"
+    )
     if args.json:
-        per = {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in row.items()}
-               for k, row in r["per_class"].items()}
-        Path(args.json).write_text(json.dumps(
-            {"guidance": g, "sampler": sampler, "n_per_class": args.n,
-             "colour_accuracy": r["colour_accuracy"], "shape_accuracy": r["shape_accuracy"],
-             "accuracy": r["accuracy"], "per_class": per, "held_out_bpd": bpd}, indent=2) + "\n")
+        per = {
+            k: {m: round(v, 4) if isinstance(v, float) else v for m, v in row.items()}
+            for k, row in r["per_class"].items()
+        }
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "guidance": g,
+                    "sampler": sampler,
+                    "n_per_class": args.n,
+                    "colour_accuracy": r["colour_accuracy"],
+                    "shape_accuracy": r["shape_accuracy"],
+                    "accuracy": r["accuracy"],
+                    "per_class": per,
+                    "held_out_bpd": bpd,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def _cmd_grid(args):
@@ -392,8 +450,9 @@ def main(argv=None):
     t.add_argument("--layers", default="1 1 1 4", help="layers per flow block, top (class-conditioned) block last")
     t.add_argument("--expansion", type=int, default=2, help="MLP width over model width")
     t.add_argument("--noise-std", type=float, default=0.1)
-    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights")
+    t.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights"
+    )
     t.add_argument("--guidance", default="1 2 3 4", help="guidance weights tried when choosing the defaults")
     t.add_argument("--select-per-class", type=int, default=8)
     t.set_defaults(func=_cmd_train)

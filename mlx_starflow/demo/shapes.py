@@ -92,8 +92,8 @@ def draw(cls: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     elif shape == "square":
         d.rectangle(box, fill=fg)
     else:
-        l, t, r, b = box
-        d.polygon([((l + r) / 2, t), (r, b), (l, b)], fill=fg)
+        left, t, r, b = box
+        d.polygon([((left + r) / 2, t), (r, b), (left, b)], fill=fg)
     small = big.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8).copy()
 
@@ -129,9 +129,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels = np.where(mask, np.arange(big).reshape(h, w), big)
     while True:
         p = np.pad(labels, 1, constant_values=big)
-        nb = np.minimum.reduce(
-            [labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]
-        )
+        nb = np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
         nb = np.where(mask, nb, big)
         if np.array_equal(nb, labels):
             break
@@ -222,8 +220,7 @@ def features(image: np.ndarray) -> dict:
     v = (yy - cy) / (bh / 2.0)
     # Corner patches: inside the box, clearly outside its inscribed ellipse.
     patch = (np.abs(u) < 1.0) & (np.abs(v) < 1.0) & (u * u + v * v > 1.1)
-    quads = [patch & (u < 0) & (v < 0), patch & (u > 0) & (v < 0),
-             patch & (u < 0) & (v > 0), patch & (u > 0) & (v > 0)]
+    quads = [patch & (u < 0) & (v < 0), patch & (u > 0) & (v < 0), patch & (u < 0) & (v > 0), patch & (u > 0) & (v > 0)]
     corner = [float(alpha[q].mean()) if q.any() else 0.0 for q in quads]
 
     return {
@@ -261,10 +258,7 @@ _MAX_ASPECT = 1.5
 def _shape_of(f: dict):
     c = sorted(f["corners"])
     x = (f["fill"], (c[2] + c[3]) / 2, (c[0] + c[1]) / 2)
-    dist = {
-        s: sum(((a - b) / w) ** 2 for a, b, w in zip(x, p, _SCALES))
-        for s, p in _PROTOTYPES.items()
-    }
+    dist = {s: sum(((a - b) / w) ** 2 for a, b, w in zip(x, p, _SCALES)) for s, p in _PROTOTYPES.items()}
     # Every drawn shape is about as tall as wide; a long bar is none of them.
     if f["aspect"] > _MAX_ASPECT:
         return None
@@ -283,7 +277,7 @@ def classify(image: np.ndarray):
 
 def evaluate(images, labels) -> dict:
     """Checker accuracy over `images` whose true classes are `labels` (ints or prompts)."""
-    labels = [prompt_to_class(l) if isinstance(l, str) else int(l) for l in labels]
+    labels = [prompt_to_class(c) if isinstance(c, str) else int(c) for c in labels]
     per = {p: {"n": 0, "colour": 0, "shape": 0, "both": 0} for p in PROMPTS}
     predictions = []
     for img, c in zip(images, labels):
@@ -320,10 +314,7 @@ def format_report(result: dict) -> str:
     """A plain-text table of `evaluate`'s result."""
     lines = [f"{'prompt':<16}{'n':>6}{'colour':>9}{'shape':>9}{'both':>9}"]
     for p, r in result["per_class"].items():
-        lines.append(
-            f"{p:<16}{r['n']:>6}{r['colour_accuracy']:>9.1%}"
-            f"{r['shape_accuracy']:>9.1%}{r['accuracy']:>9.1%}"
-        )
+        lines.append(f"{p:<16}{r['n']:>6}{r['colour_accuracy']:>9.1%}{r['shape_accuracy']:>9.1%}{r['accuracy']:>9.1%}")
     lines.append(
         f"{'all':<16}{result['n']:>6}{result['colour_accuracy']:>9.1%}"
         f"{result['shape_accuracy']:>9.1%}{result['accuracy']:>9.1%}"

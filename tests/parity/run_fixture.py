@@ -91,6 +91,7 @@ def run_text(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
 def run_vae(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     # hf/ is a diffusers folder that load_vae reads as is: nothing to convert.
     import mlx.core as mx
+
     from mlx_starflow.vae import load_vae
 
     vae = load_vae(fixture / "hf")
