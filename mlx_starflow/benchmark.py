@@ -245,7 +245,7 @@ def stage_load(run):
         if a.layout == "auto":
             device.prepare(run.model)  # what the pipeline does after loading
         if "vae" in a.stages:
-            run.vae = random_vae(a.arch, DTYPES[a.vae_dtype], seed=a.seed)
+            run.vae = device.prepare(random_vae(a.arch, DTYPES[a.vae_dtype], seed=a.seed))
         info["time"] = summary([time.perf_counter() - t])
         params = tree_flatten(run.model.parameters())
         info["parameters"] = sum(v.size for _, v in params)

@@ -10,6 +10,8 @@ and how much memory MLX may wire differs:
   nn.Linear is a plain row-major matrix for the BLAS, and the model can still be
   saved, quantized or converted again (those copy it back to the usual layout).
 - CPU: quantized products compute in float32 (CPUQuantizedLinear says why).
+- CPU: the VAE's convolutions of large inputs run in strips of rows (vae.Conv2d
+  says why): the decoder's memory stays near its weights.
 - Metal: the wired memory limit is raised for models near the machine's
   recommended working set, as mlx-lm does, so the weights are not paged out
   between tokens.
@@ -61,6 +63,21 @@ def float32_products(model: nn.Module) -> int:
     return n
 
 
+# Elements of one convolution's unfolded input on a CPU (64 MB in float32); a larger
+# input is convolved in strips of rows.
+CONV_STRIP_ELEMENTS = 2**24
+
+
+def conv_strips(model: nn.Module, elements: int = CONV_STRIP_ELEMENTS) -> int:
+    """Let the convolutions that can (vae.Conv2d) work in strips; returns how many."""
+    n = 0
+    for _, m in model.named_modules():
+        if hasattr(type(m), "strip_elements"):
+            m.strip_elements = elements
+            n += 1
+    return n
+
+
 def wire_memory(model: nn.Module):
     """On Metal, let MLX wire the model's weights (mlx-lm's policy): raise the wired
     limit to the recommended working set when the model is a large part of it."""
@@ -85,6 +102,7 @@ def prepare(model: nn.Module) -> nn.Module:
     if on_cpu():
         input_major(model)
         float32_products(model)
+        conv_strips(model)
     else:
         wire_memory(model)
     return model

@@ -314,7 +314,7 @@ class Pipeline:
             from .vae import load_vae
 
             def vae_loader(encoder: bool):
-                return load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder)
+                return device.prepare(load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder))
 
         info = {
             "model": str(model),

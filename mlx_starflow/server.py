@@ -300,8 +300,9 @@ def parse_request(pipe, body: dict, max_images: int, extra: Optional[dict] = Non
     extras = {name: _typed(body, name, kind) for name, kind in (extra or {}).items()}
     try:
         opts = pipe.resolve_options(GenerateOptions(prompt, num_images=n, height=height, width=width, **options))
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    except ValueError as e:  # an OptionError names the option: the request's parameter
+        option = getattr(e, "option", None)
+        raise ApiError(400, str(e), {"num_images": "n", "prompts": "prompt"}.get(option, option)) from None
     return opts, output, {k: v for k, v in extras.items() if v is not None}
 
 

@@ -76,25 +76,25 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-# Elements of one convolution's unfolded input (64 MB in float32); a larger input
-# is convolved in strips of rows (see Conv2d).
-UNFOLD_BUDGET = 2**24
-
-
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that convolves a large input in strips of rows, evaluating each.
+    """nn.Conv2d that can convolve a large input in strips of rows, evaluating each.
 
-    MLX unfolds a convolution's input (k*k times its size) before the matrix
+    MLX's CPU convolution unfolds its input (k*k times its size) before the matrix
     product, and allocates an operation's buffers when it is scheduled rather than
     when it runs; decoding 256x256 images in one graph therefore held 2.25 GB of
     activations, mostly unfolded inputs. Strips with their k // 2 rows of context
-    give the same output while only one strip's buffer exists at a time."""
+    give the same output while only one strip's buffer exists at a time. Off unless
+    `strip_elements` is set (device.prepare sets it on a CPU)."""
+
+    strip_elements = None  # the largest unfolded input convolved at once, in elements
 
     def __call__(self, x):
         B, H, W, C = x.shape
         k = self.weight.shape[1]
         p = self.padding[0]
-        rows = max(1, UNFOLD_BUDGET // (B * W * C * k * k))
+        if self.strip_elements is None:
+            return super().__call__(x)
+        rows = max(1, self.strip_elements // (B * W * C * k * k))
         same_size = self.stride == (1, 1) and self.dilation in (1, (1, 1)) and 2 * p == k - 1
         if k == 1 or rows >= H or not same_size:
             return super().__call__(x)

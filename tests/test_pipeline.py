@@ -160,7 +160,12 @@ def test_unknown_option_and_options_object(pipe):
 def test_generation_never_loads_the_vae_encoder(pipe):
     from mlx.utils import tree_flatten
 
+    from mlx_starflow import device
+
     assert pipe.vae.encoder is None
+    # the device's measures are applied by the loader: strips of rows on a CPU, MLX's own convolution elsewhere
+    strips = device.CONV_STRIP_ELEMENTS if device.on_cpu() else None
+    assert pipe.vae.decoder.conv_in.strip_elements == strips
     assert not any(k.startswith("encoder.") for k, _ in tree_flatten(pipe.vae.parameters()))
     # Encoding an image loads it on first use; decoding is unchanged.
     img = mx.zeros((1, 32, 32, 3))

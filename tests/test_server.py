@@ -181,8 +181,8 @@ BAD = [  # (body, param the error names or None, words the message has)
     ({"prompt": "red circle", "seed": -1}, "seed", "integer from 0"),
     ({"prompt": "red circle", "n": 2, "seed": [1, 2, 3]}, "seed", "3 seeds for 2 images"),
     ({"prompt": "red circle", "guidance": "high"}, "guidance", "must be a number"),
-    ({"prompt": "red circle", "guidance": -1}, None, "guidance must be a finite number >= 0"),
-    ({"prompt": "red circle", "sampler": "euler"}, None, "sampler must be one of jacobi, sequential"),
+    ({"prompt": "red circle", "guidance": -1}, "guidance", "guidance must be >= 0 and finite"),
+    ({"prompt": "red circle", "sampler": "euler"}, "sampler", "sampler must be one of jacobi, sequential"),
     ({"prompt": "red circle", "steps": 20}, "steps", "unknown parameter 'steps'"),
     ({"prompt": "purple hexagon"}, None, 'unknown prompt "purple hexagon"'),
 ]
