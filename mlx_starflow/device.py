@@ -25,6 +25,14 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def overlap() -> bool:
+    """Whether the token loop should build token t+1's graph while token t computes
+    (sample.py's `overlap`, as mlx-lm's generate_step does): on a GPU, where the CPU
+    is otherwise idle; not on a CPU, where both compete for the same cores
+    (BENCHMARKS.md, --compare-loop)."""
+    return not on_cpu()
+
+
 def input_major(model: nn.Module) -> int:
     """Hold the float32 weights of the transformer linears (those of `attn_blocks`,
     which carry the bandwidth) input-major, one at a time (no second copy of the

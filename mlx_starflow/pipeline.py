@@ -555,7 +555,7 @@ class Pipeline:
         top = cfg.num_blocks - 1
         shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
         start = deep_end = time.perf_counter()
-        for step in sample_steps(self.flow, x, y, opts.guidance, jacobi=opts.jacobi):
+        for step in sample_steps(self.flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
             if step.block == top:
                 yield Event("deep", step.done, step.total, step)
                 if step.done == step.total:

@@ -459,3 +459,14 @@ def test_a_vae_of_two_levels_generates_at_its_own_scale(tmp_path, monkeypatch):
         x = vae.decode(z).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
     expected = np.round((x[0] + 1) * 127.5)
     assert np.abs(np.asarray(r.images[0], dtype=np.float32) - expected).max() <= 1
+
+
+def test_encode_waits_for_a_running_call(pipe):
+    """encode shares the text encoder with generate: it takes the pipeline's lock."""
+    done = threading.Event()
+    with pipe._lock:  # as a generate call in another thread holds it
+        t = threading.Thread(target=lambda: (pipe.encode(["a cat"]), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.5)
+    assert done.wait(60)
+    t.join(5)
