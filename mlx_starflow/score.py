@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from .flow import Flow, IdentityBlock, log_normal
+from .generate import LOAD_OPTIONS
 
 __all__ = [
     "ScoreResult",
@@ -509,18 +510,8 @@ def score_stage(
 
 # -- the command line -----------------------------------------------------------------------
 
-LOAD_ARGS = (
-    "model",
-    "checkpoint",
-    "config",
-    "text_encoder",
-    "vae",
-    "dtype",
-    "quantize",
-    "text_dtype",
-    "text_quantize",
-    "vae_dtype",
-)
+# generate's loading options (scoring decodes nothing: no VAE tiling)
+LOAD_ARGS = ("model",) + tuple(k for k in LOAD_OPTIONS if k != "vae_tile")
 
 
 def parser():
