@@ -516,6 +516,8 @@ def log_plan(run, p):
                 f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
                 "not run (--tokens all runs it)"
             )
+    if not lines:  # no sampling or denoising asked: nothing to plan
+        return
     run.log(
         "plan, from the first tokens:\n"
         + "\n".join(lines)
