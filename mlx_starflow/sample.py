@@ -284,10 +284,10 @@ def _conditioning(flow: Flow, block: FlowBlock, y, text, B: int, w: float):
     return t, cond
 
 
-def _prepare(flow: Flow, x, y, guidance):
+def _prepare(flow: Flow, x, y, guidance, name: str):
     """Checks shared by sampling and inversion; returns (B, h, w, text, guidance)."""
     w = check_guidance(guidance)
-    flow.check_input(x, "noise")
+    flow.check_input(x, name)
     cfg = flow.config
     B = x.shape[0]
     h, wd = flow.grid(x)
@@ -322,7 +322,7 @@ def sample_steps(
     STARFlow, y is the text embeddings: B rows, or 2B rows [conditional;
     unconditional] when guidance > 0. For TarFlow, y is the class labels (B,), the
     unconditional pass using the mean class embedding. Stop iterating to cancel."""
-    B, h, w, text, g_all = _prepare(flow, noise, y, guidance)
+    B, h, w, text, g_all = _prepare(flow, noise, y, guidance, "noise")
     tokens = flow.patchify(noise).astype(mx.float32)
     order = sampling_order(flow)
     for k, i in enumerate(order):
@@ -372,7 +372,7 @@ def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:
     Given the finished sequence, every token's guided scale and shift come from one
     causal pass (conditional and unconditional rows together), so each block inverts
     exactly in one parallel pass, in the reverse of the sampling order."""
-    B, h, w, text, g_all = _prepare(flow, x, y, guidance)
+    B, h, w, text, g_all = _prepare(flow, x, y, guidance, "x")
     tokens = flow.patchify(x).astype(mx.float32)
     for i in reversed(sampling_order(flow)):
         block = flow.blocks[i]
