@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import device, machine
+from . import device, machine, quant
 from .config import FlowConfig
 from .flow import Flow, IdentityBlock
 from .precision import study
@@ -962,10 +962,16 @@ def parser():
         help="flow weights (generate's auto picks bfloat16 for the 3B)",
     )
     p.add_argument("--model-dtype", action="store_true", help="with --model: cast its weights to --dtype")
-    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the flow's transformer linears")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
+    p.add_argument("--quantize", type=int, choices=quant.BITS, help="quantize the flow's transformer linears")
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        default=quant.DEFAULT_GROUP_SIZE,
+        choices=quant.GROUP_SIZES,
+        help="quantization group size",
+    )
     p.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"], help="text encoder weights")
-    p.add_argument("--text-quantize", type=int, choices=[4, 8], help="quantize the text encoder's linears")
+    p.add_argument("--text-quantize", type=int, choices=quant.BITS, help="quantize the text encoder's linears")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"], help="VAE weights")
     p.add_argument("--vae-tile", type=int, metavar="N", help="decode in tiles of this many latents (less memory)")
     p.add_argument("--batch", type=int, default=1, help="images at once")

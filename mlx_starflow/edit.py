@@ -534,15 +534,10 @@ def run(args, variation: bool = False) -> int:
 
 
 def main(argv=None) -> int:
-    from .generate import parse_args
+    from .generate import read_args
 
-    p = parser()
-    try:
-        args = parse_args(p, argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return run(args)
+    args = read_args(parser(), argv)
+    return 1 if args is None else run(args)
 
 
 if __name__ == "__main__":

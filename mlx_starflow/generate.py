@@ -16,6 +16,7 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
+from . import quant
 from .hub import DEFAULT_CHECKPOINT, DEFAULT_MODEL, ModelNotFound
 
 ENGINE = "mlx-starflow"
@@ -183,7 +184,7 @@ def parser():
     p.add_argument(
         "--quantize",
         type=int,
-        choices=[4, 8],
+        choices=quant.BITS,
         default=None,
         help="quantize the flow's linear layers to this many bits (default: as stored)",
     )
@@ -196,7 +197,7 @@ def parser():
     p.add_argument(
         "--text-quantize",
         type=int,
-        choices=[4, 8],
+        choices=quant.BITS,
         default=None,
         help="quantize the text encoder to this many bits (default: not quantized)",
     )
@@ -477,12 +478,18 @@ class Bars:
             self.bar = None
 
 
-def main(argv=None):
-    p = parser()
+def read_args(p, argv):
+    """parse_args, or None after one `error:` line naming the option."""
     try:
-        args = parse_args(p, argv)
+        return parse_args(p, argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv=None):
+    args = read_args(parser(), argv)
+    if args is None:
         return 1
     from .edit import run, wants_edit
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from . import device
+from . import device, quant
 from .flow import Flow
 from .quant import quant_args, quantize_linear
 from .random_models import ARCHS, flow_config, random_flow, random_t5, random_vae
@@ -114,7 +114,13 @@ def main(argv=None):
         choices=list(ARCHS),
         help="architecture of the random model (float32 must be affordable: 3b is 15 GB)",
     )
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        default=quant.DEFAULT_GROUP_SIZE,
+        choices=quant.GROUP_SIZES,
+        help="quantization group size",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
