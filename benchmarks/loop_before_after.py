@@ -28,9 +28,9 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_starflow import device  # noqa: E402
-from mlx_starflow.random_models import ARCHS, flow_config, random_flow  # noqa: E402
+from mlx_starflow.loading import device  # noqa: E402
 from mlx_starflow.sample import Jacobi, block_steps, sample  # noqa: E402
+from mlx_starflow.tools.random_models import ARCHS, flow_config, random_flow  # noqa: E402
 
 
 def import_old(checkout: Path):

@@ -6,7 +6,7 @@ python convert/starflow.py --checkpoint starflow_3B_t2i_256x256.pth \
 
 import sys
 
-from mlx_starflow.convert import starflow_main
+from mlx_starflow.cli.convert import starflow_main
 
 if __name__ == "__main__":
     sys.exit(starflow_main())

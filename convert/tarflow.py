@@ -5,7 +5,7 @@ python convert/tarflow.py --checkpoint afhq_model_8_768_8_8_0.07.pth --out mlx-t
 
 import sys
 
-from mlx_starflow.convert import tarflow_main
+from mlx_starflow.cli.convert import tarflow_main
 
 if __name__ == "__main__":
     sys.exit(tarflow_main())

@@ -10,7 +10,7 @@ import threading
 import time
 
 from mlx_starflow import Cancelled, Pipeline
-from mlx_starflow.hub import ModelNotFound
+from mlx_starflow.loading.hub import ModelNotFound
 
 
 class Generator:

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from mlx_starflow import Pipeline
-from mlx_starflow.hub import ModelNotFound
+from mlx_starflow.loading.hub import ModelNotFound
 
 p = argparse.ArgumentParser(
     description="Generate one image with the Python API.", formatter_class=argparse.ArgumentDefaultsHelpFormatter

@@ -1,15 +1,18 @@
 """mlx-starflow: Apple's STARFlow and TarFlow normalizing flows on MLX."""
 
-from .flow import Flow
-from .pipeline import Cancelled, GenerateOptions, Pipeline, Result
+from .loading.weights import convert_starflow, convert_tarflow, load_flow
+from .models.flow import Flow
+from .options import Cancelled, Event, GenerateOptions, LoadOptions, Result
+from .pipeline import Pipeline
 from .sample import Jacobi, invert, sample, sample_steps
-from .weights import convert_starflow, convert_tarflow, load_flow
 
 __all__ = [
     "Pipeline",
     "Result",
+    "Event",
     "Cancelled",
     "GenerateOptions",
+    "LoadOptions",
     "Flow",
     "Jacobi",
     "sample",

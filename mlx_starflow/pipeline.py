@@ -12,139 +12,49 @@ run one after another.
 
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from . import device
-from .flow import Flow
-from .hub import DEFAULT_MODEL, resolve
-from .quant import quant_args
-from .sample import Jacobi, OptionError, Step, check_guidance, is_whole, sample_steps
-from .weights import DTYPES, load_flow
+from . import editing, likelihood
+from .images import to_pil
+from .loading import device
+from .loading.hub import DEFAULT_MODEL
+from .loading.quant import quant_args
+from .loading.resolve import resolve
+from .loading.text import load_text_encoder
+from .loading.vae import load_vae
+from .loading.weights import DTYPES, load_flow
+from .models.flow import Flow
+from .models.vae import decode_latents, encode_image
+from .options import (
+    DEFAULT_GUIDANCE,
+    Cancelled,
+    Event,
+    GenerateOptions,
+    LoadOptions,
+    Result,
+    check_prompts,
+    drive,
+    expand_seeds,
+)
+from .sample import sample_steps
 
-__all__ = ["Pipeline", "Result", "Cancelled", "ClassEncoder", "GenerateOptions", "Event"]
-
-SAMPLERS = ("jacobi", "sequential")
-DENOISE = ("auto", "score", "learned", "none")
-# The reference image scripts' sampling settings.
-DEFAULT_GUIDANCE = 3.6
-DEFAULT_JACOBI = Jacobi(block_size=16, threshold=1e-3, max_iter=32)
-
-
-class Cancelled(Exception):
-    """A call stopped by its progress callback (the pipeline stays usable)."""
-
-
-@dataclass
-class Result:
-    images: list  # PIL images, prompt-major: all images of prompt 0, then prompt 1, ...
-    latents: mx.array  # the flow's final samples (B, H, W, C), after denoising, before decoding
-    seeds: List[int]
-    prompts: List[str]
-    timings: dict = field(default_factory=dict)  # seconds per stage
-    peak_memory: int = 0  # bytes, MLX's peak during this call
-    params: dict = field(default_factory=dict)  # everything needed to reproduce it
-
-
-@dataclass
-class Event:
-    """One report of `Pipeline.generate_steps`: `done` of `total` of a stage
-    ("text", "deep", "shallow", "denoise", "decode"). `step` is the sampler's Step
-    during "deep" and "shallow" (step.preview() shows the current sample); `result`
-    is set on the last event only."""
-
-    stage: str
-    done: int
-    total: int
-    step: Optional[Step] = None
-    result: Optional[Result] = None
-
-
-def expand_seeds(seed, count: int) -> List[int]:
-    """One seed per image: None draws a random base, one int n gives n, n+1, ..., or
-    a list with one seed per image (a single-element list counts as one int)."""
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
-    if not isinstance(seed, (int, np.integer)):
-        seeds = [int(s) for s in seed]
-        if len(seeds) == 1 and count > 1:
-            seed = seeds[0]
-        elif len(seeds) != count:
-            raise ValueError(f"{len(seeds)} seeds for {count} images: give one seed, or one per image")
-        else:
-            return seeds
-    return [int(seed) + i for i in range(count)]
-
-
-def check_prompts(prompt) -> List[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts:
-        raise ValueError("give at least one prompt (a string or a non-empty list of strings)")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__}")
-    return prompts
-
-
-@dataclass
-class GenerateOptions:
-    """Everything a generation call can be asked, shared by the API and the command
-    line. `validate()` checks what needs no model; `Pipeline.resolve_options` fills
-    the model's own defaults (guidance, sampler) and checks the rest against it."""
-
-    prompts: Union[str, Sequence[str]]
-    negative_prompt: str = ""
-    num_images: int = 1
-    seed: Union[None, int, Sequence[int]] = None
-    guidance: Optional[float] = None  # None: the model's own default, else 3.6
-    sampler: Optional[str] = None  # None: the model's own default, else "jacobi"
-    jacobi_block_size: int = 16
-    jacobi_threshold: float = 1e-3
-    jacobi_max_iter: int = 32
-    denoise: str = "auto"
-    height: Optional[int] = None
-    width: Optional[int] = None
-    latents: Optional[object] = None  # the initial noise (B, H, W, C) instead of seeds
-
-    def validate(self) -> "GenerateOptions":
-        """Raises OptionError naming the option; returns self."""
-        try:
-            self.prompts = check_prompts(self.prompts)
-        except ValueError as e:
-            raise OptionError("prompts", str(e)) from None
-        if not is_whole(self.num_images) or self.num_images < 1:
-            raise OptionError("num_images", f"num_images must be at least 1 (a whole number), not {self.num_images!r}")
-        if self.guidance is not None:
-            self.guidance = check_guidance(self.guidance)
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise OptionError("sampler", f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
-        Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
-        if self.denoise not in DENOISE:
-            raise OptionError("denoise", f"denoise must be one of {', '.join(DENOISE)}, not {self.denoise!r}")
-        if not isinstance(self.negative_prompt, str):
-            raise OptionError("negative_prompt", "negative_prompt must be a string")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (not is_whole(v) or v < 1):
-                raise OptionError(name, f"{name} must be at least 1 pixel (a whole number), not {v!r}")
-        return self
-
-    @property
-    def batch_prompts(self) -> List[str]:
-        return [p for p in self.prompts for _ in range(self.num_images)]
-
-    @property
-    def jacobi(self) -> Optional[Jacobi]:
-        if self.sampler != "jacobi":
-            return None
-        return Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
-
-    @classmethod
-    def names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
+__all__ = [
+    "Pipeline",
+    "Result",
+    "Cancelled",
+    "ClassEncoder",
+    "GenerateOptions",
+    "LoadOptions",
+    "Event",
+    "check_prompts",
+    "drive",
+    "expand_seeds",
+]
 
 
 class ClassEncoder:
@@ -209,28 +119,21 @@ class ClassEncoder:
         pass
 
 
+BF16_ABOVE = 4e9  # bytes of float32 weights (a billion parameters) above which "auto" is bfloat16
+
+
 def _auto_dtype(folder) -> Optional[str]:
     """The precision policy: float32 models of more than a billion parameters run in
     bfloat16 (half the memory and weight traffic); others as stored."""
-    import json
+    from safetensors import safe_open
 
-    path = folder / "model.safetensors"
-    with open(path, "rb") as f:  # the safetensors header: names, dtypes, offsets
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    f32 = sum(4 * int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
-    return "bfloat16" if f32 > 4e9 else None
-
-
-def drive(events: Iterator[Event], progress: Optional[Callable] = None) -> Result:
-    """Run a generator of Events to its Result, calling progress(stage, done, total)
-    on each; progress returning False stops the generator and raises Cancelled."""
-    for event in events:
-        if progress is not None and event.result is None and progress(event.stage, event.done, event.total) is False:
-            events.close()
-            raise Cancelled(event.stage)
-    if progress is not None:
-        progress(event.stage, event.done, event.total)
-    return event.result
+    f32 = 0
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:  # reads the header only
+        for name in f.keys():
+            info = f.get_slice(name)
+            if info.get_dtype() == "F32":
+                f32 += 4 * int(np.prod(info.get_shape()))
+    return "bfloat16" if f32 > BF16_ABOVE else None
 
 
 class Pipeline:
@@ -280,21 +183,33 @@ class Pipeline:
         optionally quantized to `quantize` bits; the text encoder is loaded when first
         needed and freed after encoding unless keep_text_encoder. flow_loader(folder,
         dtype=, quantize=) replaces weights.load_flow (distributed.py loads a rank's part)."""
-        for name, value in (
-            ("dtype", None if dtype == "auto" else dtype),
-            ("text_dtype", text_dtype),
-            ("vae_dtype", vae_dtype),
-        ):
-            if value is not None and value not in DTYPES:
-                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
+        load = LoadOptions(
+            model=model,
+            checkpoint=checkpoint,
+            config=config,
+            text_encoder=text_encoder,
+            vae=vae,
+            dtype=dtype,
+            quantize=quantize,
+            q_group_size=q_group_size,
+            text_dtype=text_dtype,
+            text_quantize=text_quantize,
+            vae_dtype=vae_dtype,
+            vae_tile=vae_tile,
+            keep_text_encoder=keep_text_encoder,
+        )
+        try:
+            load.validate()
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if dtype is not None and dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         quants = {}
         for name, value in (("quantize", quantize), ("text_quantize", text_quantize)):
             try:  # the one quantization policy (quant.py)
                 quants[name] = quant_args({"bits": value, "group_size": q_group_size} if value else None)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-        if vae_tile is not None and vae_tile < 2:
-            raise ValueError(f"vae_tile must be at least 2 latents, not {vae_tile}")
         q, tq = quants["quantize"], quants["text_quantize"]
         where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
         if dtype == "auto":
@@ -302,8 +217,6 @@ class Pipeline:
         flow = device.prepare((flow_loader or load_flow)(where.flow, dtype=dtype, quantize=q))
         loader = None
         if where.text_encoder is not None:
-            from .text import load_text_encoder
-
             txt_size, td = flow.config.txt_size, DTYPES[text_dtype]
 
             def loader():
@@ -311,7 +224,6 @@ class Pipeline:
 
         vae_loader = None
         if where.vae is not None:
-            from .vae import load_vae
 
             def vae_loader(encoder: bool):
                 return device.prepare(load_vae(where.vae, dtype=DTYPES[vae_dtype], encoder=encoder))
@@ -349,6 +261,20 @@ class Pipeline:
         if self._text is not None and not self.keep_text_encoder:
             self._text.release()
             self._text = None
+
+    @contextmanager
+    def exclusive(self, keep_text_encoder: bool = False):
+        """Hold the pipeline for a sequence of calls (no other thread's call runs in between);
+        keep_text_encoder: keep the text encoder loaded until the block ends (one load for
+        several encodings), then free it unless the pipeline keeps it."""
+        with self._lock:
+            keep = self.keep_text_encoder
+            self.keep_text_encoder = keep or keep_text_encoder
+            try:
+                yield self
+            finally:
+                self.keep_text_encoder = keep
+                self._release_text()
 
     def check_prompts(self, prompts: Sequence[str]):
         """For class-conditional models, every prompt must name a class."""
@@ -401,8 +327,6 @@ class Pipeline:
         return mx.stack([mx.random.normal(shape, key=mx.random.key(int(s))) for s in seeds])
 
     def decode(self, latents) -> list:
-        from .vae import decode_latents, to_pil
-
         if self.vae is None:
             return to_pil(mx.clip(latents, -1.0, 1.0))
         out = []
@@ -418,8 +342,6 @@ class Pipeline:
         themselves for pixel models."""
         if self.config.vae is None:
             return images
-        from .vae import encode_image
-
         with self._lock:
             if self.vae is None or getattr(self.vae, "encoder", None) is None:
                 if self._vae_loader is None:
@@ -469,7 +391,6 @@ class Pipeline:
         prompt: Union[str, Sequence[str], GenerateOptions],
         *,
         progress: Optional[Callable] = None,
-        group=None,
         **options,
     ) -> Result:
         """Generate num_images images per prompt. Options are GenerateOptions' fields:
@@ -479,41 +400,38 @@ class Pipeline:
         (B, H, W, C) instead of seeds, B = prompts x num_images).
 
         progress(stage, done, total) is called during each stage; returning False
-        cancels the call (raises Cancelled) and leaves the pipeline usable. group: an
-        mx.distributed group whose every rank makes this same call (distributed.py)."""
-        return drive(self.generate_steps(prompt, group=group, **options), progress)
+        cancels the call (raises Cancelled) and leaves the pipeline usable. (Several
+        processes share a call through `distributed.share(pipe, group)`.)"""
+        return drive(self.generate_steps(prompt, **options), progress)
 
     def generate_steps(
         self,
         prompt: Union[str, Sequence[str], GenerateOptions],
         *,
-        group=None,
         after_sampling: Optional[Callable] = None,
+        sample_with: Optional[Callable] = None,
         **options,
     ) -> Iterator[Event]:
         """Generation as a generator of Events: one per token or Jacobi chunk while
         sampling, one per other stage; the last carries the Result. Options are
         checked before the first event; stop iterating to cancel. after_sampling(x)
         -> x is applied to the flow's sample and again after denoising (editing
-        pastes its kept latents back there)."""
+        pastes its kept latents back there); sample_with replaces sample.sample_steps,
+        called with its arguments (a masked edit holds its kept tokens there)."""
         unknown = sorted(set(options) - set(GenerateOptions.names()))
         if unknown:
             raise TypeError(
                 f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(GenerateOptions.names()[1:])}"
             )
+        if "group" in options:
+            raise TypeError("group: several processes share a call through distributed.share(pipe, group)")
         opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
-        if group is not None:  # several processes share the work: distributed.py
-            if after_sampling is not None:
-                raise ValueError("after_sampling is not available with a distributed group")
-            from .distributed import generate_steps
-
-            return generate_steps(self, group, opts)
         opts = self.resolve_options(opts)
-        return self._run(opts, after_sampling)
+        return self._run(opts, after_sampling, sample_with)
 
-    def _run(self, opts: GenerateOptions, after_sampling=None) -> Iterator[Event]:
+    def _run(self, opts: GenerateOptions, after_sampling=None, sample_with=None) -> Iterator[Event]:
         with self._lock:
-            yield from self._stages(opts, after_sampling or (lambda x: x))
+            yield from self._stages(opts, after_sampling or (lambda x: x), sample_with or sample_steps)
 
     def params(self, opts: GenerateOptions) -> dict:
         """What a Result records of resolved options (and PNG metadata carries)."""
@@ -534,7 +452,7 @@ class Pipeline:
             )
         return params
 
-    def _stages(self, opts: GenerateOptions, after_sampling) -> Iterator[Event]:
+    def _stages(self, opts: GenerateOptions, after_sampling, sample_with=sample_steps) -> Iterator[Event]:
         cfg = self.config
         prompts = opts.batch_prompts
         timings = {}
@@ -555,7 +473,7 @@ class Pipeline:
         top = cfg.num_blocks - 1
         shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
         start = deep_end = time.perf_counter()
-        for step in sample_steps(self.flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
+        for step in sample_with(self.flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
             if step.block == top:
                 yield Event("deep", step.done, step.total, step)
                 if step.done == step.total:
@@ -600,19 +518,13 @@ class Pipeline:
     # -- what only a flow can do: each in its own module, reached from here ----------
 
     def score(self, images, prompts, **kwargs):
-        """Exact likelihood of images under prompts: see score.score."""
-        from .score import score
-
-        return score(self, images, prompts, **kwargs)
+        """Exact likelihood of images under prompts: see likelihood.score."""
+        return likelihood.score(self, images, prompts, **kwargs)
 
     def invert(self, prompt, **kwargs):
-        """Images or latents -> the noise that sampling maps back to them: see edit.invert."""
-        from .edit import invert
-
-        return invert(self, prompt, **kwargs)
+        """Images or latents -> the noise that sampling maps back to them: see editing.invert."""
+        return editing.invert(self, prompt, **kwargs)
 
     def edit(self, image, prompt, **kwargs):
-        """Editing by exact inversion: see edit.edit."""
-        from .edit import edit
-
-        return edit(self, image, prompt, **kwargs)
+        """Editing by exact inversion: see editing.edit."""
+        return editing.edit(self, image, prompt, **kwargs)

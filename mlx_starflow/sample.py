@@ -3,9 +3,10 @@
 Blocks are sampled deep (top) block first, then the shallow blocks from the
 highest index down, each token by token with a KV cache or in Jacobi chunks.
 `sample_steps` is a generator that yields a `Step` after every token (or Jacobi
-chunk): a caller shows progress, times tokens, previews, or cancels by simply
-no longer iterating. `sample` runs it to the end. `invert` is the guided density
-direction: for any guidance weight, sample(invert(x)) == x.
+iteration): a caller shows progress, times tokens, previews, or cancels by simply
+no longer iterating, so nothing runs more than one iteration past its cancel.
+`sample` runs it to the end. `invert` is the guided density direction: for any
+guidance weight, sample(invert(x)) == x.
 """
 
 import math
@@ -15,7 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .flow import Flow, FlowBlock, IdentityBlock
+from .models.flow import Flow, FlowBlock, IdentityBlock
 
 
 class OptionError(ValueError):
@@ -173,6 +174,7 @@ def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
                 break  # keep this iteration's cache entries
             for cache in caches:
                 cache.rewind(size)
+            yield start, current  # a point to stop at within the chunk: no token finished yet
         start += size
         yield start, current
     return x_full[:, 1:]
@@ -207,12 +209,15 @@ def block_steps(
     builds token t+1's graph while token t computes (pays on a GPU, not on a 2-core
     CPU where both compete). Measured by `python -m mlx_starflow.benchmark --compare-loop`."""
     loop = _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens)
+    last = 0
     while True:
         try:
             done, _ = next(loop)
         except StopIteration as stop:
             return stop.value
-        yield done
+        if done > last:  # Jacobi's points within a chunk finish no token
+            last = done
+            yield done
 
 
 def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap):
@@ -318,7 +323,8 @@ def sample_steps(
     compile_step: bool = True,
     overlap: bool = False,
 ) -> Iterator[Step]:
-    """Noise -> data, one Step per token or Jacobi chunk. noise (B, H, W, C). For
+    """Noise -> data, one Step per token or Jacobi iteration (those within a chunk repeat
+    its start as `done`: a point to cancel at, with nothing finished). noise (B, H, W, C). For
     STARFlow, y is the text embeddings: B rows, or 2B rows [conditional;
     unconditional] when guidance > 0. For TarFlow, y is the class labels (B,), the
     unconditional pass using the mean class embedding. Stop iterating to cancel."""

@@ -5,8 +5,8 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_starflow.config import starflow_config_from_args
-from mlx_starflow.flow import Flow
+from mlx_starflow.models.config import starflow_config_from_args
+from mlx_starflow.models.flow import Flow
 
 # A miniature of the released 3B recipe: deep-shallow, SOS, softplus, soft clip, final
 # norm, text on the deep block only, L2R.

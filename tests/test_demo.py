@@ -11,7 +11,7 @@ import pytest
 
 from mlx_starflow import demo
 from mlx_starflow.demo import shapes
-from mlx_starflow.weights import load_flow
+from mlx_starflow.loading.weights import load_flow
 
 PER_CLASS = 12
 
@@ -89,7 +89,7 @@ def test_training_smoke(tmp_path):
 
     from mlx.utils import tree_flatten
 
-    from mlx_starflow.weights import save_model
+    from mlx_starflow.loading.weights import save_model
 
     cfg.sampling = {"guidance": 1.0, "sampler": "sequential", "denoise": "score"}
     save_model(tmp_path / "m", cfg, dict(tree_flatten(model.parameters())))

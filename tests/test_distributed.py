@@ -21,10 +21,10 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_starflow import distributed
-from mlx_starflow.generate import read_metadata
+from mlx_starflow.images import read_metadata
+from mlx_starflow.loading.weights import load_flow, save_model
 from mlx_starflow.pipeline import Pipeline
 from mlx_starflow.sample import Jacobi, sample
-from mlx_starflow.weights import load_flow, save_model
 
 PROMPTS = ["red circle", "green square", "blue triangle", "yellow circle", "red square"]
 TIMEOUT = 90  # seconds for any one group, then every process of it is killed

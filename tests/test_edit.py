@@ -16,10 +16,10 @@ from PIL import Image
 from tiny_release import make_release
 
 from mlx_starflow.demo import shapes
-from mlx_starflow.edit import blend, invert_stage, load_mask
-from mlx_starflow.generate import read_metadata
+from mlx_starflow.editing import blend, load_mask
+from mlx_starflow.images import from_pil, read_metadata
 from mlx_starflow.pipeline import Cancelled, Pipeline
-from mlx_starflow.vae import from_pil
+from mlx_starflow.tools.benchmark import invert_stage
 
 
 def rel(a, b):
@@ -107,7 +107,7 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 @pytest.fixture(scope="module")
 def reference_models(tmp_path_factory):
     """The parity fixtures' reference checkpoints, converted and loaded as a user's are."""
-    from mlx_starflow.weights import convert_starflow, convert_tarflow, load_flow
+    from mlx_starflow.loading.weights import convert_starflow, convert_tarflow, load_flow
 
     if not FIXTURES.is_dir():
         pytest.skip(f"no reference fixtures at {FIXTURES} (tests/test_parity.py runs them under CI)")
@@ -410,6 +410,8 @@ def test_command_line_edit(red_png, tmp_path):
     again = cli(
         "--from-image",
         str(written),
+        "--model",
+        "demo",
         "--image",
         str(red_png),
         "--mask",

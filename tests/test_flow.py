@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from helpers import TXT_DIM, rand, randomize, tiny_flow
 
-from mlx_starflow.config import FlowConfig
-from mlx_starflow.flow import Flow, IdentityBlock
-from mlx_starflow.sample import Jacobi, guided, sample_block, sample_steps
+from mlx_starflow.models.config import FlowConfig
+from mlx_starflow.models.flow import Flow, IdentityBlock
+from mlx_starflow.sample import Jacobi, guided, sample, sample_block, sample_steps
 
 B = 2
 
@@ -56,7 +56,7 @@ def test_forward_then_reverse_is_identity(name):
     x, y = inputs(model)
     z, logdet = model(x, y)
     assert z.shape == x.shape and logdet.shape == (B,)
-    back = model.sample(z, y)
+    back = sample(model, z, y)
     np.testing.assert_allclose(np.array(back), np.array(x), atol=2e-4)
 
 
@@ -112,23 +112,23 @@ def test_jacobi_to_convergence_equals_sequential(name):
     model = make(name)
     x, y = inputs(model)
     y2 = mx.concatenate([y, rand(y.shape, 9)])
-    seq = model.sample(x, y2, guidance=2.5)
-    jac = model.sample(x, y2, guidance=2.5, jacobi=Jacobi(block_size=5, threshold=1e-12, max_iter=100))
+    seq = sample(model, x, y2, guidance=2.5)
+    jac = sample(model, x, y2, guidance=2.5, jacobi=Jacobi(block_size=5, threshold=1e-12, max_iter=100))
     np.testing.assert_allclose(np.array(jac), np.array(seq), atol=1e-4)
     # One iteration per chunk is not convergence: the result differs.
-    rough = model.sample(x, y2, guidance=2.5, jacobi=Jacobi(block_size=5, threshold=1e-12, max_iter=1))
+    rough = sample(model, x, y2, guidance=2.5, jacobi=Jacobi(block_size=5, threshold=1e-12, max_iter=1))
     assert np.abs(np.array(rough) - np.array(seq)).max() > 1e-3
 
 
 def test_guidance_with_equal_rows_equals_unguided_and_zero_weight_ignores_uncond_rows():
     model = make("t2i")
     x, y = inputs(model)
-    plain = np.array(model.sample(x, y))
-    same_rows = np.array(model.sample(x, mx.concatenate([y, y]), guidance=4.0))
+    plain = np.array(sample(model, x, y))
+    same_rows = np.array(sample(model, x, mx.concatenate([y, y]), guidance=4.0))
     np.testing.assert_allclose(same_rows, plain, atol=1e-4)
-    zero = np.array(model.sample(x, mx.concatenate([y, rand(y.shape, 5)]), guidance=0.0))
+    zero = np.array(sample(model, x, mx.concatenate([y, rand(y.shape, 5)]), guidance=0.0))
     np.testing.assert_allclose(zero, plain, atol=1e-6)
-    guided = np.array(model.sample(x, mx.concatenate([y, rand(y.shape, 5)]), guidance=4.0))
+    guided = np.array(sample(model, x, mx.concatenate([y, rand(y.shape, 5)]), guidance=4.0))
     assert np.abs(guided - plain).max() > 1e-3
 
 
@@ -214,18 +214,18 @@ def test_tarflow_roundtrip_guidance_and_mean_embedding():
     x = rand((3, 8, 8, 3), 2)
     labels = mx.array([0, 2, -1])
     z, logdet = model(x, labels)
-    np.testing.assert_allclose(np.array(model.sample(z[:2], labels[:2])), np.array(x[:2]), atol=1e-4)
+    np.testing.assert_allclose(np.array(sample(model, z[:2], labels[:2])), np.array(x[:2]), atol=1e-4)
     # apple/ml-tarflow's reverse indexes class_embed[y] as is: -1 samples the last class
     np.testing.assert_allclose(
-        np.array(model.sample(z[2:], labels[2:])), np.array(model.sample(z[2:], mx.array([2]))), atol=1e-6
+        np.array(sample(model, z[2:], labels[2:])), np.array(sample(model, z[2:], mx.array([2]))), atol=1e-6
     )
     # a negative label means "no class": the mean class embedding
     z_none, _ = model(x[2:], None)
     np.testing.assert_allclose(np.array(z[2:]), np.array(z_none), atol=1e-6)
-    g = np.array(model.sample(z, labels, guidance=1.5))
+    g = np.array(sample(model, z, labels, guidance=1.5))
     assert np.all(np.isfinite(g)) and np.abs(g - np.array(x)).max() > 1e-3
     with pytest.raises(ValueError, match="SOS"):
-        model.sample(z, labels, jacobi=Jacobi())
+        sample(model, z, labels, jacobi=Jacobi())
 
 
 def test_steps_report_every_token_and_stopping_cancels():
@@ -242,25 +242,25 @@ def test_steps_report_every_token_and_stopping_cancels():
             break
     steps.close()  # stopping is cancelling: nothing else to call
     assert preview.shape == x.shape
-    np.testing.assert_allclose(np.array(model.sample(x, y)), np.array(model.sample(x, y)))
+    np.testing.assert_allclose(np.array(sample(model, x, y)), np.array(sample(model, x, y)))
 
 
 def test_bad_inputs():
     model = make("t2i")
     x, y = inputs(model)
     with pytest.raises(ValueError, match="guidance"):
-        model.sample(x, y, guidance=-1)
+        sample(model, x, y, guidance=-1)
     with pytest.raises(ValueError, match=r"\(batch, height, width, 4\)"):
-        model.sample(x[..., :3], y)
+        sample(model, x[..., :3], y)
     with pytest.raises(ValueError, match="text embeddings"):
-        model.sample(x, y[..., :5])
+        sample(model, x, y[..., :5])
     with pytest.raises(ValueError, match="rows of text"):
-        model.sample(x, y, guidance=2.0)  # guidance needs 2B rows
+        sample(model, x, y, guidance=2.0)  # guidance needs 2B rows
     with pytest.raises(ValueError, match="block size"):
         Jacobi(block_size=0)
     for bad in (float("nan"), float("inf"), "high"):
         with pytest.raises(ValueError, match="guidance must be >= 0 and finite"):
-            model.sample(x, mx.concatenate([y, y]), guidance=bad)
+            sample(model, x, mx.concatenate([y, y]), guidance=bad)
     with pytest.raises(ValueError, match="threshold"):
         Jacobi(threshold=-1e-3)
     with pytest.raises(ValueError, match="threshold"):
@@ -275,12 +275,12 @@ def test_input_major_weights_give_the_same_model(name, tmp_path):
     keep their names and shapes, so the model still saves and quantizes."""
     from mlx.utils import tree_flatten
 
-    from mlx_starflow.device import input_major
+    from mlx_starflow.loading.device import input_major
 
     model = make(name)
     x, y = inputs(model)
     y2 = mx.concatenate([y, rand(y.shape, 7)])
-    before = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
+    before = [model.log_prob(x, y), sample(model, x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     n_linears = sum(
         k.endswith(".weight") and ".attn_blocks." in f".{k}" and v.ndim == 2
@@ -288,7 +288,7 @@ def test_input_major_weights_give_the_same_model(name, tmp_path):
     )
     assert input_major(model) == n_linears > 0
     assert {k: v.shape for k, v in tree_flatten(model.parameters())} == shapes
-    after = [model.log_prob(x, y), model.sample(x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
+    after = [model.log_prob(x, y), sample(model, x, y2, guidance=1.5), model.denoise(x, y, 0.3)]
     for a, b in zip(before, after):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
     # saved and loaded back: the same numbers in the usual layout

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from mlx_starflow import generate
-from mlx_starflow.generate import main, read_metadata
-from mlx_starflow.hub import DEMO
+from mlx_starflow.cli.generate import main
+from mlx_starflow.images import read_metadata
+from mlx_starflow.loading.hub import DEMO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_help_describes_every_option_and_its_default(capsys):
         if not action.option_strings or action.dest == "help":
             continue
         assert action.help, f"{action.option_strings[0]} has no description"
-        if action.dest in ("prompt", "prompt_file", "from_image"):
+        if action.dest in ("prompts", "prompt_file", "from_image", "model"):
             continue  # what to draw, not a setting: nothing to default to
         switch = action.nargs == 0  # --overwrite, --metadata, ...: off unless given
         shown = action.default not in (None, False, "")  # the formatter prints "(default: ...)"
@@ -76,13 +77,17 @@ def test_help_describes_every_option_and_its_default(capsys):
         ("--cfg", "-1", "guidance must be >= 0"),
         ("--cfg", "nan", "guidance must be >= 0 and finite"),
         ("--cfg", "inf", "guidance must be >= 0 and finite"),
-        ("--jacobi-threshold", "-0.5", "threshold must be >= 0"),
-        ("--jacobi-threshold", "nan", "threshold must be >= 0 and finite"),
-        ("--jacobi-block-size", "0", "at least 1"),
-        ("--jacobi-max-iter", "0", "at least 1"),
-        ("--num-images", "0", "at least 1"),
-        ("--height", "-32", "at least 1"),
-        ("--vae-tile", "1", "at least 2"),
+        ("--cfg", "1e9", "from 0.0 to 100.0"),
+        ("--jacobi-threshold", "-0.5", "threshold must be a finite number from 0.0 to 1.0"),
+        ("--jacobi-threshold", "nan", "threshold must be a finite number from 0.0 to 1.0"),
+        ("--jacobi-block-size", "0", "from 1 to 4096"),
+        ("--jacobi-max-iter", "0", "from 1 to 1000"),
+        ("--jacobi-max-iter", "1000000000000000", "from 1 to 1000"),
+        ("--num-images", "0", "from 1 to 1000"),
+        ("--height", "-32", "from 1 to 4096"),
+        ("--vae-tile", "1", "from 2 to 4096"),
+        ("--seed", "-1", "seed must be a whole number from 0 to"),
+        ("--seed", str(2**64), "seed must be a whole number from 0 to"),
     ],
 )
 def test_errors_name_the_flag_before_any_loading(tmp_path, capsys, flag, value, rule):
@@ -124,14 +129,17 @@ def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, caps
         == 0
     )
     again = tmp_path / "again.png"
-    assert main(["--from-image", str(first), "--output", str(again)]) == 0
+    assert main(["--from-image", str(first), "--model", "demo", "--output", str(again)]) == 0
     assert again.read_bytes() == first.read_bytes()  # same pixels and the same parameters
     meta = read_metadata(again)
     assert (meta["guidance"], meta["sampler"], meta["jacobi_block_size"], meta["denoise"]) == (2.0, "jacobi", 8, "none")
 
     # a flag given explicitly wins over the PNG's value; the rest still comes from the PNG
     other = tmp_path / "other.png"
-    assert main(["--from-image", str(first), "--seed", "7", "--cfg", "1.5", "--output", str(other)]) == 0
+    assert (
+        main(["--from-image", str(first), "--model", "demo", "--seed", "7", "--cfg", "1.5", "--output", str(other)])
+        == 0
+    )
     meta = read_metadata(other)
     assert (meta["seed"], meta["guidance"], meta["sampler"], meta["jacobi_block_size"]) == (7, 1.5, "jacobi", 8)
     direct = tmp_path / "direct.png"
@@ -156,8 +164,12 @@ def test_from_image_makes_the_same_image_and_given_flags_override(tmp_path, caps
     assert not np.array_equal(pixels(other), pixels(first))
 
     # the default output name would replace the original: refused, as for any existing file
-    assert main(["--from-image", str(first), "--output", str(first)]) == 1
+    assert main(["--from-image", str(first), "--model", "demo", "--output", str(first)]) == 1
     assert "already exists" in capsys.readouterr().err
+    # what is loaded comes from the command line alone: the image names it, the user gives it
+    assert main(["--from-image", str(first), "--output", str(tmp_path / "x.png")]) == 1
+    assert "made with --model demo; give --model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_from_image_errors(tmp_path, capsys):

@@ -11,8 +11,10 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from mlx_starflow import hub, text, vae
-from mlx_starflow.hub import ModelNotFound, download_command, is_repo_id, looks_like_path, patterns, resolve
+from mlx_starflow.loading import hub, text, vae
+from mlx_starflow.loading import resolve as resolver
+from mlx_starflow.loading.hub import ModelNotFound, download_command, is_repo_id, looks_like_path, patterns
+from mlx_starflow.loading.resolve import resolve
 
 
 def offline_env(tmp_path):
@@ -25,7 +27,7 @@ def not_found(tmp_path, model) -> str:
     """The ModelNotFound message for `model`, in a fresh process (huggingface-hub reads
     HF_HOME and HF_HUB_OFFLINE when imported)."""
     code = (
-        "import sys\nfrom mlx_starflow.hub import resolve, ModelNotFound\n"
+        "import sys\nfrom mlx_starflow.loading.resolve import resolve, ModelNotFound\n"
         f"try:\n    resolve({model!r})\nexcept ModelNotFound as e:\n    print(e)\nelse:\n    sys.exit('found')\n"
     )
     run = subprocess.run(
@@ -76,7 +78,7 @@ def test_the_release_message_gives_the_commands_and_the_size(tmp_path):
     assert "huggingface-cli" not in msg and "--model demo" in msg
     # another checkpoint of the release repo: the command names that file
     code = (
-        "from mlx_starflow.hub import download_advice, patterns\n"
+        "from mlx_starflow.loading.hub import download_advice, patterns\n"
         "print(download_advice('apple/starflow', patterns('model', 'other.pth')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -148,7 +150,7 @@ def test_one_table_of_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(text, "download", fake_download)
     monkeypatch.setattr(vae, "download", fake_download)
-    monkeypatch.setattr(hub, "download", fake_download)
+    monkeypatch.setattr(resolver, "download", fake_download)
     text._download("google/flan-t5-xl")
     vae._download("stabilityai/sd-vae-ft-ema")
     with pytest.raises(ModelNotFound, match="stop here"):

@@ -15,9 +15,11 @@ import pytest
 from helpers import save_reference, tiny_flow
 from PIL import Image
 
-from mlx_starflow.generate import read_metadata
-from mlx_starflow.hub import ModelNotFound, resolve
+from mlx_starflow.images import read_metadata
+from mlx_starflow.loading.hub import ModelNotFound
+from mlx_starflow.loading.resolve import resolve
 from mlx_starflow.pipeline import Cancelled, Pipeline
+from mlx_starflow.sample import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 T5_WIDTH = 48  # test_t5's gated-gelu config
@@ -84,7 +86,7 @@ def test_explicit_latents_reproduce_the_flow(pipe):
     res = pipe.generate("a dog", latents=noise, guidance=2.0, sampler="sequential", denoise="none")
     enc = pipe._text_loader()
     y = mx.concatenate([enc.encode(["a dog"]), enc.encode([""])])
-    direct = pipe.flow.sample(noise, y, guidance=2.0)
+    direct = sample(pipe.flow, noise, y, guidance=2.0)
     np.testing.assert_allclose(np.array(res.latents), np.array(direct), atol=1e-5)
     seeded = pipe.generate("a dog", seed=11, guidance=2.0, sampler="sequential", denoise="none")
     np.testing.assert_allclose(np.array(seeded.latents), np.array(res.latents), atol=1e-6)
@@ -129,7 +131,7 @@ def test_concurrent_calls_are_serialised(pipe):
         (dict(prompt="x", num_images=0), "num_images"),
         (dict(prompt="x", height=64, width=64), "32x32 images only"),
         (dict(prompt="x", height=30), "multiple of 8"),
-        (dict(prompt="x", jacobi_block_size=0), "block size"),
+        (dict(prompt="x", jacobi_block_size=0), "jacobi_block_size must be a whole number from 1 to 4096"),
         (dict(prompt="x", sampler="euler"), "sampler"),
         (dict(prompt="x", denoise="learned"), "no learnable denoiser"),
         (dict(prompt="x", seed=[1, 2]), "2 seeds for 1 images"),
@@ -160,7 +162,7 @@ def test_unknown_option_and_options_object(pipe):
 def test_generation_never_loads_the_vae_encoder(pipe):
     from mlx.utils import tree_flatten
 
-    from mlx_starflow import device
+    from mlx_starflow.loading import device
 
     assert pipe.vae.encoder is None
     # the device's measures are applied by the loader: strips of rows on a CPU, MLX's own convolution elsewhere
@@ -259,7 +261,7 @@ def test_command_line(release, cache, tmp_path):
         (["--num-images", "0"], "num-images"),
         (["--output", "/nonexistent/dir/x.png"], "does not exist"),
         (["--model", "/no/such/model"], "no such file or folder"),
-        (["--jacobi-block-size", "0"], "block size"),
+        (["--jacobi-block-size", "0"], "--jacobi-block-size: jacobi_block_size must be a whole number from 1"),
     ],
 )
 def test_command_line_mistakes(release, cache, tmp_path, args, match):
@@ -299,7 +301,7 @@ def test_tiled_decoding_and_precision_options(release, cache, pipe):
     assert tiled._text is not None  # kept loaded
     with pytest.raises(ValueError, match="vae_tile"):
         Pipeline.from_pretrained(str(release), vae_tile=1)
-    with pytest.raises(ValueError, match="text_quantize: quantization must be 4 or 8"):
+    with pytest.raises(ValueError, match="text_quantize must be one of 4, 8, not 3"):
         Pipeline.from_pretrained(str(release), text_quantize=3)
 
 
@@ -333,7 +335,7 @@ def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
     # huggingface-hub reads HF_HOME and HF_HUB_OFFLINE when imported: a fresh process
     code = (
         "import json\n"
-        "from mlx_starflow.hub import resolve\n"
+        "from mlx_starflow.loading.resolve import resolve\n"
         "from mlx_starflow import Pipeline\n"
         "w = resolve('apple/starflow', checkpoint='tiny_t2i.pth')\n"
         "meta = json.loads((w.flow / 'config.json').read_text())\n"
@@ -348,17 +350,18 @@ def test_repo_ids_from_the_hugging_face_cache_offline(release, tmp_path):
     assert "(32, 32)" in run.stdout
 
 
-def test_auto_precision_policy(tmp_path):
+def test_auto_precision_policy(tmp_path, monkeypatch):
     import mlx.core as mx
 
-    from mlx_starflow.pipeline import _auto_dtype
+    from mlx_starflow import pipeline
 
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((8, 8))})
-    assert _auto_dtype(tmp_path) is None  # small float32: as stored
-    # a header claiming more than a billion float32 parameters asks for bfloat16
-    header = json.dumps({"w": {"dtype": "F32", "shape": [40000, 30000], "data_offsets": [0, 0]}}).encode()
-    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-    assert _auto_dtype(tmp_path) == "bfloat16"
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((8, 8)), "h": mx.zeros((8,), mx.bfloat16)})
+    assert pipeline._auto_dtype(tmp_path) is None  # small float32: as stored
+    # above the threshold (a billion float32 parameters for real), bfloat16; only float32 tensors count
+    monkeypatch.setattr(pipeline, "BF16_ABOVE", 8 * 8 * 4 - 1)
+    assert pipeline._auto_dtype(tmp_path) == "bfloat16"
+    monkeypatch.setattr(pipeline, "BF16_ABOVE", 8 * 8 * 4)
+    assert pipeline._auto_dtype(tmp_path) is None
 
 
 def test_demo_model_from_the_command_line(tmp_path):
@@ -438,8 +441,6 @@ def test_a_vae_of_two_levels_generates_at_its_own_scale(tmp_path, monkeypatch):
     import diffusers
     import torch
     from tiny_release import make_release
-
-    from mlx_starflow.sample import sample
 
     monkeypatch.setenv("MLX_STARFLOW_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "release"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_starflow import device
-from mlx_starflow.device import CPUQuantizedLinear
-from mlx_starflow.quant import quant_args, quantizable, quantize_linear
+from mlx_starflow.loading import device
+from mlx_starflow.loading.device import CPUQuantizedLinear
+from mlx_starflow.loading.quant import quant_args, quantizable, quantize_linear
 
 
 def test_quantized_linear_accumulates_in_float32():

@@ -17,15 +17,18 @@ from helpers import rand, tiny_flow
 from PIL import Image
 
 from mlx_starflow import demo
+from mlx_starflow.cli.score import main
 from mlx_starflow.demo import shapes
-from mlx_starflow.machine import openblas_path
+from mlx_starflow.images import from_pil, load_images
+from mlx_starflow.loading.text import TextEncoder
+from mlx_starflow.models.t5 import T5Config, T5Encoder
+from mlx_starflow.models.vae import VAE, VAEConfig
 from mlx_starflow.pipeline import Cancelled, Pipeline
-from mlx_starflow.random_models import randomize as random_weights
 from mlx_starflow.sample import sample
-from mlx_starflow.score import load_images, log_densities, main, noise_draw, score_stage, shared_blocks
-from mlx_starflow.t5 import T5Config, T5Encoder
-from mlx_starflow.text import TextEncoder
-from mlx_starflow.vae import VAE, VAEConfig, from_pil
+from mlx_starflow.score import log_densities, noise_draw, shared_blocks
+from mlx_starflow.tools.benchmark import score_stage
+from mlx_starflow.tools.machine import openblas_path
+from mlx_starflow.tools.random_models import randomize as random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TARFLOW_FIXTURE = ROOT.parent / "shared" / "fixtures" / "tarflow_tiny"
@@ -57,7 +60,7 @@ def demo_pipe():
 def tarflow(tmp_path_factory):
     """apple/ml-tarflow's fixture model converted by the package when the fixtures are
     beside the repo, else a tiny TarFlow built here."""
-    from mlx_starflow.weights import convert_tarflow, load_flow
+    from mlx_starflow.loading.weights import convert_tarflow, load_flow
 
     if TARFLOW_FIXTURE.is_dir():
         out = tmp_path_factory.mktemp("tarflow") / "model"
@@ -132,7 +135,7 @@ def latent_pipe(tmp_path_factory):
     and SD-VAE of 8x downsampling."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-    from mlx_starflow.weights import convert_starflow, load_flow
+    from mlx_starflow.loading.weights import convert_starflow, load_flow
 
     folder = tmp_path_factory.mktemp("text")
     if T2I_FIXTURE.is_dir():
@@ -267,7 +270,7 @@ BAD = [
     ("anim.gif", {}, r"anim.gif is animated .*3 frames"),
     ("grey.png", {}, r"grey.png is grayscale \(mode L\).*RGB"),
     ("small.png", {}, "small.png is 20x40, smaller than the 32x32"),
-    ("big.png", {"resize": False}, "big.png is 64x48; this model scores 32x32 images and resizing is off"),
+    ("big.png", {"resize": False}, "big.png is 64x48; this model takes 32x32 images and resizing is off"),
     ("dir.png", {}, "is a folder"),
 ]
 

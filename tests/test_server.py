@@ -24,7 +24,7 @@ from PIL import Image
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (pip install openai)")
 
 from mlx_starflow import Pipeline  # noqa: E402
-from mlx_starflow.server import Server, exposure_warning  # noqa: E402
+from mlx_starflow.cli.server import Server, exposure_warning  # noqa: E402
 
 FAST = {"denoise": "none"}  # our extension: skips the score step, a quarter of the demo's time
 
@@ -428,7 +428,7 @@ def test_command_line_server_under_load(tmp_path):
 
 
 def test_command_line_refuses_bad_options_and_a_taken_port_before_loading(capsys, monkeypatch):
-    from mlx_starflow import server as server_module
+    from mlx_starflow.cli import server as server_module
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")

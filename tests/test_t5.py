@@ -13,8 +13,9 @@ from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from mlx_starflow.t5 import T5Config, load_t5, read_weights, relative_position_buckets
-from mlx_starflow.weights import WeightsError
+from mlx_starflow.loading.text import load_t5, read_weights
+from mlx_starflow.loading.weights import WeightsError
+from mlx_starflow.models.t5 import T5Config, relative_position_buckets
 
 CONFIGS = {
     # FLAN-T5 style, with d_kv * num_heads (32) != d_model (48).

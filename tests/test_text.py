@@ -27,9 +27,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mlx_starflow.device import CPUQuantizedLinear as QuantizedLinear  # the loader prepares for the CPU
-from mlx_starflow.text import EMBED_TEMPLATE, load_text_encoder
-from mlx_starflow.text import Tokenizer as PromptTokenizer
+from mlx_starflow.loading.device import CPUQuantizedLinear as QuantizedLinear  # the loader prepares for the CPU
+from mlx_starflow.loading.text import EMBED_TEMPLATE, load_text_encoder
+from mlx_starflow.loading.text import Tokenizer as PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -385,7 +385,7 @@ def test_gemma_strict_loading(tmp_path):
     # One strict loader and one error for every model (weights.load_checked, WeightsError).
     from safetensors.numpy import load_file, save_file
 
-    from mlx_starflow.weights import WeightsError
+    from mlx_starflow.loading.weights import WeightsError
 
     make_gemma(tmp_path, "gemma2")
     weights = load_file(tmp_path / "model.safetensors")
@@ -416,7 +416,7 @@ def test_no_torch_at_runtime(tmp_path):
     make_t5(tmp_path, vocab_size=64)
     make_tokenizer(tmp_path, "t5")
     code = (
-        "import sys; import mlx_starflow.text as t\n"
+        "import sys; import mlx_starflow.loading.text as t\n"
         "assert 'torch' not in sys.modules, 'importing mlx_starflow.text imported torch'\n"
         f"t.load_text_encoder({str(tmp_path)!r}, txt_size=8).encode(['a cat', ''])\n"
         "assert 'torch' not in sys.modules, 'encoding with T5 imported torch'\n"

@@ -13,8 +13,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
-from mlx_starflow import vae as V  # noqa: E402
-from mlx_starflow.weights import WeightsError  # noqa: E402
+from mlx_starflow import images  # noqa: E402
+from mlx_starflow.loading import vae as V  # noqa: E402
+from mlx_starflow.loading.weights import WeightsError  # noqa: E402
+from mlx_starflow.models import vae as VM  # noqa: E402
 
 
 def make_reference(path, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, **kw):
@@ -91,9 +93,9 @@ def test_matches_diffusers(tmp_path, name):
 
     # The scaled helpers undo each other's scaling.
     zs = mx.array(z) * vae.config.scaling_factor
-    assert np.allclose(np.array(V.decode_latents(vae, zs)), np.array(vae.decode(mx.array(z))), atol=1e-5)
+    assert np.allclose(np.array(VM.decode_latents(vae, zs)), np.array(vae.decode(mx.array(z))), atol=1e-5)
     assert np.allclose(
-        np.array(V.encode_image(vae, mx.array(x))), np.array(vae.encode(mx.array(x))) * vae.config.scaling_factor
+        np.array(VM.encode_image(vae, mx.array(x))), np.array(vae.encode(mx.array(x))) * vae.config.scaling_factor
     )
 
 
@@ -107,7 +109,7 @@ def test_convolution_in_strips(tmp_path, monkeypatch, budget):
     z = mx.array(rng.standard_normal((2, 5, 3, 4)).astype(np.float32))
     x = mx.array(rng.uniform(-1, 1, (1, 14, 6, 3)).astype(np.float32))
     whole_decode, whole_encode = np.array(vae.decode(z)), np.array(vae.encode(x))
-    from mlx_starflow import device
+    from mlx_starflow.loading import device
 
     assert device.conv_strips(vae, budget) > 0  # what device.prepare does on a CPU, with a tiny budget
     calls, conv2d = [], mx.conv2d
@@ -206,25 +208,25 @@ def test_tiled_close_to_untiled(tmp_path):
 
 def test_pil_helpers():
     x = mx.array(np.linspace(-1.2, 1.2, 2 * 8 * 16 * 3, dtype=np.float32).reshape(2, 8, 16, 3))
-    ims = V.to_pil(x)
+    ims = images.to_pil(x)
     assert len(ims) == 2 and ims[0].mode == "RGB" and ims[0].size == (16, 8)
     a = np.asarray(ims[1])
     assert a.dtype == np.uint8 and a.max() == 255 and np.asarray(ims[0]).min() == 0
     # Round trip at the same size loses only the 8-bit rounding.
-    back = V.from_pil(ims)
+    back = images.from_pil(ims)
     assert back.shape == (2, 8, 16, 3)
     assert np.abs(np.array(back) - np.clip(np.array(x), -1, 1)).max() <= 1 / 127.5 + 1e-6
 
     # Resize the shorter side, centre-crop the longer one.
     img = np.zeros((60, 100, 3), np.uint8)
     img[:, 40:60] = 255  # a white bar in the middle survives the centre crop
-    y = V.from_pil(Image.fromarray(img), size=32)
+    y = images.from_pil(Image.fromarray(img), size=32)
     assert y.shape == (1, 32, 32, 3) and y.dtype == mx.float32
     assert float(y.max()) == 1.0 and float(y.min()) == -1.0 and float(y[0, 16, 16, 0]) > 0.9
-    assert V.from_pil(Image.fromarray(img), size=(48, 16)).shape == (1, 16, 48, 3)
-    assert V.from_pil(Image.fromarray(img)).shape == (1, 56, 96, 3)  # cropped to multiples of 8
+    assert images.from_pil(Image.fromarray(img), size=(48, 16)).shape == (1, 16, 48, 3)
+    assert images.from_pil(Image.fromarray(img)).shape == (1, 56, 96, 3)  # cropped to multiples of 8
     with pytest.raises(ValueError, match="multiple"):
-        V.from_pil(Image.fromarray(img), size=30)
+        images.from_pil(Image.fromarray(img), size=30)
 
 
 def test_bad_inputs(tmp_path):
@@ -273,8 +275,8 @@ def test_pipeline_folder_and_offline_repo_id(tmp_path):
     assert V.load_vae(tmp_path / "pipe").config.latent_channels == 4
     # A repo id that is not a local folder goes to the hub; offline that is a clear error.
     code = (
-        "from mlx_starflow.vae import load_vae\n"
-        "from mlx_starflow.hub import ModelNotFound\n"
+        "from mlx_starflow.loading.vae import load_vae\n"
+        "from mlx_starflow.loading.hub import ModelNotFound\n"
         "try:\n    load_vae('nobody/no-such-vae')\n"
         "except ModelNotFound as e:\n    assert 'Hugging Face cache' in str(e), e\n"
         "else:\n    raise SystemExit('no error')\n"
@@ -284,5 +286,5 @@ def test_pipeline_folder_and_offline_repo_id(tmp_path):
 
 
 def test_no_torch_import():
-    code = "import mlx_starflow.vae, sys; assert 'torch' not in sys.modules"
+    code = "import mlx_starflow.models.vae, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

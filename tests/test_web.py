@@ -22,7 +22,7 @@ if not os.path.exists(CHROMIUM):
     )
 
 from mlx_starflow import Pipeline  # noqa: E402
-from mlx_starflow.server import Server  # noqa: E402
+from mlx_starflow.cli.server import Server  # noqa: E402
 
 TIMEOUT = 60_000  # ms, for any one wait in the browser
 

@@ -4,8 +4,8 @@ tokenizer (text_encoder/) and a diffusers SD-style VAE (vae/) of any number of l
 
 from helpers import T2I_ARGS, randomize, save_reference
 
-from mlx_starflow.config import starflow_config_from_args
-from mlx_starflow.flow import Flow
+from mlx_starflow.models.config import starflow_config_from_args
+from mlx_starflow.models.flow import Flow
 
 T5_WIDTH = 48  # test_t5's gated-gelu config
 

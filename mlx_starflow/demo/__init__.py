@@ -45,12 +45,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..config import FlowConfig
-from ..flow import Flow
-from ..hub import DEMO as DEMO_DIR
+from ..loading.hub import DEMO as DEMO_DIR
+from ..loading.weights import load_flow, save_model
+from ..models.config import FlowConfig
+from ..models.flow import Flow
 from ..pipeline import ClassEncoder
-from ..sample import Jacobi
-from ..weights import load_flow, save_model
+from ..sample import Jacobi, sample
 from . import shapes
 
 LOG2_SCALE = math.log2(127.5)  # [-1, 1] -> 8-bit levels, per dimension
@@ -228,7 +228,7 @@ def sample(
         lab = mx.array(labels[i : i + batch_size])
         y = class_text(lab, cfg)
         y_all = mx.concatenate([y, class_text(mx.full(lab.shape, uncond), cfg)]) if guidance > 0 else y
-        x = model.sample(
+        x = sample(model, 
             noise[i : i + batch_size], y_all, guidance=guidance, jacobi=JACOBI if sampler == "jacobi" else None
         )
         if denoise == "score":

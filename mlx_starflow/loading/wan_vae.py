@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..models.wan_vae import WanVAE, WanVAEConfig, sanitize
+from .safetensors_reader import load_safetensors
 from .strict import load_checked
 from .torch_reader import load_pth
 
@@ -36,7 +37,7 @@ def load_wan_vae(path, config: Optional[dict] = None, dtype: Optional[mx.Dtype] 
             raise ValueError(f"{path}: no .safetensors weights; files here: {sorted(p.name for p in path.iterdir())}")
         weights = {}
         for f in files:
-            weights.update(mx.load(str(f)))
+            weights.update(load_safetensors(f))
     elif path.is_file():
         weights = sanitize(load_pth(path))
     else:

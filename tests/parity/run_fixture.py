@@ -32,8 +32,8 @@ def _nchw(a):
 def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     import mlx.core as mx
 
-    from mlx_starflow.sample import Jacobi
-    from mlx_starflow.weights import convert_starflow, convert_tarflow, load_flow
+    from mlx_starflow.loading.weights import convert_starflow, convert_tarflow, load_flow
+    from mlx_starflow.sample import Jacobi, sample
 
     out = tmp / "model"
     if meta["format"] == "starflow":
@@ -57,7 +57,7 @@ def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
             jac = None
             if kw.get("jacobi"):
                 jac = Jacobi(kw.get("jacobi_block_size", 16), kw.get("jacobi_th", 1e-3), kw.get("jacobi_max_iter", 32))
-            x = model.sample(_nhwc(args["noise"]), y, guidance=kw.get("guidance", 0.0), jacobi=jac)
+            x = sample(model, _nhwc(args["noise"]), y, guidance=kw.get("guidance", 0.0), jacobi=jac)
             results[f"{name}/x"] = _nchw(x)
         elif op == "denoise":
             results[f"{name}/x"] = _nchw(model.denoise(_nhwc(args["x"]), y, kw.get("noise_std")))
@@ -71,7 +71,7 @@ def run_flow(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
 def run_text(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     import mlx.core as mx
 
-    from mlx_starflow.text import load_text_encoder
+    from mlx_starflow.loading.text import load_text_encoder
 
     # The hf/ folder is what save_pretrained wrote; it loads as published repos do.
     # txt_size only matters for tokenising, which these cases leave out.
@@ -92,7 +92,7 @@ def run_vae(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     # hf/ is a diffusers folder that load_vae reads as is: nothing to convert.
     import mlx.core as mx
 
-    from mlx_starflow.vae import load_vae
+    from mlx_starflow.loading.vae import load_vae
 
     vae = load_vae(fixture / "hf")
     outputs = {"decode": ("z", "x"), "encode": ("x", "z")}
@@ -109,7 +109,10 @@ def run_vae(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     return results
 
 
+from wan_vae import run as run_wan_vae  # noqa: E402 (beside this file)
+
 RUNNERS = {
+    "wan2.2-vae": run_wan_vae,
     "starflow": run_flow,
     "tarflow": run_flow,
     "t5": run_text,

@@ -19,11 +19,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..models.t5 import T5Config, T5Encoder
+from ..models.t5 import sanitize as t5_sanitize
+from ..models.t5 import wanted as t5_wanted
 from . import device
 from .hub import download, is_repo_id, patterns
 from .quant import quant_args, quantize_like, quantize_linear
-from .t5 import load_t5, read_weights
-from .weights import load_checked
+from .safetensors_reader import load_safetensors
+from .strict import WeightsError, load_checked
+from .torch_reader import load_pth
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -465,3 +469,80 @@ def load_text_encoder(path, txt_size: int, dtype=mx.float32, quantize=None, mode
         model, text, types = _load_gemma(folder, config, dtype, quantize)
     device.prepare(model)
     return TextEncoder(text["model_type"], mode, model, tok_folder, txt_size, text["hidden_size"], text, types)
+
+
+# -- the T5 encoder's weights ----------------------------------------------------------------
+
+
+def _bin_files(folder: Path) -> list:
+    index = folder / "pytorch_model.bin.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        # Shards holding only decoder weights are never opened.
+        return sorted({folder / f for k, f in weight_map.items() if t5_wanted(k)})
+    return [folder / "pytorch_model.bin"]
+
+
+def read_weights(folder, wanted=t5_wanted) -> dict:
+    """{name: mx.array} of the keys `wanted` accepts from a Hugging Face folder.
+
+    Safetensors are loaded lazily by MLX, so the keys left out are never read.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for k, f in weight_map.items() if wanted(k)})
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        weights = {}
+        for f in _bin_files(folder):
+            for k, v in load_pth(f).items():
+                if wanted(k):
+                    weights[k] = v if isinstance(v, mx.array) else mx.array(v)
+        return weights
+    else:
+        raise FileNotFoundError(
+            f"{folder}: no weights found (expected model.safetensors, "
+            "model.safetensors.index.json with its shards, or pytorch_model.bin)"
+        )
+    weights = {}
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: shard named in {index.name} is missing")
+        weights.update({k: v for k, v in load_safetensors(f).items() if wanted(k)})
+    return weights
+
+
+def check_dtype(dtype):
+    if dtype == mx.float16:
+        raise ValueError(
+            "T5 overflows in float16 (its activations exceed the float16 range); use dtype=mx.bfloat16 or mx.float32"
+        )
+    if dtype not in (mx.float32, mx.bfloat16):
+        raise ValueError(f"unsupported T5 dtype {dtype}; use mx.bfloat16 or mx.float32")
+
+
+def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
+    """Load the T5 encoder of a Hugging Face folder.
+
+    dtype: mx.float32 or mx.bfloat16 (float16 is refused: T5 overflows in it).
+    quantize: None, the bits (8 or 4) for the linear layers, or {"bits", "group_size"}
+        (quant.quant_args); the embeddings stay in full precision.
+    """
+    check_dtype(dtype)
+    q = quant_args(quantize)
+    folder = Path(path)
+    config = json.loads((folder / "config.json").read_text())
+    model = T5Encoder(T5Config.from_dict(config))
+    try:
+        weights = t5_sanitize(read_weights(folder))
+    except ValueError as e:  # an unknown key, named by the model's sanitize
+        raise WeightsError(f"{folder}: {e}") from None
+    load_checked(model, weights, folder, dtype)
+    if q:
+        quantize_linear(model, **q)
+    model.eval()
+    mx.eval(model.parameters())
+    return model

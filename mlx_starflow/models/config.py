@@ -13,6 +13,76 @@ class ConfigError(ValueError):
     """A config that cannot describe a model this engine runs."""
 
 
+# Ranges of the flow's numbers: far beyond any released model, small enough that a
+# config cannot make the engine allocate without bound before its weights are read.
+LIMITS = {
+    "in_channels": (1, 4096),
+    "input_size": (1, 4096),
+    "patch_size": (1, 64),
+    "channels": (1, 65536),
+    "top_channels": (1, 65536),
+    "head_dim": (1, 4096),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "top_num_heads": (1, 1024),
+    "top_num_kv_heads": (1, 1024),
+    "top_head_dim": (0, 4096),
+    "top_mlp_dim": (0, 1 << 20),
+    "expansion": (1, 64),
+    "pt_seq_len": (1, 65536),
+    "txt_size": (0, 4096),
+    "txt_dim": (0, 65536),
+    "num_classes": (0, 1 << 20),
+    "denoiser_layers": (0, 256),
+    "image_size": (0, 65536),
+    "vae_downsample": (1, 64),
+    "noise_std": (0, 100),
+    "soft_clip": (0, 1e6),
+}
+MAX_BLOCKS = 64
+MAX_LAYERS = 256
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _has_type(value, annotation) -> bool:
+    if annotation is int:
+        return _is_int(value)
+    if annotation is float:
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if annotation is bool:
+        return isinstance(value, bool) or value in (0, 1) and _is_int(value)
+    if annotation in (str, list, dict):
+        return isinstance(value, annotation)
+    args = getattr(annotation, "__args__", ())
+    if len(args) == 2 and type(None) in args:  # Optional[X]
+        return value is None or _has_type(value, next(a for a in args if a is not type(None)))
+    return True  # a type this check does not know: left to validate
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+# The reference's `use_pretrained_lm` layouts: the deep block is a Gemma-architecture
+# transformer (RMSNorm (1 + w), tanh-GELU SwiGLU, post-norms, grouped KV heads, no
+# biases, a final norm, rotate-half 1-D RoPE with theta 10000 over text then image
+# positions, no proj_txt: the prompt enters as the LM's scaled token embeddings).
+# The name gives the structure (qk_norm) and the released sizes; a checkpoint's own
+# sizes come from its weights (lm_sizes_from_shapes), so a tiny variant is just a
+# smaller checkpoint. The reference applies neither Gemma 3's local/global layers nor
+# Gemma 2's soft-capping here, and its use_mm_attn is taken but unused.
+LM_LAYOUTS = {
+    "gemma2_2b": dict(qk_norm=False, channels=2304, layers=26, heads=8, kv_heads=4, head_dim=256, mlp_dim=9216),
+    "gemma3_1b": dict(qk_norm=True, channels=1152, layers=26, heads=4, kv_heads=1, head_dim=256, mlp_dim=6912),
+    "gemma3_4b": dict(qk_norm=True, channels=2560, layers=34, heads=8, kv_heads=4, head_dim=256, mlp_dim=10240),
+}
+
+
 @dataclass
 class FlowConfig:
     """Every architectural number of a STARFlow or TarFlow model, explicit."""
@@ -55,6 +125,11 @@ class FlowConfig:
     finetuned_vae: bool = False  # a fine-tuned decoder replaces the denoising step
     vae: Optional[str] = None
     text_encoder: Optional[str] = None
+    # use_pretrained_lm: the deep block is a Gemma-architecture language model of this
+    # layout (LM_LAYOUTS: its structure), its sizes in top_* (read from the weights).
+    pretrained_lm: Optional[str] = None
+    top_head_dim: int = 0  # the deep block's head size where it differs (an LM layout); 0: head_dim
+    top_mlp_dim: int = 0  # the deep block's MLP width where set (an LM layout); 0: width * expansion
     # Class-conditional models (the reference's label embedder): the prompt is one of
     # these names, embedded as a one-hot text prefix of one token; the extra last
     # one-hot row is the unconditional label used for guidance.
@@ -92,6 +167,11 @@ class FlowConfig:
             return bool((i + 1) % 2) if i < n - 1 else bool(n % 2)
         return bool(i % 2) if i < n - 1 else bool((n - 1) % 2)
 
+    @property
+    def top_head_size(self) -> int:
+        """The deep block's head size."""
+        return self.top_head_dim or self.head_dim
+
     def block_has_text(self, i: int) -> bool:
         if self.txt_dim == 0:
             return False
@@ -99,6 +179,8 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FlowConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a flow config must be a JSON object of settings, not a {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -110,7 +192,60 @@ class FlowConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_fields(self):
+        """Types and ranges of every field, before any arithmetic on them: a config
+        from a file may hold anything (strings, floats, lists, huge numbers)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, f.type):
+                raise ConfigError(f"'{f.name}' must be {_TYPE_NAMES.get(f.type, f.type)}, not {_show(value)}")
+            lo, hi = LIMITS.get(f.name, (None, None))
+            if lo is not None and value is not None and not lo <= value <= hi:
+                raise ConfigError(f"'{f.name}' is {_show(value)}: it must be in {lo}..{hi}")
+        layers = self.layers_per_block
+        if not 1 <= len(layers) <= MAX_BLOCKS or not all(_is_int(n) and 0 <= n <= MAX_LAYERS for n in layers):
+            raise ConfigError(
+                f"'layers_per_block' is {_show(layers)}: it must list 1..{MAX_BLOCKS} blocks of 0..{MAX_LAYERS} layers"
+            )
+        if self.class_names is not None and not all(isinstance(n, str) for n in self.class_names):
+            raise ConfigError("'class_names' must be a list of names (strings)")
+        q = self.quantization
+        if q is not None and not (_is_int(q.get("bits")) and 1 <= q["bits"] <= 16 and _is_int(q.get("group_size"))):
+            raise ConfigError(f"'quantization' must hold integer bits and group_size, not {_show(q)}")
+        if q is not None and not 1 <= q["group_size"] <= 4096:
+            raise ConfigError(f"'quantization' group_size {q['group_size']} must be in 1..4096")
+
+    def min_weight_count(self) -> int:
+        """A lower bound on the parameters the model has (its transformer layers'
+        query/output projections and MLPs, the position tables): what a weights file
+        must at least hold."""
+        n = 0
+        for i, layers in enumerate(self.layers_per_block):
+            top = i == self.num_blocks - 1
+            ch = self.top_channels if top else self.channels
+            heads = self.top_num_heads if top else self.num_heads
+            hd = self.top_head_size if top else self.head_dim
+            hidden = (self.top_mlp_dim if top else 0) or int(ch * self.expansion)
+            if layers and not self.rope:
+                n += self.num_tokens * ch
+            n += layers * (2 * ch * heads * hd + 2 * ch * hidden)
+        return n
+
+    def check_weights_size(self, nbytes: int, source):
+        """Refuse a config that implies more parameters than a weights file of
+        `nbytes` can hold (at 2 bytes each, or the quantized bits), before the model
+        is built from it."""
+        bits = self.quantization["bits"] if self.quantization else 16
+        need = self.min_weight_count() * bits // 8
+        if need > nbytes:
+            raise ConfigError(
+                f"{source}: the config ('layers_per_block' {self.layers_per_block}, 'channels' {self.channels}, "
+                f"'top_channels' {self.top_channels}) implies at least {need:,} bytes of weights but the "
+                f"weights file holds {nbytes:,}: the config does not belong to these weights"
+            )
+
     def validate(self):
+        self.check_fields()
         if self.model_type not in ("starflow", "tarflow"):
             raise ConfigError(f"model_type must be 'starflow' or 'tarflow', not {self.model_type!r}")
         if self.seq_order not in ("L2R", "R2L"):
@@ -133,6 +268,16 @@ class FlowConfig:
             raise ConfigError("a class-conditional model needs txt_size 1 and txt_dim = number of classes + 1")
         if self.layers_per_block[-1] == 0:
             raise ConfigError("the top (deep) block cannot have 0 layers")
+        if self.pretrained_lm is not None:
+            if self.pretrained_lm not in LM_LAYOUTS:
+                raise ConfigError(f"unknown use_pretrained_lm layout {self.pretrained_lm!r}: {sorted(LM_LAYOUTS)}")
+            if self.txt_dim and self.txt_dim != self.top_channels:
+                raise ConfigError(
+                    f"the {self.pretrained_lm} layout takes the prompt as token embeddings of the LM's width "
+                    f"{self.top_channels}, not {self.txt_dim}"
+                )
+            if self.top_head_size % 2:
+                raise ConfigError(f"the deep block's head size {self.top_head_size} must be even for RoPE")
         if self.vae_downsample < 1 or self.vae_downsample & (self.vae_downsample - 1):
             raise ConfigError(
                 f"vae_downsample must be a power of two (2 ** (VAE levels - 1)), not {self.vae_downsample}"
@@ -174,11 +319,11 @@ _DEFAULTS = {
     "top_block_channels": None,
     "finetuned_vae": None,
     "cfg": 0,
+    "use_pretrained_lm": None,  # an LM_LAYOUTS name: the deep block is that language model
+    "use_mm_attn": 0,  # taken by the reference's deep block and never used: no effect
 }
 # Architectural options this engine does not implement: allowed only at these values.
 _UNSUPPORTED = {
-    "use_pretrained_lm": None,
-    "use_mm_attn": 0,
     "temporal_causal": 0,
     "shallow_block_local": 0,
     "denoiser_window": None,
@@ -286,13 +431,17 @@ def _is_default(value, default) -> bool:
         return False
 
 
-def starflow_config_from_args(args: dict, txt_dim: int = 0, vae_downsample: Optional[int] = None) -> FlowConfig:
+def starflow_config_from_args(
+    args: dict, txt_dim: int = 0, vae_downsample: Optional[int] = None, lm: Optional[dict] = None
+) -> FlowConfig:
     """Build a FlowConfig from reference training arguments (as read from the YAML).
 
     `txt_dim` is the text width, which the reference takes from the text encoder
     and the converter reads from `proj_txt` in the weights. `vae_downsample` is the
     VAE's pixels per latent, 2 ** (levels - 1), read from its config; without it the
-    VAE must be one known by name (vae_downsample_by_name).
+    VAE must be one known by name (vae_downsample_by_name). With `use_pretrained_lm`,
+    `lm` holds the deep block's sizes read from the weights (lm_sizes_from_shapes;
+    default: the released layout's) and the text width is the LM's.
     """
     for key, value in args.items():
         if key in _UNSUPPORTED:
@@ -322,7 +471,21 @@ def starflow_config_from_args(args: dict, txt_dim: int = 0, vae_downsample: Opti
     num_kv = int(a["num_kv_heads"]) if a["num_kv_heads"] else num_heads
     top_channels = int(a["top_block_channels"] or channels)
     top_heads = num_heads if top_channels == channels or a["num_heads"] else top_channels // head_dim
+    top_kv = num_kv if a["num_kv_heads"] else top_heads
+    text = a["text"]
     txt_size = int(a["txt_size"])
+    layout = None if _is_default(a["use_pretrained_lm"], None) else str(a["use_pretrained_lm"])
+    lm_kwargs = {}
+    if layout is not None:
+        if layout not in LM_LAYOUTS:
+            raise ConfigError(f"unknown use_pretrained_lm layout {layout!r}: one of {sorted(LM_LAYOUTS)}")
+        sizes = {**LM_LAYOUTS[layout], **(lm or {})}
+        # The reference's deep block takes every size from the layout, not from the YAML.
+        layers[-1] = sizes["layers"]
+        top_channels, top_heads, top_kv = sizes["channels"], sizes["heads"], sizes["kv_heads"]
+        txt_dim = top_channels
+        text = layout  # as the reference sets its `text`: the LM's own token embedder
+        lm_kwargs = dict(pretrained_lm=layout, top_head_dim=sizes["head_dim"], top_mlp_dim=sizes["mlp_dim"])
     cfg = FlowConfig(
         model_type="starflow",
         in_channels=int(a["channel_size"]),
@@ -334,7 +497,7 @@ def starflow_config_from_args(args: dict, txt_dim: int = 0, vae_downsample: Opti
         num_heads=num_heads,
         num_kv_heads=num_kv,
         top_num_heads=top_heads,
-        top_num_kv_heads=num_kv if a["num_kv_heads"] else top_heads,
+        top_num_kv_heads=top_kv,
         layers_per_block=layers,
         rope=_flag(a["rope"]),
         pt_seq_len=int(a["pt_seq_len"] or input_size // patch),
@@ -357,12 +520,52 @@ def starflow_config_from_args(args: dict, txt_dim: int = 0, vae_downsample: Opti
         mix_aspect=_flag(a["mix_aspect"]),
         finetuned_vae=not _is_default(a["finetuned_vae"], None),
         vae=vae,
-        text_encoder=a["text"],
+        text_encoder=text,
         image_size=image_size,
         vae_downsample=factor if vae else FlowConfig.vae_downsample,
+        **lm_kwargs,
     )
     cfg.validate()
     return cfg
+
+
+def lm_sizes_from_shapes(shapes: dict, prefix: str, layout: str, head_dim: int) -> dict:
+    """The sizes of an LM_LAYOUTS deep block from its weights' shapes (names under
+    `prefix`, e.g. "blocks.5."): layers, width, heads, KV heads, head size, MLP width.
+
+    The head size is the QK-norm width where the layout has QK-norm. Without it
+    (gemma2) the weights give only heads x head size: the layout's own head size
+    (256) when it divides both widths, else `head_dim` (the YAML's)."""
+    if layout not in LM_LAYOUTS:
+        raise ConfigError(f"unknown use_pretrained_lm layout {layout!r}: one of {sorted(LM_LAYOUTS)}")
+    att = f"{prefix}attn_blocks.0."
+    need = [f"{prefix}proj_in.weight", f"{att}attention.qkv.weight", f"{att}attention.proj.weight"]
+    need.append(f"{att}mlp.gate_proj.weight")
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise ConfigError(f"not a {layout} deep block: the weights have no {', '.join(missing)}")
+    layers = len({k[len(prefix) :].split(".")[1] for k in shapes if k.startswith(f"{prefix}attn_blocks.")})
+    channels = shapes[f"{prefix}proj_in.weight"][0]
+    q_size = shapes[f"{att}attention.proj.weight"][1]
+    kv2 = shapes[f"{att}attention.qkv.weight"][0] - q_size
+    if kv2 <= 0 or kv2 % 2:
+        raise ConfigError(f"{att}attention.qkv.weight does not hold queries, keys and values of equal widths")
+    kv_size = kv2 // 2
+    if LM_LAYOUTS[layout]["qk_norm"] and f"{att}attention.query_norm.weight" in shapes:
+        hd = shapes[f"{att}attention.query_norm.weight"][0]
+    else:
+        candidates = [LM_LAYOUTS[layout]["head_dim"], head_dim]
+        hd = next((c for c in candidates if c > 0 and q_size % c == 0 and kv_size % c == 0), 0)
+    if hd <= 0 or q_size % hd or kv_size % hd:
+        raise ConfigError(f"cannot split the deep block's attention widths {q_size}/{kv_size} into heads")
+    return dict(
+        layers=layers,
+        channels=channels,
+        heads=q_size // hd,
+        kv_heads=kv_size // hd,
+        head_dim=hd,
+        mlp_dim=shapes[f"{att}mlp.gate_proj.weight"][0],
+    )
 
 
 def _vae_downsample(vae: Optional[str], given: Optional[int]) -> int:

@@ -7,18 +7,13 @@ The decoder and `lm_head` are dropped before anything is read into memory where
 the format allows it.
 """
 
-import json
 import math
 import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from .quant import quant_args, quantize_linear
-from .weights import WeightsError, load_checked
 
 
 @dataclass
@@ -200,7 +195,7 @@ _KEY_PATTERNS = [
 ]
 
 
-def _wanted(key: str) -> bool:
+def wanted(key: str) -> bool:
     return not key.startswith(("decoder.", "lm_head."))
 
 
@@ -208,7 +203,7 @@ def sanitize(weights: dict) -> dict:
     """Rename the encoder's Hugging Face keys; an unknown key is an error."""
     out = {}
     for key, value in weights.items():
-        if not _wanted(key):
+        if not wanted(key):
             continue
         if key == "encoder.embed_tokens.weight":
             # The encoder's embedding is `shared` itself (tied in transformers).
@@ -220,77 +215,5 @@ def sanitize(weights: dict) -> dict:
                 out[re.sub(pattern, repl, key)] = value
                 break
         else:
-            raise WeightsError(f"unknown T5 encoder weight {key!r}")
+            raise ValueError(f"unknown T5 encoder weight {key!r}")
     return out
-
-
-def _bin_files(folder: Path) -> list:
-    index = folder / "pytorch_model.bin.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        # Shards holding only decoder weights are never opened.
-        return sorted({folder / f for k, f in weight_map.items() if _wanted(k)})
-    return [folder / "pytorch_model.bin"]
-
-
-def read_weights(folder, wanted=_wanted) -> dict:
-    """{name: mx.array} of the keys `wanted` accepts from a Hugging Face folder.
-
-    Safetensors are loaded lazily by MLX, so the keys left out are never read.
-    """
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for k, f in weight_map.items() if wanted(k)})
-    elif (folder / "model.safetensors").exists():
-        files = [folder / "model.safetensors"]
-    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
-        from .torch_reader import load_pth
-
-        weights = {}
-        for f in _bin_files(folder):
-            for k, v in load_pth(f).items():
-                if wanted(k):
-                    weights[k] = v if isinstance(v, mx.array) else mx.array(v)
-        return weights
-    else:
-        raise FileNotFoundError(
-            f"{folder}: no weights found (expected model.safetensors, "
-            "model.safetensors.index.json with its shards, or pytorch_model.bin)"
-        )
-    weights = {}
-    for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: shard named in {index.name} is missing")
-        weights.update({k: v for k, v in mx.load(str(f)).items() if wanted(k)})
-    return weights
-
-
-def check_dtype(dtype):
-    if dtype == mx.float16:
-        raise ValueError(
-            "T5 overflows in float16 (its activations exceed the float16 range); use dtype=mx.bfloat16 or mx.float32"
-        )
-    if dtype not in (mx.float32, mx.bfloat16):
-        raise ValueError(f"unsupported T5 dtype {dtype}; use mx.bfloat16 or mx.float32")
-
-
-def load_t5(path, dtype=mx.float32, quantize=None) -> T5Encoder:
-    """Load the T5 encoder of a Hugging Face folder.
-
-    dtype: mx.float32 or mx.bfloat16 (float16 is refused: T5 overflows in it).
-    quantize: None, the bits (8 or 4) for the linear layers, or {"bits", "group_size"}
-        (quant.quant_args); the embeddings stay in full precision.
-    """
-    check_dtype(dtype)
-    q = quant_args(quantize)
-    folder = Path(path)
-    config = json.loads((folder / "config.json").read_text())
-    model = T5Encoder(T5Config.from_dict(config))
-    load_checked(model, sanitize(read_weights(folder)), folder, dtype)
-    if q:
-        quantize_linear(model, **q)
-    model.eval()
-    mx.eval(model.parameters())
-    return model

@@ -5,19 +5,13 @@ latents; `decode_latents` / `encode_image` apply the scaling factor the flow
 model was trained with.
 """
 
-import json
 import math
-import warnings
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from .hub import download, is_repo_id, patterns
-from .weights import load_checked
 
 
 @dataclass
@@ -43,15 +37,6 @@ class VAEConfig:
         config = cls(**{k: v for k, v in d.items() if k in names})
         config.validate()
         return config
-
-    @classmethod
-    def from_folder(cls, path) -> "VAEConfig":
-        """The config of a local diffusers AutoencoderKL folder (or of a pipeline folder's vae/)."""
-        path = _local(Path(path))
-        raw = json.loads((path / "config.json").read_text())
-        if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKL")
-        return cls.from_dict(raw)
 
     def validate(self):
         if self.act_fn != "silu":
@@ -428,133 +413,3 @@ def sanitize(weights: dict) -> dict:
                 value = value.transpose(0, 2, 3, 1)
         out[key] = value
     return out
-
-
-def _find_weights(path: Path) -> Path:
-    for name in (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.fp16.bin",
-    ):
-        if (path / name).is_file():
-            return path / name
-    raise ValueError(
-        f"{path}: no VAE weights found (expected diffusion_pytorch_model.safetensors or "
-        f"diffusion_pytorch_model.bin); files here: {sorted(p.name for p in path.iterdir())}"
-    )
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch only the VAE config and weights of a Hugging Face repo (the repo
-    itself, or the vae/ folder of a full diffusers pipeline)."""
-    p = download(repo_id, None, "VAE")  # hub.PATTERNS: the files the engine reads
-    if not any((q / "diffusion_pytorch_model.safetensors").is_file() for q in (p, p / "vae")):
-        # Older repos ship only a .bin (read by the tensor-only reader).
-        bins = ["diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
-        p = download(repo_id, patterns("VAE") + bins, "VAE")
-    return p
-
-
-def _local(p: Path) -> Path:
-    """The folder holding the VAE's config.json: p itself or its vae/."""
-    if not p.exists():
-        raise ValueError(f"{p}: no such VAE folder")
-    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-        p = p / "vae"  # a full diffusers pipeline folder
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{p}: not a diffusers AutoencoderKL folder (no config.json)")
-    return p
-
-
-def _resolve(path) -> Path:
-    p = Path(path)
-    if not p.exists() and is_repo_id(str(path)):
-        p = _download(path)
-    return _local(p)
-
-
-def _read(weights_path: Path) -> dict:
-    if weights_path.suffix == ".safetensors":
-        return mx.load(str(weights_path))
-    from .torch_reader import load_pth
-
-    return load_pth(weights_path)
-
-
-def load_vae(path, dtype=mx.float32, encoder: bool = True) -> VAE:
-    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.*)
-    or a Hugging Face repo id; without `encoder`, the decoder only (what generation
-    needs: the encoder's weights are never loaded). Decoding in float16 is allowed but the SD-VAE
-    overflows in it (black images): prefer float32 or bfloat16."""
-    if dtype == mx.float16:
-        warnings.warn(
-            "SD-VAE decoders overflow in float16 and give black images; use float32 or bfloat16",
-            stacklevel=2,
-        )
-    path = _resolve(path)
-    config = VAEConfig.from_folder(path)
-    weights_path = _find_weights(path)
-    weights = sanitize(_read(weights_path))
-
-    vae = VAE(config)
-    if not encoder:
-        vae.encoder = None
-        if "quant_conv" in vae:
-            del vae.quant_conv
-        weights = {k: v for k, v in weights.items() if not k.startswith(("encoder.", "quant_conv."))}
-    load_checked(vae, weights, weights_path, dtype)
-    mx.eval(vae.parameters())
-    vae.eval()
-    return vae
-
-
-def to_pil(images) -> list:
-    """Images in [-1, 1], (B, H, W, C) or (H, W, C) with C = 3 or 1 -> 8-bit PIL images."""
-    from PIL import Image
-
-    x = np.array(images.astype(mx.float32) if isinstance(images, mx.array) else images, dtype=np.float32)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"to_pil expects NHWC images with 1 or 3 channels; got shape {x.shape}")
-    x = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    if x.shape[-1] == 1:
-        return [Image.fromarray(im[..., 0], mode="L") for im in x]
-    return [Image.fromarray(im, mode="RGB") for im in x]
-
-
-def from_pil(images, size=None, factor: int = 8) -> mx.array:
-    """PIL image(s) -> NHWC float32 in [-1, 1] for `VAE.encode`.
-
-    `size` is an int (square) or (width, height); the image is resized so it
-    covers that size (shorter side first) and centre-cropped. Without `size`
-    it is only centre-cropped to multiples of `factor`.
-    """
-    from PIL import Image
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    out = []
-    for img in images:
-        img = img.convert("RGB")
-        w, h = img.size
-        if size is None:
-            tw, th = w - w % factor, h - h % factor
-            if tw == 0 or th == 0:
-                raise ValueError(f"image of {w}x{h} is smaller than the VAE downsampling factor {factor}")
-        else:
-            tw, th = (size, size) if isinstance(size, int) else size
-            if tw % factor or th % factor:
-                raise ValueError(f"size {tw}x{th} is not a multiple of the VAE downsampling factor {factor}")
-            scale = max(tw / w, th / h)
-            rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-            if (rw, rh) != (w, h):
-                img = img.resize((rw, rh), Image.Resampling.BICUBIC)
-            w, h = rw, rh
-        left, top = (w - tw) // 2, (h - th) // 2
-        img = img.crop((left, top, left + tw, top + th))
-        out.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    if len({a.shape for a in out}) > 1:
-        raise ValueError("from_pil got images of different sizes; pass `size` to make them equal")
-    return mx.array(np.stack(out))

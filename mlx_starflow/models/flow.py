@@ -7,6 +7,7 @@ channels-last: images and latents are (B, H, W, C); tokens are (B, N, D) in
 natural order.
 """
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -14,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
-from .config import FlowConfig
-from .rope import apply_rope, rope_table
+from .config import LM_LAYOUTS, FlowConfig
+from .rope import apply_rope, apply_rope_half, rope_table, rope_table_1d
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(0 + this) == 1: a zero output means unit scale
 
@@ -53,7 +54,7 @@ def make_norm(cfg: FlowConfig, dims: int):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: FlowConfig, channels: int, heads: int, kv_heads: int, causal: bool):
+    def __init__(self, cfg: FlowConfig, channels: int, heads: int, kv_heads: int, causal: bool, rotate_half=False):
         super().__init__()
         hd = cfg.head_dim
         self.norm = make_norm(cfg, channels)
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hd
         self.causal = causal
         self.scale = hd**-0.5
+        self.rotate = apply_rope_half if rotate_half else apply_rope
 
     def __call__(self, x, rope=None, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         if "query_norm" in self:
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
         # "causal" aligns the queries with the last keys, as a cached chunk needs.
@@ -90,9 +92,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: FlowConfig, channels: int):
+    def __init__(self, cfg: FlowConfig, channels: int, hidden: Optional[int] = None):
         super().__init__()
-        hidden = int(channels * cfg.expansion)
+        hidden = hidden or int(channels * cfg.expansion)
         self.norm = make_norm(cfg, channels)
         self.swiglu = cfg.use_swiglu
         if cfg.use_swiglu:
@@ -118,10 +120,10 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg, channels, heads, kv_heads, causal=True):
+    def __init__(self, cfg, channels, heads, kv_heads, causal=True, hidden=None, rotate_half=False):
         super().__init__()
-        self.attention = Attention(cfg, channels, heads, kv_heads, causal)
-        self.mlp = MLP(cfg, channels)
+        self.attention = Attention(cfg, channels, heads, kv_heads, causal, rotate_half)
+        self.mlp = MLP(cfg, channels, hidden)
 
     def __call__(self, x, rope=None, cache=None, mlp=None):
         x = x + self.attention(x, rope, cache)
@@ -280,6 +282,52 @@ class FlowBlock(nn.Module):
         return mx.broadcast_to(self.sos_embed, (B, 1, self.sos_embed.shape[-1]))
 
 
+class LMBlock(FlowBlock):
+    """The deep block of a `use_pretrained_lm` layout (config.LM_LAYOUTS): a Gemma-
+    architecture transformer with the FlowBlock's interface. Its layers are Layers
+    with RMSNorm, tanh-GELU SwiGLU of width top_mlp_dim, post-norms, QK-norm where
+    the layout has it, no biases and a final norm; RoPE is 1-D over text then image
+    positions, rotate-half, of its own head size; the prompt (the LM's scaled token
+    embeddings) enters as is, without proj_txt."""
+
+    def __init__(self, cfg: FlowConfig, index: int):
+        deep = dataclasses.replace(
+            cfg,
+            head_dim=cfg.top_head_size,
+            rope=True,  # no learned positions: RoPE, or nothing when the model has none
+            norm_type="rms_norm",
+            use_swiglu=True,
+            use_bias=False,
+            use_qk_norm=LM_LAYOUTS[cfg.pretrained_lm]["qk_norm"],
+            use_post_norm=True,
+            use_final_norm=True,
+        )
+        super().__init__(deep, index)
+        if "proj_txt" in self:
+            del self["proj_txt"]
+        self.attn_blocks = [
+            Layer(deep, cfg.top_channels, cfg.top_num_heads, cfg.top_num_kv_heads, True, cfg.top_mlp_dim, True)
+            for _ in range(cfg.layers_per_block[index])
+        ]
+
+    def rotary(self, rope):
+        """This block's 1-D table for the positions of the flow's table `rope` (text
+        first, then the image tokens), or None when the model has no RoPE."""
+        return None if rope is None else rope_table_1d(self.head_dim, rope[0].shape[0])
+
+    def text_prefix(self, text):
+        return text.astype(self.proj_in.weight.dtype)
+
+    def affine(self, x, rope=None, text=None, cond=None, recompute=False):
+        return super().affine(x, self.rotary(rope), text, cond, recompute)
+
+    def step(self, inputs, start, caches, rope, cond, mlps=None):
+        return super().step(inputs, start, caches, self.rotary(rope), cond, mlps)
+
+    def prefill(self, text, rope, caches):
+        return super().prefill(text, self.rotary(rope), caches)
+
+
 class IdentityBlock(nn.Module):
     """A block with 0 layers: no weights, no change, zero log-det."""
 
@@ -329,10 +377,20 @@ def log_normal(z):
 class Flow(nn.Module):
     """A STARFlow or TarFlow model."""
 
-    def __init__(self, cfg: FlowConfig):
+    def __init__(self, cfg: FlowConfig, deep: Optional[nn.Module] = None, shallow: bool = True):
+        """deep: the top block to use instead of a FlowBlock (a pipeline rank's share of it);
+        without `shallow`, the other blocks and the denoiser are left out (identities)."""
         super().__init__()
-        self.blocks = [FlowBlock(cfg, i) if n > 0 else IdentityBlock() for i, n in enumerate(cfg.layers_per_block)]
-        if cfg.learnable_self_denoiser:
+        top = cfg.num_blocks - 1
+        self.blocks = [
+            (LMBlock if cfg.pretrained_lm and i == top else FlowBlock)(cfg, i)
+            if n > 0 and (shallow or i == top)
+            else IdentityBlock()
+            for i, n in enumerate(cfg.layers_per_block)
+        ]
+        if deep is not None:
+            self.blocks[top] = deep
+        if cfg.learnable_self_denoiser and shallow:
             self.learnable_self_denoiser = Denoiser(cfg)
         self._config = cfg
 
@@ -434,14 +492,6 @@ class Flow(nn.Module):
     def bits_per_dim(self, x, y=None):
         D = math.prod(x.shape[1:])
         return -self.log_prob(x, y) / (D * math.log(2))
-
-    # -- sampling -------------------------------------------------------------------
-
-    def sample(self, noise, y=None, guidance: float = 0.0, jacobi=None):
-        """Noise -> data: sample.sample(self, ...), run to the end (see sample.py)."""
-        from .sample import sample
-
-        return sample(self, noise, y, guidance, jacobi=jacobi)
 
     # -- denoising -------------------------------------------------------------------
 

@@ -50,3 +50,25 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
     return out.reshape(shape).astype(x.dtype)
+
+
+@lru_cache(maxsize=32)
+def _angles_1d(head_dim: int, length: int):
+    f = THETA ** (-np.arange(0, head_dim, 2)[: head_dim // 2] / head_dim)
+    return np.arange(length)[:, None] * f
+
+
+def rope_table_1d(head_dim: int, length: int):
+    """(cos, sin), each (length, head_dim/2) float32, for positions 0..length-1: the
+    standard 1-D RoPE of the language-model deep block (text tokens, then image tokens)."""
+    a = _angles_1d(head_dim, length)
+    return mx.array(np.cos(a), dtype=mx.float32), mx.array(np.sin(a), dtype=mx.float32)
+
+
+def apply_rope_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate the pairs (x[i], x[i + head_dim/2]) (Hugging Face's rotate-half) of x
+    (..., T, head_dim) by per-token angles (T, head_dim/2)."""
+    half = x.shape[-1] // 2
+    xf = x.astype(mx.float32)
+    x0, x1 = xf[..., :half], xf[..., half:]
+    return mx.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).astype(x.dtype)

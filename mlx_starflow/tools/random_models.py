@@ -11,12 +11,12 @@ import math
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import RELEASED, starflow_config_from_args
-from .flow import Flow
-from .quant import quant_args, quantize_linear
-from .t5 import T5Config, T5Encoder
-from .vae import VAE, VAEConfig
-from .weights import quantize_model
+from ..loading.quant import quant_args, quantize_linear
+from ..loading.weights import quantize_model
+from ..models.config import RELEASED, starflow_config_from_args
+from ..models.flow import Flow
+from ..models.t5 import T5Config, T5Encoder
+from ..models.vae import VAE, VAEConfig
 
 # The released 3B model with its T5-XL encoder and SD-VAE; a small one (float32
 # is cheap there: the precision study, the loop timings); a tiny one for tests.

@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import FlowConfig, read_reference_yaml, starflow_config_from_args, tarflow_config_from_shapes
-from .flow import Flow
+from ..models.config import (
+    FlowConfig,
+    lm_sizes_from_shapes,
+    read_reference_yaml,
+    starflow_config_from_args,
+    tarflow_config_from_shapes,
+)
+from ..models.flow import Flow
 from .quant import quant_args, quantize_like, quantize_linear
+from .safetensors_reader import load_safetensors
+from .strict import WeightsError, _names, _to_mx, check_weights, load_checked  # noqa: F401 (re-exported)
 from .torch_reader import CheckpointError, load_pth
+from .vae import vae_config
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -33,47 +41,6 @@ CONVERSION_VERSION = 2
 # Buffers of the reference models that carry no learned state (masks, a constant prior,
 # placeholder rotary tables).
 IGNORED = re.compile(r"^(var|feat_rope(_gen)?\.freqs_(cos|sin))$|(^|\.)attn_mask$")
-
-
-class WeightsError(ValueError):
-    """Weights that do not match the model (of any model here): names the keys."""
-
-
-def _names(keys, limit=8):
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def check_weights(model: nn.Module, weights: dict, source="checkpoint"):
-    """Every parameter of the model present with its shape, and nothing else."""
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    missing = set(expected) - set(weights)
-    unexpected = set(weights) - set(expected)
-    if missing:
-        raise WeightsError(f"{source} is missing {len(missing)} tensors the model needs: {_names(missing)}")
-    if unexpected:
-        raise WeightsError(f"{source} has {len(unexpected)} tensors the model does not use: {_names(unexpected)}")
-    wrong = [
-        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
-        for k in sorted(expected)
-        if tuple(weights[k].shape) != tuple(expected[k])
-    ]
-    if wrong:
-        raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
-
-
-def load_checked(model: nn.Module, weights: dict, source, dtype=None):
-    """The one strict loader: check_weights, then load `weights` (already in the
-    model's names: see each model's sanitize) with float weights cast to dtype."""
-    check_weights(model, weights, source=str(source))
-    model.load_weights([(k, _to_mx(v, dtype)) for k, v in weights.items()], strict=True)
-
-
-def _to_mx(v, dtype=None):
-    """An mx.array of v, floats cast to dtype (None keeps the checkpoint's own)."""
-    a = v if isinstance(v, mx.array) else mx.array(v)
-    return a.astype(dtype) if dtype is not None and mx.issubdtype(a.dtype, mx.floating) else a
 
 
 def _shapes(sd):
@@ -158,15 +125,16 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
     args = dict(config) if isinstance(config, dict) else read_reference_yaml(config)
     factor = None
     if vae is not None:
-        from .vae import VAEConfig  # here: vae.py loads its weights through this module
-
-        factor = VAEConfig.from_folder(vae).downsample_factor
-    starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
+        factor = vae_config(vae).downsample_factor
+    pre = starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
     sd = load_pth(checkpoint)
     txt_keys = [k for k in sd if k.endswith("proj_txt.weight")]
     txt_dim = int(sd[txt_keys[0]].shape[1]) if txt_keys else 0
-    cfg = starflow_config_from_args(args, txt_dim=txt_dim, vae_downsample=factor)
-    if cfg.txt_size > 0 and not txt_keys:
+    lm = None
+    if pre.pretrained_lm:  # the YAML names the layout only: the deep block's sizes are its weights'
+        lm = lm_sizes_from_shapes(_shapes(sd), f"blocks.{pre.num_blocks - 1}.", pre.pretrained_lm, pre.head_dim)
+    cfg = starflow_config_from_args(args, txt_dim=txt_dim, vae_downsample=factor, lm=lm)
+    if cfg.txt_size > 0 and not txt_keys and not cfg.pretrained_lm:
         raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
     name = "(built-in)" if isinstance(config, dict) else Path(config).name
     return _convert(
@@ -291,7 +259,7 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Fl
     mx_dtype = _parse_dtype(dtype)
     model, rename = (Flow(cfg), None) if part is None else part(cfg)
     try:
-        weights = mx.load(str(w_path))
+        weights = load_safetensors(w_path)
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
         raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated") from None
     if rename is not None:

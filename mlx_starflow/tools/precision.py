@@ -15,12 +15,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from . import device, quant
-from .flow import Flow
-from .quant import quant_args, quantize_linear
+from ..images import write_json
+from ..loading import device, quant
+from ..loading.quant import quant_args, quantize_linear
+from ..loading.weights import quantize_model
+from ..models.flow import Flow
+from ..models.vae import VAE
+from ..sample import sample
 from .random_models import ARCHS, flow_config, random_flow, random_t5, random_vae
-from .vae import VAE
-from .weights import quantize_model
 
 # name, weight dtype, bits. Quantized from bf16 weights, the scales are bf16 too;
 # from float32 they stay float32.
@@ -78,13 +80,13 @@ def study(arch="small", group_size=64, seed=0, log=print):
     flow, _ = random_flow(cfg, mx.float32, seed=seed)
     y = 0.5 * ref_y.astype(mx.float32)
     noise = mx.random.normal((1, side, side, cfg.in_channels), key=k2)
-    ref_x = flow.sample(noise, y, guidance=2.0)
+    ref_x = sample(flow, noise, y, guidance=2.0)
     ref_z, _ = flow(ref_x, y[:1])
     mx.eval(ref_x, ref_z)
     for name, dt, bits in FLOW_VARIANTS:
         m = variant(flow, dt, bits, group_size)
         out["flow"][name] = {
-            "sample": relative_error(m.sample(noise, y, guidance=2.0), ref_x),
+            "sample": relative_error(sample(m, noise, y, guidance=2.0), ref_x),
             "forward": relative_error(m(ref_x, y[:1])[0], ref_z),
         }
     del flow, m
@@ -101,12 +103,10 @@ def study(arch="small", group_size=64, seed=0, log=print):
 
 
 def main(argv=None):
-    from .generate import HelpFormatter
-
     p = argparse.ArgumentParser(
-        prog="python -m mlx_starflow.precision",
+        prog="python -m mlx_starflow.tools.precision",
         description="Each component's precisions against float32, on random weights.",
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--arch",
@@ -127,8 +127,6 @@ def main(argv=None):
     print(f"relative RMS difference to float32 ({args.arch} architecture, random weights):")
     out = study(args.arch, args.q_group_size, args.seed)
     if args.json:
-        from .benchmark import write_json
-
         write_json(args.json, out)
     return 0
 

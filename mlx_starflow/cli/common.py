@@ -1,0 +1,167 @@
+"""What every command line shares: its name, help formatting, flags derived from the
+option dataclasses (options.py), progress bars, and one way of ending (a user's mistake
+is one `error:` line and status 1, Ctrl-C or a cancel 130, never a traceback)."""
+
+import argparse
+import os
+import sys
+
+from ..distributed import GroupError
+from ..loading.hub import DEFAULT_MODEL, ModelNotFound
+from ..options import Cancelled, GenerateOptions, LoadOptions, OptionError, specs
+
+# The stages' names on a terminal.
+STAGES = {
+    "encode": "Encoding image",
+    "invert": "Inverting",
+    "text": "Encoding prompt",
+    "deep": "Deep block",
+    "shallow": "Shallow blocks",
+    "denoise": "Denoising",
+    "decode": "Decoding",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default, except where there is no value to show: those help
+    texts say what decides it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def prog(command: str) -> str:
+    """The name to show: the installed script's when run as one, else `python -m mlx_starflow.<command>`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("mlx-starflow-") else f"python -m mlx_starflow.{command}"
+
+
+def new_parser(command: str, description: str, epilog=None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog(command), description=description, epilog=epilog, formatter_class=HelpFormatter
+    )
+
+
+def flag_of(name: str, m: dict) -> str:
+    return m["flag"] or "--" + name.replace("_", "-")
+
+
+def _limits(m: dict) -> str:
+    if m["low"] is None or m["high"] is None or m.get("nargs") == "+" and m["kind"] is not int:
+        return ""
+    return f" [{m['low']}..{m['high']}]"
+
+
+def add_fields(p, cls, skip=(), defaults=None, only=None):
+    """One flag per described field of an options dataclass: its flag, type, choices, help
+    (with its limits) and default come from the field. Returns {dest: flag}."""
+    out = {}
+    for name, default, m in specs(cls):
+        if name in skip or (only is None and not m["cli"]) or (only is not None and name not in only):
+            continue
+        flag = flag_of(name, m)
+        kw = dict(dest=name, default=(defaults or {}).get(name, default), help=m["help"] + _limits(m))
+        if m["kind"] is bool or isinstance(default, bool):
+            kw["action"] = "store_true"
+        else:
+            if m["kind"] in (int, float):
+                kw["type"] = m["kind"]
+            if m["choices"]:
+                kw["choices"] = list(m["choices"])
+            if m["metavar"]:
+                kw["metavar"] = m["metavar"]
+            if m["nargs"]:
+                kw["nargs"] = m["nargs"]
+        p.add_argument(flag, **kw)
+        out[name] = flag
+    return out
+
+
+def _meta(cls) -> dict:
+    return {name: m for name, _, m in specs(cls)}
+
+
+def add_load_options(p, skip=()):
+    """The loading flags (LoadOptions), with --model."""
+    p.add_argument("--model", metavar="NAME", default=None, help=_meta(LoadOptions)["model"]["help"])
+    return add_fields(p, LoadOptions, skip=skip)
+
+
+def load_options(args, skip=()) -> LoadOptions:
+    """The LoadOptions a command line was given (validated), its errors naming the flag."""
+    given = {n: getattr(args, n) for n, _, m in specs(LoadOptions) if (m["cli"] or n == "model") and n not in skip}
+    given["model"] = given.get("model") or DEFAULT_MODEL
+    try:
+        return LoadOptions(**given).validate()
+    except OptionError as e:
+        raise ValueError(f"{flag_of(e.option, _meta(LoadOptions)[e.option])}: {e}") from None
+
+
+def generate_options(args) -> GenerateOptions:
+    """The command line's generation options: the API's GenerateOptions, validated here
+    before anything loads, its errors naming the flag the user typed."""
+    values = {n: getattr(args, n) for n, _, m in specs(GenerateOptions) if m["cli"]}
+    try:
+        return GenerateOptions(**values).validate()
+    except OptionError as e:
+        m = _meta(GenerateOptions).get(e.option)
+        flag = flag_of(e.option, m) if m else "--" + e.option.replace("_", "-")
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def run_command(body, bars=None, nothing: str = "no image was written") -> int:
+    """A command's body (returning its exit status), with what every command does
+    around it: a user's mistake is one `error:` line and status 1, Ctrl-C or a
+    cancel says that nothing was written (130), never a traceback."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        message, status = f"interrupted: {nothing}", 130
+    except Cancelled:
+        message, status = f"cancelled: {nothing}", 130
+    except (ValueError, ModelNotFound, FileNotFoundError, FileExistsError, GroupError) as e:
+        message, status = f"error: {e}", 1
+    finally:
+        if bars is not None:
+            bars.close()
+    print(message, file=sys.stderr)
+    return status
+
+
+def report(paths, result, verbose: bool):
+    """The files written (stdout), and with --verbose the stages' times and the peak memory."""
+    for path in paths:
+        print(path, flush=True)
+    if verbose:
+        for stage, sec in result.timings.items():
+            print(f"{STAGES.get(stage, stage):>15}: {sec:8.2f} s", file=sys.stderr)
+        print(f"{'peak memory':>15}: {result.peak_memory / 2**30:8.2f} GiB", file=sys.stderr)
+
+
+class Bars:
+    """One tqdm bar per stage, on a terminal only: a log or a pipe gets no redraws."""
+
+    def __init__(self, enabled):
+        self.enabled, self.bar, self.stage = enabled and sys.stderr.isatty(), None, None
+
+    def __call__(self, stage, done, total):
+        if not self.enabled:
+            return True
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            unit = "tok" if stage in ("deep", "shallow") else ""
+            self.bar = tqdm(total=total, desc=STAGES.get(stage, stage), unit=unit, leave=False, file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+        return True
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,474 @@
+"""Editing by exact inversion: image in, image out.
+
+A normalizing flow inverts exactly: `sample.invert` gives the very noise from which
+sampling, with the same prompt and guidance, gives an image's latents back. An edit
+inverts the image under its source prompt, blends that noise with fresh noise,
+
+    z' = sqrt(1 - s^2) z + s e        (variance preserving: z' stays standard normal)
+
+(strength s: 0 keeps the image's own noise, 1 ignores the image), and samples z'
+under the new prompt, then denoises and decodes as `generate` does. A variation is an
+edit whose prompt is the source prompt.
+
+With a mask (white = may change) only the tokens under it are sampled; the others are
+held at the source's values in every block, in the autoregressive order (teacher
+forcing), so each free token is sampled from the source's own context and the region
+meets the kept one. Sampling free tokens after sampled kept ones and pasting the
+source back afterwards does not: in a later block a free token then follows tokens the
+source never had, and the region fills with noise. The source's tokens at every block
+come from its inversion, and the kept latents are the source's bit for bit.
+"""
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .images import from_pil, image_items, load_images, mask_values
+from .models.flow import Flow
+from .options import Event, GenerateOptions, Result, check_prompts, drive
+from .sample import Jacobi, Step, guided, sampling_order
+from .sample import invert as flow_invert
+
+__all__ = ["invert", "invert_levels", "edit", "edit_steps", "variation", "blend", "forced_sample_steps"]
+
+# On the demo the colour follows the new prompt at every strength and the centre stays
+# within a pixel (median) up to 0.3 (docs/demo.md).
+DEFAULT_STRENGTH = 0.3
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+
+def check_strength(strength) -> float:
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        s = math.nan
+    if isinstance(strength, bool) or not (0.0 <= s <= 1.0):
+        raise ValueError(
+            f"strength must be a number in [0, 1] (0: the image's own noise, 1: fresh noise), not {strength!r}"
+        )
+    return s
+
+
+def blend(z, noise, strength: float):
+    """The variance-preserving blend sqrt(1 - s^2) z + s e of the inverted noise z and fresh noise."""
+    s = check_strength(strength)
+    if s == 0.0:
+        return z
+    if s == 1.0:
+        return noise
+    return math.sqrt(1.0 - s * s) * z + s * noise
+
+
+def _sha256(item) -> str:
+    """A file's sha256 (as `sha256sum` prints it); for an image in memory, of its pixel bytes."""
+    if isinstance(item, (str, os.PathLike)):
+        return hashlib.sha256(Path(item).read_bytes()).hexdigest()
+    a = np.array(item) if isinstance(item, mx.array) else np.asarray(item)
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def _file_name(item) -> Optional[str]:
+    return Path(item).name if isinstance(item, (str, os.PathLike)) else None
+
+
+@dataclass
+class Sources:
+    """The images to edit: pixels (B, H, W, 3) in [-1, 1] at the model's size, and per
+    image its size as given (width, height), sha256 and file name (None in memory)."""
+
+    pixels: mx.array
+    sizes: List[tuple]
+    sha256: List[str]
+    names: List[Optional[str]]
+
+    def params(self) -> dict:
+        """What the PNG metadata records of them: one value, or a list when they differ."""
+
+        def one(values):
+            return values[0] if len(set(values)) == 1 else values
+
+        out = {"source_sha256": one(self.sha256)}
+        if any(self.names):
+            out["source_file"] = one(self.names)
+        return out
+
+
+def load_sources(images, size) -> Sources:
+    """Paths, PIL images or uint8 arrays (see score.load_images: resized to cover `size`
+    (width, height) and centre-cropped; missing, unreadable, animated, grayscale or smaller
+    images are refused with the reason)."""
+    items = image_items(images)
+    pixels, sizes = load_images(items, tuple(size))
+    return Sources(pixels, sizes, [_sha256(i) for i in items], [_file_name(i) for i in items])
+
+
+def load_mask(mask, sizes, size, pipe) -> tuple:
+    """The mask for each source image (its size as given, (width, height)) -> (bool
+    (B, h, w, 1) on the latent grid, True = may change; notes). A mask of another size
+    than its image is resized to it (with a note), then resized and cropped as the image
+    was; a token may change if any of its pixels is white."""
+    white, label = mask_values(mask)
+    cfg = pipe.config
+    p, t = cfg.patch_size, cfg.pixels_per_latent * cfg.patch_size  # t: pixels per token side
+    notes, rows = [], []
+    for w, h in sizes:
+        m = Image.fromarray(white.astype(np.uint8) * 255, mode="L")
+        if m.size != (w, h):
+            notes.append(f"{label} is {m.size[0]}x{m.size[1]}, its image {w}x{h}: resized to the image")
+            m = m.resize((w, h), Image.Resampling.BILINEAR)
+        px = np.array(from_pil(m, size=tuple(size), factor=1)[0, ..., 0]) > 0.0
+        H, W = px.shape
+        tok = px.reshape(H // t, t, W // t, t).any(axis=(1, 3))
+        rows.append(np.repeat(np.repeat(tok, p, axis=0), p, axis=1)[..., None])
+    return mx.array(np.stack(rows)), notes
+
+
+# -- inversion ----------------------------------------------------------------------------
+
+
+def _resolve(pipe, prompts: List[str], B: int, **options) -> GenerateOptions:
+    """GenerateOptions for B images of the prompts (1 or B of them), checked and with
+    the model's defaults, as `generate` would resolve them."""
+    if len(prompts) not in (1, B):
+        raise ValueError(f"{len(prompts)} prompts for {B} images: give one prompt, or one per image")
+    return pipe.resolve_options(GenerateOptions(prompts, num_images=B // len(prompts), **options))
+
+
+def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_prompt: str = "") -> mx.array:
+    """Images or latents -> the noise (B, H, W, C) that `pipe.generate(prompt, latents=noise,
+    guidance=guidance, sampler="sequential", denoise="none")` maps back to them.
+
+    latents: (B, H, W, C) as `generate` returns them; image: file path(s), PIL image(s)
+    or uint8 arrays, resized to cover the model's size and centre-cropped, then
+    VAE-encoded for STARFlow. One prompt, or one per image. guidance None: the model's
+    default, as in `generate`."""
+    if (image is None) == (latents is None):
+        raise ValueError("give either image= or latents= to invert")
+    prompts = check_prompts(prompt)
+    with pipe.exclusive():
+        if image is not None:
+            h, w, _ = pipe.latent_shape()
+            f = pipe.config.pixels_per_latent
+            latents = pipe.encode_images(load_sources(image, (w * f, h * f)).pixels)
+        x = latents if isinstance(latents, mx.array) else mx.array(latents)
+        if x.ndim != 4:
+            raise ValueError(f"latents must be (batch, height, width, channels), got shape {tuple(x.shape)}")
+        f = pipe.config.pixels_per_latent
+        # the sampler does not matter here: any model inverts (sequential is checked for none)
+        opts = _resolve(
+            pipe,
+            prompts,
+            x.shape[0],
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            latents=x,
+            height=x.shape[1] * f,
+            width=x.shape[2] * f,
+            sampler="sequential",
+        )
+        return _invert(pipe, opts)
+
+
+def _invert(pipe, opts: GenerateOptions) -> mx.array:
+    """The guided inverse of opts.latents under opts' prompts and guidance."""
+    y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
+    z = flow_invert(pipe.flow, opts.latents, y, opts.guidance)
+    mx.eval(z)
+    return z
+
+
+# -- sampling with kept tokens -------------------------------------------------------------
+
+
+def _rows(block, y, B: int, w: float):
+    """The text and class rows `block` sees for a batch of B (doubled when guiding), as
+    sampling and inversion give them: y is the text embeddings (B rows, 2B when guiding),
+    or TarFlow's class labels."""
+    text = None
+    if block.has_text:
+        text = y if w > 0 else y[:B]
+    cond = None
+    if "class_embed" in block:
+        cond = block.class_rows(y, B, sampling=True)
+        if w > 0:
+            cond = mx.concatenate([cond, block.class_rows(None, B, unconditional=True)])
+    return text, cond
+
+
+def _block_guidance(block, guidance: float) -> float:
+    return guidance if (block.has_text or "class_embed" in block) else 0.0
+
+
+def invert_levels(flow: Flow, x, y=None, guidance: float = 0.0) -> tuple:
+    """`sample.invert` that also keeps what it passes through: (z, levels), levels[i] the
+    tokens (B, N, D) in natural order that sampling block i must produce to give x back."""
+    h, w = flow.grid(x)
+    B = x.shape[0]
+    tokens, levels = flow.patchify(x).astype(mx.float32), {}
+    for i in reversed(sampling_order(flow)):
+        block = flow.blocks[i]
+        levels[i] = tokens
+        g = _block_guidance(block, guidance)
+        text, cond = _rows(block, y, B, g)
+        rope = flow.rope(block.has_text, h, w, 0 if text is None else text.shape[1])
+        seq = tokens[:, ::-1] if block.flip else tokens
+        a, b = block.affine(mx.concatenate([seq, seq]) if g > 0 else seq, rope, text, cond)
+        s, mu = guided(block, a, b, g)
+        z = (seq - mu) / s
+        tokens = z[:, ::-1] if block.flip else z
+        mx.eval(tokens)
+    return flow.unpatchify(tokens, h, w), levels
+
+
+def _forced_tokens(block, z, kept, target, caches, rope, cond, w, jacobi: Optional[Jacobi]):
+    """One block sampled in its own order with the kept tokens (kept (B', N, 1) bool)
+    held at target (B', N, D): each token's scale and shift come from the tokens before
+    it, kept ones included. Yields (done, current tokens); returns the tokens (B', N, D)."""
+    N = z.shape[1]
+    n = z.shape[0] // 2 if w > 0 else z.shape[0]
+
+    def update(a, b, noise):
+        s, mu = guided(block, a, b, w)
+        if w > 0:
+            s, mu = mx.concatenate([s, s]), mx.concatenate([mu, mu])
+        return noise * s + mu
+
+    if jacobi is None:
+        if block.sos:
+            prev, out, first = block.sos_tokens(z.shape[0]), [], 0
+        else:  # token 0 is its own noise
+            prev = mx.where(kept[:, :1], target[:, :1], z[:, :1])
+            out, first = [prev], 1
+        for t in range(N - first):
+            i = t + first
+            new = update(*block.step(prev, t, caches, rope, cond), z[:, i : i + 1])
+            prev = mx.where(kept[:, i : i + 1], target[:, i : i + 1], new)
+            out.append(prev)
+            mx.eval(prev)
+            yield i + 1, lambda out=out: mx.concatenate([*out, z[:, len(out) :]], axis=1)[:n]
+        return mx.concatenate(out, axis=1)
+    if not block.sos or "pos_embed" in block:
+        raise ValueError("Jacobi sampling needs a model with an SOS token and RoPE; use sequential sampling")
+    guess = mx.where(kept, target, z)  # the kept tokens are right from the start
+    x_full = mx.concatenate([block.sos_tokens(z.shape[0]).astype(mx.float32), guess], axis=1)
+    start = 0
+    while start < N:
+        size = min(jacobi.block_size, N - start)
+        chunk = slice(start, start + size)
+        for it in range(jacobi.max_iter):
+            new = update(*block.step(x_full[:, start : start + size], start, caches, rope, cond), z[:, chunk])
+            new = mx.where(kept[:, chunk], target[:, chunk], new)
+            diff = jacobi.change(new, x_full[:, start + 1 : start + 1 + size])
+            x_full[:, start + 1 : start + 1 + size] = new
+            mx.eval(x_full, diff)
+            if diff.item() < jacobi.threshold or it == jacobi.max_iter - 1:
+                break
+            for cache in caches:
+                cache.rewind(size)
+        start += size
+        yield start, lambda x_full=x_full: x_full[:n, 1:]
+    return x_full[:, 1:]
+
+
+def forced_sample_steps(
+    flow: Flow,
+    noise,
+    y,
+    guidance: float,
+    keep,
+    levels: dict,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    overlap: bool = False,
+) -> Iterator[Step]:
+    """`sample.sample_steps` with tokens held: keep (B, H, W, 1) bool on the latent grid,
+    True = may change; the others are held at levels[i] (`invert_levels`) in every block
+    i. overlap is not used: the loop syncs every token."""
+    h, w = flow.grid(noise)
+    B = noise.shape[0]
+    kept = ~mx.any(flow.patchify(keep.astype(mx.float32)) > 0, axis=-1, keepdims=True)
+    kept = mx.broadcast_to(kept, (B, *kept.shape[1:]))  # (B, N, 1): one mask for every image, or one each
+    tokens = flow.patchify(noise).astype(mx.float32)
+    order = sampling_order(flow)
+    for k, i in enumerate(order):
+        block = flow.blocks[i]
+        g = _block_guidance(block, guidance)
+        text, cond = _rows(block, y, B, g)
+        rope = flow.rope(block.has_text, h, w, 0 if text is None else text.shape[1])
+        z, held, target = tokens, kept, levels.get(i, tokens)
+        if i not in levels:
+            held = mx.zeros_like(kept)
+        if g > 0:
+            z, held, target = (mx.concatenate([a, a]) for a in (z, held, target))
+        if block.flip:
+            z, held, target = z[:, ::-1], held[:, ::-1], target[:, ::-1]
+        caches = block.new_caches(z.shape[0], (0 if text is None else text.shape[1]) + z.shape[1])
+        if text is not None:
+            block.prefill(text, rope, caches)
+        loop = _forced_tokens(block, z, held, target, caches, rope, cond, g, jacobi)
+
+        def image(seq, block=block):
+            return flow.unpatchify(seq[:, ::-1] if block.flip else seq, h, w)
+
+        while True:
+            try:
+                done, current = next(loop)
+            except StopIteration as stop:
+                x = stop.value[:B]
+                break
+            if done < z.shape[1]:
+                yield Step(i, done, z.shape[1], None, lambda c=current, f=image: f(c()))
+        tokens = x[:, ::-1] if block.flip else x
+        out = flow.unpatchify(tokens, h, w)
+        yield Step(i, z.shape[1], z.shape[1], out if k == len(order) - 1 else None, lambda o=out: o)
+
+
+# -- editing ------------------------------------------------------------------------------
+
+
+def _timed(events: Iterator[Event], timings: dict) -> Iterator[Event]:
+    """Pass the events on, adding the time spent producing each to its stage (not the
+    consumer's time between them)."""
+    t = time.perf_counter()
+    for event in events:
+        timings[event.stage] = timings.get(event.stage, 0.0) + time.perf_counter() - t
+        yield event
+        t = time.perf_counter()
+
+
+def edit_steps(
+    pipe,
+    image,
+    prompt,
+    *,
+    source_prompt="",
+    strength: float = DEFAULT_STRENGTH,
+    mask=None,
+    notes: Optional[Callable] = None,
+    **options,
+) -> Iterator[Event]:
+    """The edit as a generator of Events ("encode", "invert", then generate's stages); the
+    last carries the Result. prompt: a prompt, a list, or a GenerateOptions; options:
+    GenerateOptions' fields but latents. Everything is checked before the first event
+    (images, mask, strength, options); stop iterating to cancel. See `edit`."""
+    s = check_strength(strength)
+    unknown = sorted(set(options) - set(GenerateOptions.names()) | ({"latents"} & set(options)))
+    if unknown:
+        raise TypeError(
+            f"unknown edit option(s) {', '.join(unknown)}; known: source_prompt, strength, mask, "
+            f"{', '.join(n for n in GenerateOptions.names()[1:] if n != 'latents')}"
+        )
+    opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
+    if opts.latents is not None:
+        raise ValueError("an edit starts from its image's noise: give no latents")
+    opts = pipe.resolve_options(opts)  # checks everything generate checks, fills the model's defaults
+    prompts, sources = opts.prompts, check_prompts(source_prompt)
+    src = load_sources(image, (opts.width, opts.height))
+    B = len(opts.batch_prompts)
+    if len(sources) == len(prompts):  # one per prompt, as the prompts are repeated
+        sources = [p for p in sources for _ in range(opts.num_images)]
+    if len(src.sizes) not in (1, B) or len(sources) not in (1, B):
+        raise ValueError(
+            f"{len(src.sizes)} images and {len(sources)} source prompts for {B} edits "
+            f"({len(prompts)} prompts x {opts.num_images}): give one of each, or one per edit"
+        )
+    sources = sources * B if len(sources) == 1 else sources
+    pipe.check_prompts(sources)
+    params = {
+        "operation": "variation" if sources == opts.batch_prompts else "edit",
+        "source_prompt": sources[0] if len(set(sources)) == 1 else sources,
+        "strength": s,
+        **src.params(),
+    }
+    keep = None
+    if mask is not None:
+        keep, mask_notes = load_mask(mask, src.sizes, (opts.width, opts.height), pipe)
+        for note in mask_notes:
+            (notes or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+        params["mask_sha256"] = _sha256(mask)
+        if _file_name(mask):
+            params["mask_file"] = _file_name(mask)
+    pixels = src.pixels if src.pixels.shape[0] == B else mx.repeat(src.pixels, B, axis=0)
+    return _edit(pipe, opts, pixels, sources, s, keep, params)
+
+
+def _edit(pipe, opts, pixels, sources, strength, keep, params) -> Iterator[Event]:
+    timings = {}
+    with pipe.exclusive(keep_text_encoder=True):  # one text encoder load for the source and target prompts
+        mx.reset_peak_memory()
+        events = _timed(_edit_stages(pipe, opts, pixels, sources, strength, keep), timings)
+        for event in events:
+            if event.result is not None:
+                r = event.result
+                r.params = {**r.params, **params}
+                r.seeds, r.timings = list(opts.seed), dict(timings)
+                r.peak_memory = max(r.peak_memory, mx.get_peak_memory())
+            yield event
+
+
+def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]:
+    fresh = pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
+    if keep is not None and bool(mx.all(keep)):
+        keep = None  # an all-white mask: every token may change, no mask
+    sample_with = paste = None
+    if strength == 1.0 and keep is None:  # fresh noise only: the image is not needed
+        noise = fresh
+    else:
+        yield Event("encode", 0, 1)
+        x = pipe.encode_images(pixels)
+        yield Event("encode", 1, 1)
+        yield Event("invert", 0, 1)
+        inv = replace(opts, prompts=sources, num_images=1, latents=x)
+        if keep is None:
+            z = _invert(pipe, inv)
+        else:
+            y, _ = pipe.conditioning(inv.batch_prompts, inv.negative_prompt, inv.guidance > 0)
+            z, levels = invert_levels(pipe.flow, x, y, inv.guidance)
+            # The kept tokens are held at the source's in every block while sampling, and
+            # pasted back after denoising (which moves every latent).
+            sample_with = partial(forced_sample_steps, keep=keep, levels=levels)
+            paste = lambda v: mx.where(keep, v, x)  # noqa: E731
+        yield Event("invert", 1, 1)
+        noise = blend(z, fresh, strength)
+    peak = mx.get_peak_memory()
+    run = replace(opts, latents=noise, seed=None)
+    for event in pipe.generate_steps(run, sample_with=sample_with, after_sampling=paste):
+        if event.result is not None:
+            event.result.peak_memory = max(event.result.peak_memory, peak)
+        yield event
+
+
+def edit(pipe, image, prompt, *, progress: Optional[Callable] = None, **options) -> Result:
+    """Edit image(s) towards prompt by exact inversion; returns generate's Result (images,
+    latents, seeds, params with the edit's own: source_prompt, strength, the source's
+    sha256, the mask's).
+
+    image: file path(s), PIL image(s) or uint8 arrays (H, W, 3), resized to cover the
+    model's size and centre-cropped (score.load_images); one image for every edit, or
+    one each (B = prompts x num_images).
+    source_prompt: what the image shows, the prompt it is inverted under ("" by default).
+    strength: 0 keeps the image's own noise, 1 fresh noise from `seed`.
+    mask: a black and white image (path, PIL or (H, W) array), white = may change; the
+    rest of the latents are the source's exactly. A mask of another size is resized to
+    the image's with a note (warnings.warn, or `notes(message)`).
+    Other options as generate's: negative_prompt, guidance, seed, num_images, sampler,
+    jacobi_*, denoise, height, width. progress(stage, done, total) as in generate:
+    returning False cancels (raises Cancelled)."""
+    return drive(edit_steps(pipe, image, prompt, **options), progress)
+
+
+def variation(pipe, image, prompt, strength: float = DEFAULT_STRENGTH, **options) -> Result:
+    """Image to image under the same prompt: an edit whose source prompt is the prompt."""
+    return edit(pipe, image, prompt, source_prompt=prompt, strength=strength, **options)

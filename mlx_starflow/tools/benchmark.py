@@ -1,0 +1,977 @@
+"""`python -m mlx_starflow.benchmark`: how long one image takes and how much memory
+it needs, stage by stage, beside what the machine can do.
+
+Without --model the weights are random, of exactly the released 3B shapes, built
+directly in the requested precision (random_models.py). Before the long work the
+first token of each block is timed: a block that would take long is timed on a
+few tokens at each end of its sequence and extrapolated (a token's cost is affine
+in its position), and the run says so before it starts.
+
+    python -m mlx_starflow.benchmark                          # the 3B model as generate runs it
+    python -m mlx_starflow.benchmark --dtype float32 --tokens 4 --json f32.json
+    python -m mlx_starflow.benchmark --quantize 4 --stages load,deep,shallow
+    python -m mlx_starflow.benchmark --model path/to/converted
+"""
+
+import argparse
+import gc
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..likelihood import batch_size_for, log_densities
+from ..loading import device
+from ..loading.weights import DTYPES, load_flow, read_config
+from ..models.config import FlowConfig
+from ..models.flow import Flow, IdentityBlock
+from ..sample import Jacobi, block_steps, sampling_order
+from ..sample import invert as flow_invert
+from . import machine
+from .machine import times
+from .precision import study
+from .random_models import flow_config, random_flow, random_t5, random_vae
+
+STAGES = ("text", "load", "prefill", "deep", "shallow", "denoise", "vae")
+# What only a flow does, beside generating: measured when asked (--stages ...,score,invert).
+EXTRA_STAGES = ("score", "invert")
+GB = machine.GB
+# --tokens auto: a block whose first token says it takes longer than this is timed
+# on AUTO_TOKENS tokens at each end and extrapolated; a denoising pass estimated
+# longer than AUTO_DENOISE is not run; a stage whose first run takes longer than
+# AUTO_ONCE is measured by that run alone.
+AUTO_BLOCK, AUTO_TOKENS, AUTO_DENOISE, AUTO_ONCE = 60.0, 4, 600.0, 30.0
+
+
+def peak_rss():
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+
+def summary(times):
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+class Stage:
+    """Records a stage's peak MLX memory (resident weights included) and the process's peak RSS."""
+
+    def __init__(self, results, name):
+        self.results, self.name = results, name
+        self.info = {}
+
+    def __enter__(self):
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        self.info["resident_before"] = mx.get_active_memory()
+        return self.info
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.info.update(peak_memory=mx.get_peak_memory(), peak_rss=peak_rss())
+            self.results[self.name] = self.info
+
+
+@dataclass
+class Run:
+    """What the stages share: the options, the model and the inputs made so far."""
+
+    args: argparse.Namespace
+    cfg: FlowConfig
+    log: Callable
+    results: dict
+    model: Optional[Flow] = None
+    vae: Optional[nn.Module] = None
+    y: Optional[mx.array] = None  # text rows: conditional then unconditional when guiding
+    caches: Optional[list] = None  # the deep block's, holding the text prefix
+
+    @property
+    def stages(self):
+        return self.results["stages"]
+
+    @property
+    def batch(self):
+        return self.args.batch
+
+    @property
+    def rows(self):  # rows through the deep block: the guided batch is doubled
+        return 2 * self.batch if self.args.guidance > 0 else self.batch
+
+    @property
+    def image_side(self):
+        return self.cfg.image_size or self.cfg.grid_size * 8
+
+    @property
+    def loop(self):
+        return {"jacobi": Jacobi() if self.args.sampler == "jacobi" else None}
+
+    def time(self, fn, info):
+        """Time fn into info["time"]: --warmup runs, then --repeats; with --tokens auto a
+        first run over AUTO_ONCE seconds is the only one."""
+        a = self.args
+        if a.tokens == "auto" and a.warmup:
+            t = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t
+            if first > AUTO_ONCE:
+                info["time"] = summary([first])
+                return
+            ts = machine.times(fn, a.repeats, a.warmup - 1)
+        else:
+            ts = machine.times(fn, a.repeats, a.warmup)
+        info["time"] = summary(ts)
+
+
+def _weights(module, skip=()):
+    return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if not k.startswith(skip))
+
+
+def linear_params(block):
+    """Multiply-adds per row of the block's transformer linears (quantized ones counted unpacked)."""
+    n = 0
+    for _, m in block.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            n += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        elif isinstance(m, nn.Linear):
+            n += m.weight.size
+    return n - (block.proj_txt.weight.size if "proj_txt" in block else 0)
+
+
+def largest_linear(block):
+    """The largest linear of the block's first layer (the MLP's width -> 4 x width), as
+    the model holds it."""
+    linears = [m for _, m in block.attn_blocks[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
+    # unpacked size, then the wider output
+    return max(
+        linears,
+        key=lambda m: (m.weight.size * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1), m.weight.shape[0]),
+    )
+
+
+def sampled_blocks(model):
+    """(deep block, shallow blocks with layers)."""
+    return model.blocks[-1], [b for b in model.blocks[:-1] if not isinstance(b, IdentityBlock)]
+
+
+# -- timing tokens through the sampler -------------------------------------------------------
+
+
+def sample_tokens(block, z, caches, prefix, start, count, rope=None, cond=None, guidance=0.0, **loop):
+    """Sample `count` tokens of z (B', N, D) from position `start` of the block's sequence
+    (the caches hold `prefix` positions before it) through sample.block_steps, stopping
+    there. Returns [(tokens done, time)], starting with (0, the time before the first step)."""
+    for c in caches:
+        c.offset = prefix + start
+    stamps = [(0, time.perf_counter())]
+    steps = block_steps(block, z, caches, rope, cond, guidance, **loop)
+    try:
+        for done in steps:
+            stamps.append((done, time.perf_counter()))
+            if done >= count:
+                break
+    finally:
+        steps.close()
+    return stamps
+
+
+def time_block_ends(block, z, caches, prefix, tokens, repeats, rope=None, cond=None, guidance=0.0, log=None, **loop):
+    """Seconds per token of `tokens` tokens at the start and at the end of the block's
+    sequence, each run after one untimed token (or Jacobi chunk) that carries the step's
+    set-up and compilation. The cost of a token is affine in its position (fixed weight
+    reads, attention over the prefix), so the block takes about N x their mean."""
+    N = z.shape[1]
+    jac = loop.get("jacobi")
+    unit = jac.block_size if jac is not None else 1
+    span = min(N, unit * (1 + math.ceil(tokens / unit)))
+    end = max(0, N - span - (1 if loop.get("overlap") else 0))  # overlap queues one token ahead
+    out = {"start": [], "end": []}
+    for r in range(repeats):
+        for where, start in (("start", 0), ("end", end)):
+            stamps = sample_tokens(block, z, caches, prefix, start, span, rope, cond, guidance, **loop)
+            (d0, t0), (d1, t1) = stamps[1], stamps[-1]
+            out[where].append((t1 - t0) / max(d1 - d0, 1))
+        if log:
+            log(
+                f"    run {r + 1}/{repeats}: {_duration(out['start'][-1])} per token at the start, "
+                f"{_duration(out['end'][-1])} at the end"
+            )
+    info = {"per_token_start": summary(out["start"]), "per_token_end": summary(out["end"]), "tokens_timed": span - unit}
+    info["per_token"] = (info["per_token_start"]["median"] + info["per_token_end"]["median"]) / 2
+    info["block_seconds"] = info["per_token"] * N
+    info["extrapolated"] = True
+    return info
+
+
+def time_whole_block(block, z, caches, prefix, repeats, rope=None, cond=None, guidance=0.0, log=None, **loop):
+    """The whole block sampled `repeats` times (its prefix already in the caches)."""
+    N = z.shape[1]
+    runs = []
+    for r in range(repeats):
+        stamps = sample_tokens(block, z, caches, prefix, 0, N, rope, cond, guidance, **loop)
+        runs.append(stamps[-1][1] - stamps[0][1])
+        if log:
+            log(f"    run {r + 1}/{repeats}: {_duration(runs[-1])}")
+    med = statistics.median(runs)
+    return {"run": summary(runs), "per_token": med / N, "tokens_timed": N, "block_seconds": med, "extrapolated": False}
+
+
+def first_token(block, z, caches, prefix, rope=None, cond=None, guidance=0.0, **loop):
+    """Seconds of the first token (or Jacobi chunk, per token) of a block, set-up and
+    compilation included: the estimate the plan is made from."""
+    stamps = sample_tokens(block, z, caches, prefix, 0, 1, rope, cond, guidance, **loop)
+    (_, t0), (d1, t1) = stamps[0], stamps[-1]
+    return (t1 - t0) / max(d1, 1)
+
+
+# -- the stages ---------------------------------------------------------------------------------
+
+
+def stage_load(run):
+    """Build (or load) the flow and the VAE, resident from then on as in a pipeline."""
+    a = run.args
+    quant = {"bits": a.quantize, "group_size": a.q_group_size} if a.quantize else None
+    with Stage(run.stages, "load") as info:
+        t = time.perf_counter()
+        if a.model:
+            run.model, unquantized = load_flow(a.model, dtype=a.dtype if a.model_dtype else None, quantize=quant), []
+        else:
+            run.model, unquantized = random_flow(run.cfg, DTYPES[a.dtype], quant, seed=a.seed)
+        if a.layout == "auto":
+            device.prepare(run.model)  # what the pipeline does after loading
+        if "vae" in a.stages:
+            run.vae = device.prepare(random_vae(a.arch, DTYPES[a.vae_dtype], seed=a.seed))
+        info["time"] = summary([time.perf_counter() - t])
+        params = tree_flatten(run.model.parameters())
+        info["parameters"] = sum(v.size for _, v in params)
+        info["weight_bytes"] = sum(v.nbytes for _, v in params)
+        info["vae_weight_bytes"] = _weights(run.vae) if run.vae is not None else 0
+        info["unquantized"] = unquantized
+        layer = largest_linear(sampled_blocks(run.model)[0])
+        # device.prepare holds float32 transformer linears input-major on a CPU
+        info["input_major"] = (
+            a.layout == "auto" and device.on_cpu() and type(layer) is nn.Linear and layer.weight.dtype == mx.float32
+        )
+    run.cfg = run.model.config
+    return info
+
+
+def stage_text(run):
+    """Encode the prompt and the unconditional prompt with a text encoder of the
+    architecture's shapes, built beside the resident flow and freed after, as the
+    pipeline does."""
+    a = run.args
+    n_txt = run.cfg.txt_size
+    with Stage(run.stages, "text") as info:
+        t = time.perf_counter()
+        t5 = device.prepare(
+            random_t5(
+                a.arch,
+                DTYPES[a.text_dtype],
+                a.text_quantize and {"bits": a.text_quantize, "group_size": a.q_group_size},
+                seed=a.seed,
+            )
+        )
+        info["build"] = time.perf_counter() - t
+        info["weight_bytes"] = _weights(t5)
+        info["prompts"], info["tokens"] = run.rows, n_txt
+        ids = mx.random.randint(0, t5.config.vocab_size, (run.rows, n_txt), key=mx.random.key(a.seed + 1))
+        mask = mx.broadcast_to((mx.arange(n_txt) < n_txt // 2).astype(mx.int32), (run.rows, n_txt))
+
+        def encode():
+            h = t5(ids, mask)
+            out = h * mask[..., None].astype(h.dtype)
+            mx.eval(out)
+            return out
+
+        run.time(encode, info)
+        y = encode().astype(mx.float32)
+        t5 = None  # freed before sampling, as the pipeline does
+    if y.shape[-1] == run.cfg.txt_dim:  # a --model with another text width keeps random rows
+        run.y = y
+    return info
+
+
+def stage_vae(run):
+    """Decode one batch of latents to images."""
+    vae, side = run.vae, run.cfg.grid_size
+    lat = mx.random.normal((run.batch, side, side, vae.config.latent_channels), key=mx.random.key(run.args.seed + 3))
+    lat = lat / vae.config.scaling_factor
+    with Stage(run.stages, "vae") as info:
+        run.time(lambda: mx.eval(vae.decode(lat, tile=run.args.vae_tile)), info)
+        info["image"] = run.image_side
+    return info
+
+
+def stage_prefill(run):
+    """Feed the text prefix (both guidance halves) through the deep block once, into its KV caches."""
+    deep, _ = sampled_blocks(run.model)
+    text = run.y if run.args.guidance > 0 else run.y[: run.batch]
+    rope = run.model.rope(True, run.cfg.grid_size, run.cfg.grid_size, run.cfg.txt_size)
+    with Stage(run.stages, "prefill") as info:
+        times = []
+        for i in range(run.args.repeats + 1):  # the first is the warm-up
+            run.caches = deep.new_caches(run.rows, run.cfg.txt_size + run.cfg.num_tokens)
+            t = time.perf_counter()
+            deep.prefill(text, rope, run.caches)
+            if i:
+                times.append(time.perf_counter() - t)
+        info["time"] = summary(times)
+        rows = run.rows * run.cfg.txt_size
+        info["GFLOPs"] = 2 * linear_params(deep) * rows / info["time"]["median"] / GB
+        info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
+    return info
+
+
+def _deep_inputs(run):
+    deep, _ = sampled_blocks(run.model)
+    side, n_txt = run.cfg.grid_size, run.cfg.txt_size
+    if run.caches is None:  # no prefill stage: the prefix's contents do not change a token's cost
+        run.caches = deep.new_caches(run.rows, n_txt + run.cfg.num_tokens)
+    z = mx.random.normal((run.batch, run.cfg.num_tokens, run.cfg.token_dim), key=mx.random.key(run.args.seed + 2))
+    z = mx.concatenate([z, z]) if run.args.guidance > 0 else z
+    return deep, z, run.model.rope(True, side, side, n_txt), n_txt
+
+
+def _shallow_inputs(run):
+    _, shallow = sampled_blocks(run.model)
+    side = run.cfg.grid_size
+    z = mx.random.normal((run.batch, run.cfg.num_tokens, run.cfg.token_dim), key=mx.random.key(run.args.seed + 4))
+    return shallow, z, run.model.rope(False, side, side, 0)
+
+
+def stage_deep(run, whole):
+    """The deep block: every token reads all its weights, for both guidance halves at once."""
+    deep, z, rope, n_txt = _deep_inputs(run)
+    a, guidance = run.args, run.args.guidance
+    with Stage(run.stages, "deep") as info:
+        if whole:
+            info.update(
+                time_whole_block(deep, z, run.caches, n_txt, a.repeats, rope, None, guidance, run.log, **run.loop)
+            )
+        else:
+            info.update(
+                time_block_ends(
+                    deep, z, run.caches, n_txt, a.tokens_n, a.repeats, rope, None, guidance, run.log, **run.loop
+                )
+            )
+        info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
+        info["weight_bytes_per_token"] = _weights(deep, skip=("proj_txt",))  # proj_txt serves the prefix only
+        info["GBps"] = info["weight_bytes_per_token"] / info["per_token"] / GB
+    return info
+
+
+def stage_shallow(run, whole):
+    """The shallow blocks: no text, one row per image."""
+    shallow, z, rope = _shallow_inputs(run)
+    a = run.args
+    with Stage(run.stages, "shallow") as info:
+        if whole:
+            total, runs = 0.0, []
+            for b in shallow:
+                caches = b.new_caches(run.batch, z.shape[1])
+                r = time_whole_block(b, z, caches, 0, a.repeats, rope, log=None, **run.loop)
+                total += r["block_seconds"]
+                runs.append(r["per_token"])
+                del caches
+            info.update(
+                per_token=statistics.median(runs), block_seconds=total, extrapolated=False, tokens_timed=z.shape[1]
+            )
+            run.log(f"    {len(shallow)} blocks: {_duration(total)}")
+        else:
+            block = shallow[-1]
+            caches = block.new_caches(run.batch, z.shape[1])
+            info.update(time_block_ends(block, z, caches, 0, a.tokens_n, a.repeats, rope, log=run.log, **run.loop))
+            info["block_seconds"] *= len(shallow)
+            del caches
+        info["blocks"] = len(shallow)
+        info["weight_bytes_per_token"] = _weights(shallow[-1])
+        info["GBps"] = info["weight_bytes_per_token"] / info["per_token"] / GB
+    return info
+
+
+def denoise_flops(run):
+    """Multiply-adds x 2 of the score step: one density pass over every block (the deep
+    one with its text prefix), its recomputation and its backward pass (about two
+    passes): four passes in all."""
+    n, txt = run.cfg.num_tokens, run.cfg.txt_size
+    one = sum(
+        2 * linear_params(b) * run.batch * (n + (txt if b.has_text else 0))
+        for b in run.model.blocks
+        if not isinstance(b, IdentityBlock)
+    )
+    return 4 * one
+
+
+def stage_denoise(run):
+    """The step after sampling: the learned denoiser, or the score step (a gradient of
+    the whole model's density)."""
+    cfg, side = run.cfg, run.cfg.grid_size
+    x = mx.random.normal((run.batch, side, side, cfg.in_channels), key=mx.random.key(run.args.seed + 5))
+    y = run.y[: run.batch]
+    with Stage(run.stages, "denoise") as info:
+        if cfg.learnable_self_denoiser:
+            run.time(lambda: mx.eval(run.model.learned_denoise(x, y)), info)
+        elif not cfg.finetuned_vae:
+            run.time(lambda: mx.eval(run.model.denoise(x, y)), info)
+    return info
+
+
+def compare_loop(run, tokens):
+    """Seconds per token of the deep block's sequential loop with and without overlap
+    and compile_step, measured in this run (tokens at both ends, as the deep stage)."""
+    deep, z, rope, n_txt = _deep_inputs(run)
+    out = {}
+    for overlap in (False, True):
+        for comp in (False, True):
+            r = time_block_ends(
+                deep,
+                z,
+                run.caches,
+                n_txt,
+                tokens,
+                run.args.repeats,
+                rope,
+                None,
+                run.args.guidance,
+                overlap=overlap,
+                compile_step=comp,
+            )
+            out[f"overlap={int(overlap)} compile={int(comp)}"] = r["per_token"]
+    base = out["overlap=0 compile=0"]
+    run.log(
+        "  token loop, per token (speed-up against neither option): "
+        + ", ".join(f"{k} {_duration(v)} ({base / v:.2f}x)" for k, v in out.items())
+    )
+    return out
+
+
+# -- the plan: estimates from a first token ----------------------------------------------------------
+
+
+def plan(run):
+    """Time the first token of the deep and shallow blocks, choose whole blocks or their
+    ends (--tokens), and estimate denoising: {stage: decision}, printed before the long work."""
+    a, st = run.args, run.stages
+    out = {}
+    if "deep" in a.stages:
+        deep, z, rope, n_txt = _deep_inputs(run)
+        out["deep_first_token"] = first_token(deep, z, run.caches, n_txt, rope, None, a.guidance, **run.loop)
+    shallow = sampled_blocks(run.model)[1]
+    if "shallow" in a.stages and shallow:
+        blocks, z, rope = _shallow_inputs(run)
+        caches = blocks[-1].new_caches(run.batch, z.shape[1])
+        out["shallow_first_token"] = first_token(blocks[-1], z, caches, 0, rope, **run.loop)
+        del caches
+    N = run.cfg.num_tokens
+    for name, n_blocks in (("deep", 1), ("shallow", len(shallow))):
+        if f"{name}_first_token" not in out:
+            continue
+        whole_time = out[f"{name}_first_token"] * N * n_blocks
+        whole = a.tokens == "all" or (a.tokens == "auto" and whole_time <= AUTO_BLOCK)
+        timed = N if whole else min(N, 2 * (a.tokens_n + 1))
+        out[name] = {
+            "whole": whole,
+            "estimate": whole_time,
+            "run_estimate": out[f"{name}_first_token"] * timed * a.repeats * (n_blocks if whole else 1),
+        }
+    if "denoise" in a.stages and not run.cfg.learnable_self_denoiser and not run.cfg.finetuned_vae:
+        # GFLOP/s of the text prefix: the same precision, many rows, through the deep block.
+        rate = st["prefill"]["GFLOPs"] if "prefill" in st else run.results["limits"]["layer_many_GFLOPs"]
+        est = denoise_flops(run) / rate / GB
+        run_it = a.tokens != "auto" or est <= AUTO_DENOISE
+        passes = 1 if a.tokens == "auto" and est > AUTO_ONCE else a.warmup + a.repeats
+        out["denoise"] = {"estimate": est, "run": run_it, "run_estimate": est * passes if run_it else 0.0}
+    return out
+
+
+def log_plan(run, p):
+    N = run.cfg.num_tokens
+    lines, total = [], 0.0
+    for name, what in (("deep", "deep block"), ("shallow", "shallow blocks")):
+        if name not in p:
+            continue
+        d = p[name]
+        total += d["run_estimate"]
+        first = _duration(p[f"{name}_first_token"])
+        if d["whole"]:
+            lines.append(f"  {what}: first token {first}: sampled whole ({N} tokens), {_times(run.args.repeats)}")
+        else:
+            lines.append(
+                f"  {what}: first token {first}: whole, about {_duration(d['estimate'])}: timing "
+                f"{run.args.tokens_n} tokens at each end and extrapolating (--tokens all runs it whole)"
+            )
+    if "denoise" in p:
+        d = p["denoise"]
+        total += d["run_estimate"]
+        if d["run"]:
+            lines.append(f"  denoising: about {_duration(d['estimate'])} per pass (estimated from the text prefix)")
+        else:
+            lines.append(
+                f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
+                "not run (--tokens all runs it)"
+            )
+    if not lines:  # no sampling or denoising asked: nothing to plan
+        return
+    run.log(
+        "plan, from the first tokens:\n"
+        + "\n".join(lines)
+        + f"\n  the rest of this benchmark: about {_duration(total)}"
+    )
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+
+def run_order(stages):
+    """The stages to run, in the pipeline's order: the flow and VAE loaded first, the text
+    encoder beside them, then the decode and the sampling (timed after the plan)."""
+    order = ("text", "vae", "prefill", "deep", "shallow", "denoise") + EXTRA_STAGES
+    return ["load"] + [s for s in order if s in stages]
+
+
+def run_benchmark(args, log=print):
+    results = {"machine": machine.machine_info(), "args": vars(args).copy(), "stages": {}}
+    cfg = read_config(args.model) if args.model else flow_config(args.arch)
+    run = Run(args, cfg, log, results)
+    stages = args.stages
+    log(_header(results["machine"]))
+    log(_intro(run))
+
+    log("measuring the machine (memory copy, matrix multiply) ...")
+    limits = {**machine.copy_speed(args.repeats), **machine.matmul_speed(args.repeats)}
+    results["limits"] = limits
+    if limits["slow_blas"]:
+        log("warning: " + machine.blas_advice("python -m mlx_starflow.benchmark ..."))
+
+    steps = run_order(stages)
+    k = len(steps)
+
+    def begin(name, what):
+        log(f"[{steps.index(name) + 1}/{k}] {what} ...")
+
+    begin(
+        "load",
+        f"loading the flow from {args.model}"
+        if args.model
+        else f"building the flow: {_count(sum(v.size for _, v in tree_flatten(Flow(cfg).parameters())))} random "
+        f"parameters, {_precision(args)}",
+    )
+    stage_load(run)
+    log(_line("load", run.stages["load"]))
+    if run.stages["load"]["unquantized"]:
+        log(
+            f"  left unquantized (input width not a multiple of {args.q_group_size}): "
+            f"{', '.join(run.stages['load']['unquantized'])}"
+        )
+    deep, _ = sampled_blocks(run.model)
+    limits.update(machine.layer_speed(largest_linear(deep), run.rows, args.repeats))
+    limits["input_major"] = run.stages["load"]["input_major"]
+    if limits["input_major"]:
+        limits["layer"] += ", input-major"
+    if "text" in stages:
+        begin(
+            "text",
+            f"encoding {run.rows} prompts of {run.cfg.txt_size} tokens "
+            f"(text encoder {args.text_dtype}{_q(args.text_quantize)}, beside the flow)",
+        )
+        stage_text(run)
+        log(_line("text", run.stages["text"]))
+        gc.collect()
+        mx.clear_cache()
+    if run.y is None:
+        run.y = 0.1 * mx.random.normal((run.rows, run.cfg.txt_size, run.cfg.txt_dim), key=mx.random.key(args.seed))
+    mx.eval(run.y)
+    if "vae" in stages:
+        begin("vae", f"decoding {run.batch} {run.image_side}x{run.image_side} image(s) with the VAE")
+        stage_vae(run)
+        log(_line("vae", run.stages["vae"]))
+    if "prefill" in stages:
+        begin("prefill", "feeding the text prefix through the deep block")
+        stage_prefill(run)
+        log(_line("prefill", run.stages["prefill"]))
+
+    p = plan(run)
+    results["plan"] = p
+    log_plan(run, p)
+    if "deep" in stages:
+        begin("deep", "the deep block")
+        stage_deep(run, p["deep"]["whole"])
+        log(_line("deep", run.stages["deep"], limits))
+    if args.compare_loop and "deep" in stages:
+        results["loop"] = compare_loop(run, min(args.tokens_n, run.cfg.num_tokens))
+    run.caches = None
+    if "shallow" in p:
+        begin("shallow", "the shallow blocks")
+        stage_shallow(run, p["shallow"]["whole"])
+        log(_line("shallow", run.stages["shallow"], limits))
+    if "denoise" in stages:
+        d = p.get("denoise")
+        if d is None or d["run"]:
+            begin("denoise", "denoising")
+            stage_denoise(run)
+            log(_line("denoise", run.stages["denoise"]))
+        else:
+            log(f"[{steps.index('denoise') + 1}/{k}] denoising: estimated, not run")
+            results["stages"]["denoise"] = {"estimated_seconds": d["estimate"]}
+    if "score" in stages:
+        begin("score", "scoring images: the exact likelihood, one density pass per image and prompt")
+        st = results["stages"]["score"] = score_stage(
+            run.model, run.y[: run.batch], repeats=args.repeats, warmup=args.warmup, seed=args.seed
+        )
+        log(
+            f"  {st['images_per_second']:.3g} images per second (batches of {st['batch']}, "
+            f"{_duration(st['seconds']['median'])} each); memory peak {_gb(st['peak_memory'])}"
+        )
+    if "invert" in stages:
+        begin("invert", f"inverting {run.batch} image(s) with guidance {args.guidance:g}: editing's exact inversion")
+        st = results["stages"]["invert"] = invert_stage(
+            run.model, run.y, args.guidance, batch=run.batch, repeats=args.repeats, warmup=args.warmup, seed=args.seed
+        )
+        log(
+            f"  {_duration(st['seconds']['median'])} per inversion ({st['tokens_per_second']:.3g} tokens per "
+            f"second over {st['blocks']} blocks, no token loop); memory peak {_gb(st['peak_memory'])}"
+        )
+    run.vae = run.model = None
+    gc.collect()
+    mx.clear_cache()
+
+    results["image"] = image_figures(run)
+    if args.precision:
+        log("precision (random weights, same seed and inputs; relative RMS difference to float32):")
+        results["precision"] = study(
+            args.precision_arch or ("tiny" if args.arch == "tiny" else "small"), args.q_group_size, args.seed, log
+        )
+    return results
+
+
+def image_figures(run):
+    """One image (or batch), from the stages run: seconds and peak memory, and what is
+    extrapolated, estimated or missing."""
+    st = run.stages
+    parts = {}
+    for k in ("text", "prefill", "denoise", "vae"):
+        if k in st and "time" in st[k]:
+            parts[k] = st[k]["time"]["median"]
+    for k in ("deep", "shallow"):
+        if k in st:
+            parts[k] = st[k]["block_seconds"]
+    if "denoise" in st and "estimated_seconds" in st["denoise"]:
+        parts["denoise"] = st["denoise"]["estimated_seconds"]
+    peaks = [
+        st[k]["peak_memory"]
+        for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
+        if k in st and "peak_memory" in st[k]
+    ]
+    return {
+        "side": run.image_side,
+        "seconds": sum(parts.values()),
+        "parts": parts,
+        "peak_memory": max(peaks) if peaks else None,
+        "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
+        "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
+        "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st],
+    }
+
+
+# -- printing -------------------------------------------------------------------------------------
+
+
+def _gb(n):
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def _duration(s):
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _count(n):
+    return f"{n / 1e9:.2f} billion" if n >= 1e9 else f"{n / 1e6:.1f} million"
+
+
+def _times(n):
+    return "once" if n == 1 else f"{n} times"
+
+
+def _q(bits):
+    return f", {bits}-bit" if bits else ""
+
+
+def _precision(args):
+    return f"{args.quantize}-bit ({args.dtype} scales)" if args.quantize else args.dtype
+
+
+def _header(m):
+    mem = _gb(m["memory"]) if m["memory"] else "?"
+    v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
+    pre = f", LD_PRELOAD={m['LD_PRELOAD']}" if m["LD_PRELOAD"] else ""
+    load = f", load average {m['load_average'][0]:.1f}" if "load_average" in m else ""
+    return f"{m['chip']} ({m['cpus']} cpus, {mem}{load}), {m['os']}, {m['device']}\n{v}{pre}"
+
+
+def _what(args, rows, side):
+    n = "one" if args.batch == 1 else str(args.batch)
+    guide = f"with guidance {args.guidance:g}" if args.guidance > 0 else "without guidance"
+    return f"{n} {side}x{side} image{'s' if args.batch > 1 else ''} {guide}"
+
+
+def _intro(run):
+    a = run.args
+    source = f"the model in {a.model}" if a.model else f"random weights of the {a.arch} architecture"
+    rows = f" (the deep block samples {run.rows} rows: conditional and unconditional)" if a.guidance > 0 else ""
+    stages = ", ".join(run_order(a.stages))
+    return (
+        f"benchmark: {_what(a, run.rows, run.image_side)}{rows}, {a.sampler} sampling, {source}\n"
+        f"  flow {_precision(a)}, text encoder {a.text_dtype}{_q(a.text_quantize)}, VAE {a.vae_dtype}; "
+        f"stages: {stages} (--help for the options)"
+    )
+
+
+def _spread(t):
+    return f" (runs: {_duration(t['min'])} to {_duration(t['max'])})" if t["n"] > 1 else ""
+
+
+def _block_words(info, limits, same_rows=True):
+    """A block's speed against the machine: weights read per token against the copy
+    speed and (the deep block: same rows) against its largest layer alone."""
+    s = (
+        f"{_duration(info['per_token'])} per token; reads {_gb(info['weight_bytes_per_token'])} of weights "
+        f"per token: {info['GBps']:.1f} GB/s = {100 * info['GBps'] / limits['copy_GBps']:.0f}% of the memory "
+        f"copy speed ({limits['copy_GBps']:.1f} GB/s)"
+    )
+    if same_rows and "layer_step_GBps" in limits:
+        s += (
+            f", {100 * info['GBps'] / limits['layer_step_GBps']:.0f}% of its largest layer alone "
+            f"({limits['layer_step_GBps']:.1f} GB/s)"
+        )
+    return s
+
+
+def _line(name, info, limits=None):
+    """One finished stage, as progress."""
+    peak = f"; memory peak {_gb(info['peak_memory'])}" if "peak_memory" in info else ""
+    t = info.get("time")
+    if name == "load":
+        layout = ", held input-major (the faster layout for a CPU BLAS)" if info.get("input_major") else ""
+        return (
+            f"  flow weights {_gb(info['weight_bytes'])} ({_count(info['parameters'])} parameters), "
+            f"ready in {_duration(t['median'])}{layout}{peak}"
+        )
+    if name == "text":
+        return f"  {_duration(t['median'])}{_spread(t)}; text encoder weights {_gb(info['weight_bytes'])}{peak}"
+    if name in ("vae", "prefill"):
+        return f"  {_duration(t['median'])}{_spread(t)}{peak}"
+    if name in ("deep", "shallow"):
+        how = (
+            f"{info['tokens_timed']} tokens timed at each end, extrapolated"
+            if info["extrapolated"]
+            else "sampled whole"
+        )
+        return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits, name == 'deep')}{peak}"
+    if name == "denoise":
+        return f"  {_duration(t['median'])}{_spread(t)}{peak}" if t else "  not needed by this model"
+    return f"  {name}: {info}"
+
+
+def summary_lines(results):
+    """The figure to quote, then the stages and the machine, in words."""
+    a, st, lim, img = results["args"], results["stages"], results["limits"], results["image"]
+    out = []
+    side = img["side"]
+    approx = "about " if img["extrapolated"] or img["estimated"] else ""
+    peak = f", peak {_gb(img['peak_memory'])}" if img["peak_memory"] else ""
+    out.append(f"summary: {_what(argparse.Namespace(**a), 0, side)}: {approx}{_duration(img['seconds'])}{peak}")
+    notes = [
+        f"flow {_precision(argparse.Namespace(**a))}, text encoder {a['text_dtype']}{_q(a['text_quantize'])}, "
+        f"{a['sampler']} sampling, weights already loaded"
+    ]
+    if img["extrapolated"]:
+        notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from their first and last tokens")
+    if img["estimated"]:
+        notes.append("denoising estimated from the text prefix's speed, not run (its memory not included)")
+    if img["missing"]:
+        notes.append(f"stages not run, not included: {', '.join(img['missing'])}")
+    out.append("  (" + "; ".join(notes) + ")")
+    out.append("")
+    out.append(f"details (median of {a['repeats']} runs; memory peak: MLX's, resident weights included):")
+    rows = [("stage", "time", "memory peak", "what the figure is")]
+
+    def peak_of(info):
+        return _gb(info["peak_memory"]) if "peak_memory" in info else "-"
+
+    if "load" in st:
+        i = st["load"]
+        rows.append(
+            (
+                "flow weights",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"{_gb(i['weight_bytes'])}, {_count(i['parameters'])} parameters"
+                f"{' (built at random: loading a folder differs)' if not a['model'] else ''}",
+            )
+        )
+    if "text" in st:
+        i = st["text"]
+        rows.append(
+            (
+                "text encoding",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"{i['prompts']} prompts of {i['tokens']} tokens; text encoder {_gb(i['weight_bytes'])}, "
+                "loaded beside the flow as generate does",
+            )
+        )
+    if "vae" in st:
+        i = st["vae"]
+        rows.append(("VAE decode", _duration(i["time"]["median"]), peak_of(i), f"{side}x{side} pixels"))
+    if "prefill" in st:
+        i = st["prefill"]
+        rows.append(
+            (
+                "text prefix",
+                _duration(i["time"]["median"]),
+                peak_of(i),
+                f"the text through the deep block once: {i['GFLOPs']:.1f} GFLOP/s = "
+                f"{100 * i['GFLOPs'] / lim['layer_many_GFLOPs']:.0f}% of its largest layer alone on "
+                f"many rows ({lim['layer_many_GFLOPs']:.1f} GFLOP/s)",
+            )
+        )
+    for k, name in (("deep", "deep block"), ("shallow", "shallow blocks")):
+        if k in st:
+            i = st[k]
+            where = (
+                f"{i['blocks']} blocks, one row per image; "
+                if k == "shallow"
+                else f"KV cache {_gb(i['kv_cache_bytes'])}; "
+            )
+            rows.append(
+                (
+                    name,
+                    ("~" if i["extrapolated"] else "") + _duration(i["block_seconds"]),
+                    peak_of(i),
+                    where + _block_words(i, lim, k == "deep"),
+                )
+            )
+    if "denoise" in st:
+        i = st["denoise"]
+        if "estimated_seconds" in i:
+            rows.append(
+                (
+                    "denoising",
+                    "~" + _duration(i["estimated_seconds"]),
+                    "-",
+                    "estimated: four passes over the model at the text prefix's speed (not run)",
+                )
+            )
+        elif "time" in i:
+            rows.append(("denoising", _duration(i["time"]["median"]), peak_of(i), "the step after sampling"))
+    rows.append(
+        (
+            "one image",
+            approx.replace("about ", "~") + _duration(img["seconds"]),
+            _gb(img["peak_memory"]) if img["peak_memory"] else "-",
+            "the stages above but the weights",
+        )
+    )
+    w0, w1, w2 = (max(len(r[j]) for r in rows) for j in range(3))
+    out += [f"  {r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}" for r in rows]
+    out.append("")
+    out.append("the machine:")
+    out.append(
+        f"  memory copy speed: {lim['copy_GBps']:.1f} GB/s (numpy {lim['numpy_copy_GBps']:.1f}, "
+        f"MLX {lim['mlx_copy_GBps']:.1f}): the limit for reading weights"
+    )
+    out.append(
+        f"  float32 matrix multiply, 1024x1024: MLX {lim['mlx_f32_matmul_GFLOPs']:.1f} GFLOP/s, numpy "
+        f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s"
+        + (" (MLX's BLAS is slow, see the warning above)" if lim["slow_blas"] else "")
+    )
+    if "layer_many_GFLOPs" in lim:
+        out.append(
+            f"  the model's largest layer alone ({lim['layer']}): {lim['layer_many_GFLOPs']:.1f} GFLOP/s on "
+            f"{lim['layer_many_rows']} rows (the limit for the text prefix and denoising); it reads its "
+            f"weights at {lim['layer_step_GBps']:.1f} GB/s on {lim['layer_step_rows']} rows "
+            "(the limit for a token)"
+        )
+    m = results["machine"]
+    if "load_average" in m and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if max(load, m["load_average"][0]) > (m["cpus"] or 1) / 2:
+            out.append(
+                f"  load average {m['load_average'][0]:.1f} at the start, {load:.1f} at the end: other "
+                "work on the machine slows every figure"
+            )
+    return out
+
+
+def print_summary(results, log=print):
+    log("")
+    for line in summary_lines(results):
+        log(line)
+
+
+# -- the stages of what only a flow can do ------------------------------------------------
+
+
+def score_stage(
+    flow: Flow, y=None, *, batch_size: Optional[int] = None, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> dict:
+    """The benchmark's `score` stage: the density pass as `score` runs it (batches of
+    batch_size_for(flow) by default), on random inputs of the flow's own shape with
+    one prompt's conditioning (the first row of y). The VAE encoding of latent models is
+    not included. Returns the batch, seconds per batch (median, min, max),
+    images per second and MLX's peak memory (weights included)."""
+    cfg = flow.config
+    bs = batch_size or batch_size_for(flow)
+    side = cfg.input_size
+    x = mx.random.normal((bs, side, side, cfg.in_channels), key=mx.random.key(seed))
+    y = None if y is None else y[:1]
+    mx.eval(x, *([] if y is None else [y]))
+    mx.reset_peak_memory()
+    ts = times(lambda: log_densities(flow, x, y, batch_size=bs), repeats, warmup)
+    med = statistics.median(ts)
+    return {
+        "batch": bs,
+        "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
+        "images_per_second": bs / med,
+        "peak_memory": mx.get_peak_memory(),
+    }
+
+
+def invert_stage(
+    flow, y=None, guidance: float = 0.0, *, batch: int = 1, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> dict:
+    """The benchmark's `invert` stage: the guided inversion `edit` runs (one parallel pass
+    per block, no token loop) on random latents of the flow's own shape. y as
+    sample.invert takes it for `batch` images (2 x batch rows [conditional; unconditional]
+    when guidance > 0 for text models; class ids for TarFlow). The VAE encoding is not
+    included. Returns the batch, tokens per image, blocks, seconds per call (median, min,
+    max), tokens per second and MLX's peak memory (weights included)."""
+    cfg = flow.config
+    x = mx.random.normal((batch, cfg.input_size, cfg.input_size, cfg.in_channels), key=mx.random.key(seed))
+    mx.eval(x, *([] if y is None else [y]))
+    mx.reset_peak_memory()
+    ts = times(lambda: mx.eval(flow_invert(flow, x, y, guidance)), repeats, warmup)
+    med = statistics.median(ts)
+    h, w = flow.grid(x)
+    return {
+        "batch": batch,
+        "tokens": h * w,
+        "blocks": len(sampling_order(flow)),
+        "seconds": {"median": med, "min": min(ts), "max": max(ts), "n": len(ts)},
+        "tokens_per_second": batch * h * w / med,
+        "peak_memory": mx.get_peak_memory(),
+    }
