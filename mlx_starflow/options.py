@@ -275,7 +275,7 @@ class GenerateOptions:
             raise OptionError("negative_prompt", f"negative_prompt must be a string of at most {MAX_PROMPT_CHARS}")
         if self.guidance is not None:
             self.guidance = check_guidance(self.guidance)
-        for name, _, m in specs(GenerateOptions):
+        for name, _, m in specs(type(self)):
             value = getattr(self, name)
             if m["choices"] and value is not None and value not in m["choices"]:
                 raise OptionError(name, f"{name} must be one of {', '.join(m['choices'])}, not {value!r}")
@@ -396,7 +396,7 @@ class LoadOptions:
     )
 
     def validate(self) -> "LoadOptions":
-        for name, _, m in specs(LoadOptions):
+        for name, _, m in specs(type(self)):
             value = getattr(self, name)
             if m["choices"] and value is not None and value not in m["choices"]:
                 shown = ", ".join(str(c) for c in m["choices"])

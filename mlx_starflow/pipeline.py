@@ -10,10 +10,12 @@ decode. `generate` is serialised by a lock: concurrent calls from several thread
 run one after another.
 """
 
+import gc
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -21,13 +23,13 @@ import numpy as np
 
 from . import editing, likelihood
 from .images import to_pil
-from .loading import device
+from .loading import device, precision_policy
 from .loading.hub import DEFAULT_MODEL
 from .loading.quant import quant_args
 from .loading.resolve import resolve
 from .loading.text import load_text_encoder
-from .loading.vae import load_vae
-from .loading.weights import DTYPES, load_flow
+from .loading.vae import load_vae, vae_config
+from .loading.weights import DTYPES, load_flow, read_config
 from .models.flow import Flow
 from .models.vae import decode_latents, encode_image
 from .options import (
@@ -123,17 +125,10 @@ BF16_ABOVE = 4e9  # bytes of float32 weights (a billion parameters) above which 
 
 
 def _auto_dtype(folder) -> Optional[str]:
-    """The precision policy: float32 models of more than a billion parameters run in
-    bfloat16 (half the memory and weight traffic); others as stored."""
-    from safetensors import safe_open
-
-    f32 = 0
-    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:  # reads the header only
-        for name in f.keys():
-            info = f.get_slice(name)
-            if info.get_dtype() == "F32":
-                f32 += 4 * int(np.prod(info.get_shape()))
-    return "bfloat16" if f32 > BF16_ABOVE else None
+    """The GPU's rule of the precision policy: float32 models of more than a billion
+    parameters run in bfloat16 (half the memory and weight traffic); others as stored."""
+    sizes = precision_policy.folder_sizes(folder)
+    return "bfloat16" if sizes is not None and sizes.float32 > precision_policy.BILLION_FLOAT32 else None
 
 
 class Pipeline:
@@ -145,9 +140,14 @@ class Pipeline:
         keep_text_encoder: bool = False,
         info: Optional[dict] = None,
         vae_loader: Optional[Callable] = None,
+        flow_loader: Optional[Callable] = None,
+        config=None,
+        low_memory: bool = False,
     ):
-        self.flow = flow
-        self.config = flow.config
+        self._flow = flow
+        self._flow_loader = flow_loader  # () -> Flow: the flow is loaded when first needed
+        self.config = flow.config if flow is not None else config
+        self.low_memory = low_memory  # the text encoder, the flow and the VAE each loaded per stage and freed
         self.vae = vae  # the decoder (and the encoder once an image was encoded)
         self.info = info or {}
         self.keep_text_encoder = keep_text_encoder
@@ -160,6 +160,35 @@ class Pipeline:
 
     # -- loading ---------------------------------------------------------------
 
+    @property
+    def flow(self) -> Flow:
+        """The flow, loaded on first use when the pipeline was made without it (low_memory)."""
+        if self._flow is None:
+            if self._flow_loader is None:
+                raise ValueError("this pipeline has no flow")
+            self._flow = self._flow_loader()
+            self.config = self._flow.config
+        return self._flow
+
+    @flow.setter
+    def flow(self, flow: Flow):
+        self._flow = flow
+
+    def _free(self):
+        gc.collect()
+        mx.clear_cache()
+
+    def _release_flow(self):
+        """In low-memory mode, free the flow (it is loaded again when next needed)."""
+        if self.low_memory and self._flow is not None and self._flow_loader is not None:
+            self._flow = None
+            self._free()
+
+    def _release_vae(self):
+        if self.low_memory and self.vae is not None and self._vae_loader is not None:
+            self.vae = None
+            self._free()
+
     @classmethod
     def from_pretrained(
         cls,
@@ -169,7 +198,7 @@ class Pipeline:
         q_group_size: int = 64,
         text_encoder: Optional[str] = None,
         vae: Optional[str] = None,
-        text_dtype: str = "float32",
+        text_dtype: str = "auto",
         text_quantize: Optional[int] = None,
         vae_dtype: str = "float32",
         keep_text_encoder: bool = False,
@@ -177,12 +206,17 @@ class Pipeline:
         config=None,
         vae_tile: Optional[int] = None,
         flow_loader: Optional[Callable] = None,
+        low_memory: bool = False,
     ):
         """Load a model by name (see `hub`): flow weights in `dtype` (None: as stored;
-        "auto": bfloat16 for float32 models of more than a billion parameters, as stored otherwise),
-        optionally quantized to `quantize` bits; the text encoder is loaded when first
-        needed and freed after encoding unless keep_text_encoder. flow_loader(folder,
-        dtype=, quantize=) replaces weights.load_flow (distributed.py loads a rank's part)."""
+        "auto": the precision policy, loading/precision_policy.py: the device and its
+        memory choose the flow's and the text encoder's precision, `info["precision"]`
+        says which and why), optionally quantized to `quantize` bits; text_dtype "auto"
+        follows the flow's. The text encoder is loaded when first needed and freed after
+        encoding unless keep_text_encoder. low_memory: the flow is loaded after the prompts
+        are encoded and freed before decoding, the VAE loaded per decode and freed (the
+        call's peak is its largest stage's). flow_loader(folder, dtype=, quantize=) replaces
+        weights.load_flow (distributed.py loads a rank's part)."""
         load = LoadOptions(
             model=model,
             checkpoint=checkpoint,
@@ -197,6 +231,7 @@ class Pipeline:
             vae_dtype=vae_dtype,
             vae_tile=vae_tile,
             keep_text_encoder=keep_text_encoder,
+            low_memory=low_memory,
         )
         try:
             load.validate()
@@ -204,6 +239,22 @@ class Pipeline:
             raise ValueError(str(e)) from None
         if dtype is not None and dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
+        auto = dtype == "auto" or text_dtype == "auto"
+        if auto:
+            text_folder = where.text_encoder if where.text_encoder and Path(where.text_encoder).is_dir() else None
+            vae_folder = where.vae if where.vae and Path(where.vae).is_dir() else None
+            shapes = precision_policy.Shapes.of_folders(where.flow, text_folder, vae_folder)
+            choice = precision_policy.choose(
+                shapes,
+                one_shot=low_memory,
+                dtype=dtype,
+                quantize=quantize,
+                text_dtype=text_dtype,
+                text_quantize=text_quantize,
+            )
+            dtype, quantize = choice.dtype, choice.quantize
+            text_dtype, text_quantize = choice.text_dtype, choice.text_quantize
         quants = {}
         for name, value in (("quantize", quantize), ("text_quantize", text_quantize)):
             try:  # the one quantization policy (quant.py)
@@ -211,13 +262,14 @@ class Pipeline:
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         q, tq = quants["quantize"], quants["text_quantize"]
-        where = resolve(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
-        if dtype == "auto":
-            dtype = _auto_dtype(where.flow)
-        flow = device.prepare((flow_loader or load_flow)(where.flow, dtype=dtype, quantize=q))
+
+        def flow_load():
+            return device.prepare((flow_loader or load_flow)(where.flow, dtype=dtype, quantize=q))
+
+        flow = None if low_memory else flow_load()
         loader = None
         if where.text_encoder is not None:
-            txt_size, td = flow.config.txt_size, DTYPES[text_dtype]
+            txt_size, td = read_config(where.flow).txt_size, DTYPES[text_dtype]
 
             def loader():
                 return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
@@ -235,14 +287,23 @@ class Pipeline:
             "vae": where.vae,
             "dtype": dtype,
             "quantize": quantize,
+            "text_dtype": text_dtype,
+            "text_quantize": text_quantize,
+            "low_memory": low_memory,
         }
-        decoder = vae_loader(False) if vae_loader else None
-        if decoder is not None and decoder.downsample_factor != flow.config.pixels_per_latent:
+        if auto:
+            info["precision"] = choice.line
+        cfg = read_config(where.flow) if flow is None else flow.config
+        decoder = vae_loader(False) if vae_loader and not low_memory else None
+        factor = None
+        if where.vae is not None:
+            factor = decoder.downsample_factor if decoder is not None else vae_config(where.vae).downsample_factor
+        if factor is not None and factor != cfg.pixels_per_latent:
             raise ValueError(
-                f"the VAE {where.vae} downsamples by {decoder.downsample_factor} but the model was converted "
-                f"for {flow.config.pixels_per_latent}; convert it again with this VAE (--vae FOLDER)"
+                f"the VAE {where.vae} downsamples by {factor} but the model was converted "
+                f"for {cfg.pixels_per_latent}; convert it again with this VAE (--vae FOLDER)"
             )
-        pipe = cls(flow, loader, decoder, keep_text_encoder, info, vae_loader)
+        pipe = cls(flow, loader, decoder, keep_text_encoder, info, vae_loader, flow_load, cfg, low_memory)
         pipe.vae_tile = vae_tile
         return pipe
 

@@ -109,10 +109,12 @@ def run_vae(fixture: Path, meta: dict, inputs: dict, tmp: Path) -> dict:
     return results
 
 
+from video import run as run_video  # noqa: E402 (beside this file)
 from wan_vae import run as run_wan_vae  # noqa: E402 (beside this file)
 
 RUNNERS = {
     "wan2.2-vae": run_wan_vae,
+    "starflow-video": run_video,
     "starflow": run_flow,
     "tarflow": run_flow,
     "t5": run_text,
