@@ -1,0 +1,193 @@
+"""Sampling a video flow: noise -> clip, the deep block first, then the shallow ones.
+
+The deep block runs over the whole clip, causal over frames: token by token
+(sequential) or by Jacobi iterations over chunks of tokens. Jacobi follows the
+reference's schedule exactly: chunks of `block_size` tokens while within the first
+frame, four times that afterwards; the first iteration of a chunk past the first
+frame takes as inputs the tokens one frame earlier (the previous frame as the first
+guess of the current one); a chunk stops when its relative change is below the
+threshold or after `max_iter` iterations.
+
+With a local attention window of W frames, the deep block's cache holds the text and
+W frames: once full, it is emptied, the text fed again and the last `context_length`
+finished frames re-encoded (so they sit at the first frame positions), and the next
+W - context_length frames are sampled; clips may so be longer than the training
+ones. The reference samples a windowed model by Jacobi only, so does this.
+
+Frame-local shallow blocks sample every frame as an image of its own (all frames
+of the batch at once). Guidance is the image rule (sample.guided) on the deep block.
+"""
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+from .models.flow import IdentityBlock
+from .models.video import VideoFlow, permute
+from .sample import Jacobi, OptionError, block_steps, check_guidance, guided, is_whole
+
+
+@dataclass
+class VideoStep:
+    """Where sampling is: `done` of `total` tokens of block `block` are finished.
+    `x` is set on the last step only: the finished clip (B, T, H, W, C)."""
+
+    block: int
+    done: int
+    total: int
+    x: Optional[mx.array] = None
+
+
+def _doubled(s, mu, w):
+    return (mx.concatenate([s, s]), mx.concatenate([mu, mu])) if w > 0 else (s, mu)
+
+
+def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: int, window, context):
+    """Jacobi over one block's tokens z (B', N, D) in its own order, `frame` tokens a
+    frame; window/context in tokens (None: no local window). Generator: yields the
+    tokens done after each chunk; returns x (B', N, D)."""
+    B, N, _ = z.shape
+    # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
+    x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
+    target = N if window is None else min(N, window)
+    start = 0
+    while True:
+        while start < target:
+            size = jac.block_size if start <= frame else 4 * jac.block_size
+            for i in range(jac.max_iter):
+                size = min(size, target - start)
+                src = start - frame if i == 0 and start > frame else start
+                a, b = block.step(x_full[:, src : src + size], start, caches, rope, None)
+                s, mu = _doubled(*guided(block, a, b, guidance), guidance)
+                new = mu + s * z[:, start : start + size]
+                diff = jac.change(new, x_full[:, start + 1 : start + 1 + size])
+                x_full[:, start + 1 : start + 1 + size] = new
+                mx.eval(x_full, diff)
+                if diff.item() < jac.threshold or i == jac.max_iter - 1:
+                    break  # keep this iteration's cache entries
+                for cache in caches:
+                    cache.rewind(size)
+            start += size
+            yield start
+        if target >= N:
+            break
+        target = min(target + window - context, N)
+        # Start the cache again: the text, then the last `context` tokens re-encoded.
+        for cache in caches:
+            cache.offset = 0
+        if text is not None:
+            block.prefill(text, rope, caches)
+        ctx = x_full[:, start + 1 - context : start + 1]
+        block.step(mx.concatenate([block.sos_tokens(B).astype(mx.float32), ctx[:, :-1]], axis=1), 0, caches, rope, None)
+        mx.eval([c.state for c in caches])
+    return x_full[:, 1:]
+
+
+def _check_window(flow: VideoFlow, frames: int, jacobi, local_attn_window, context_length):
+    """(window, context) in frames, or (None, None) without a local window."""
+    window = flow.video.local_attn_window if local_attn_window is None else local_attn_window
+    if window is None:
+        return None, None
+    if not is_whole(window) or window < 1:
+        raise OptionError("local_attn_window", f"the local attention window must be >= 1 frame, not {window!r}")
+    if jacobi is None:
+        raise OptionError("jacobi", "a model with a local attention window samples by Jacobi only (as the reference)")
+    context = window - 1 if context_length is None else context_length
+    if not is_whole(context) or not 0 < context < window:
+        raise OptionError(
+            "context_length", f"the context must be 1 to {window - 1} frames (the window less one), not {context!r}"
+        )
+    return window, context
+
+
+def sample_video_steps(
+    flow: VideoFlow,
+    noise,
+    y=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    context_length: Optional[int] = None,
+    local_attn_window: Optional[int] = None,
+) -> Iterator[VideoStep]:
+    """Noise (B, T, H, W, C) -> clip, one VideoStep per token or Jacobi chunk. y: the
+    text embeddings, B rows, or 2B rows [conditional; unconditional] when guidance > 0.
+    local_attn_window (frames) overrides the model's; context_length (frames, default
+    the window less one) is what a full window keeps. Stop iterating to cancel."""
+    w_all = check_guidance(guidance)
+    flow.check_input(noise, "noise")
+    cfg = flow.config
+    B = noise.shape[0]
+    text = None
+    if cfg.txt_dim:
+        text = flow.check_text(y, 2 * B if w_all > 0 else (y.shape[0] if y is not None else B))
+        if w_all == 0 and text.shape[0] == 2 * B:
+            text = text[:B]
+        elif w_all == 0 and text.shape[0] != B:
+            raise ValueError(f"{text.shape[0]} rows of text embeddings for a batch of {B}")
+    h, w = flow.grid(noise)
+    tokens = flow.patchify(noise).astype(mx.float32)
+    _, T, F, D = tokens.shape
+    window, context = _check_window(flow, T, jacobi, local_attn_window, context_length)
+    n = len(flow.blocks)
+    order = [i for i in [n - 1] + list(range(n - 2, -1, -1)) if not isinstance(flow.blocks[i], IdentityBlock)]
+    for k, i in enumerate(order):
+        block = flow.blocks[i]
+        g = w_all if block.has_text else 0.0
+        t = (text if g > 0 else text[:B]) if block.has_text else None
+        L = 0 if t is None else t.shape[1]
+        if flow.is_local(i):
+            seq, frames = tokens.reshape(B * T, F, D), 1
+        else:
+            seq, frames = tokens.reshape(B, T * F, D), T
+        rope = flow.rope(h, w, frames, L)
+        z = permute(seq, frames, block.flip)
+        if g > 0:
+            z = mx.concatenate([z, z])
+        deep = i == n - 1
+        win = window * F if deep and window is not None else None
+        caches = block.new_caches(z.shape[0], L + (z.shape[1] if win is None else min(win, z.shape[1])))
+        if t is not None:
+            block.prefill(t, rope, caches)
+        if jacobi is None:
+            loop = block_steps(block, z, caches, rope, None, g, compile_step=False)
+        else:
+            ctx = None if win is None else context * F
+            loop = _jacobi_frames(block, z, caches, rope, t, g, jacobi, F, win, ctx)
+        while True:
+            try:
+                done = next(loop)
+            except StopIteration as stop:
+                x = stop.value[: z.shape[0] // 2] if g > 0 else stop.value
+                break
+            if done < z.shape[1]:
+                yield VideoStep(i, done, z.shape[1])
+        tokens = permute(x, frames, block.flip).reshape(B, T, F, D)
+        last = k == len(order) - 1
+        yield VideoStep(i, z.shape[1], z.shape[1], flow.unpatchify(tokens, h, w) if last else None)
+
+
+def sample_video(
+    flow: VideoFlow,
+    noise,
+    y=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    context_length: Optional[int] = None,
+    local_attn_window: Optional[int] = None,
+) -> mx.array:
+    """Run sample_video_steps to the end: the clip (B, T, H, W, C)."""
+    x = None
+    for step in sample_video_steps(
+        flow,
+        noise,
+        y,
+        guidance,
+        jacobi=jacobi,
+        context_length=context_length,
+        local_attn_window=local_attn_window,
+    ):
+        x = step.x if step.x is not None else x
+    return x
