@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 import warnings
 from importlib import metadata
@@ -105,11 +106,15 @@ def check_pixels(img, name: str):
     """A ValueError if the image (opened, not yet decoded) has more than MAX_IMAGE_PIXELS pixels."""
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
-        side = math.isqrt(MAX_IMAGE_PIXELS)
-        raise ValueError(
-            f"{name} is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS} pixels ({side}x{side}) are read: "
-            "give a smaller image (the model's own size is enough)"
-        )
+        raise ValueError(_too_large(f"{name} is {w}x{h}", w * h))
+
+
+def _too_large(what: str, pixels: int) -> str:
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    return (
+        f"{what} ({pixels} pixels); at most {MAX_IMAGE_PIXELS} pixels ({side}x{side}) are read: "
+        "give a smaller image (the model's own size is enough)"
+    )
 
 
 def probe(source, name: str, what: str = "a PNG, JPEG or other still image Pillow can open"):
@@ -117,10 +122,12 @@ def probe(source, name: str, what: str = "a PNG, JPEG or other still image Pillo
     count checked (nothing decoded yet), or a ValueError naming it."""
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    except Image.DecompressionBombError as e:  # twice the limit: Pillow's own refusal
-        raise ValueError(f"{name} has more than {MAX_IMAGE_PIXELS} pixels ({e}); give a smaller image") from None
+    except Image.DecompressionBombError as e:  # twice the limit: Pillow's own refusal, before any size is known
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise ValueError(_too_large(f"{name} is too large", int(size[1]) if size else 2 * MAX_IMAGE_PIXELS)) from None
     except UNREADABLE as e:
-        raise ValueError(f"cannot read {name} as an image ({e}); give {what}") from None
+        reason = "not an image file Pillow can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(f"cannot read {name} as an image ({reason}); give {what}") from None
     check_pixels(img, name)
     return img
 

@@ -76,7 +76,7 @@ from ..images import MAX_IMAGE_PIXELS, atomic_write, engine_version, png_bytes, 
 from ..loading.hub import ModelNotFound
 from ..options import GenerateOptions, specs
 from ..pipeline import Pipeline
-from .common import add_load_options, load_options, new_parser
+from .common import add_load_options, load_options, new_parser, say_precision
 
 log = logging.getLogger("mlx_starflow.server")
 
@@ -466,8 +466,8 @@ def _param_of(e: ValueError) -> Optional[str]:
     option = getattr(e, "option", None)
     if option:
         return {"num_images": "n", "prompts": "prompt"}.get(option, option)
-    text = str(e)
-    return "mask" if text.startswith("mask") else "image" if text.startswith("image") else None
+    named = re.search(r"\b(mask|image)\b", str(e))
+    return named[1] if named else None
 
 
 class QueueFull(Exception):
@@ -725,18 +725,19 @@ class Handler(BaseHTTPRequestHandler):
         self._json(e.status, e.body(), e.headers)
 
     def _check_host(self):
-        """Without a key, a request must be addressed to a name no page can rebind: a page
-        whose own name resolves to this machine (DNS rebinding) is refused. On the loopback
-        that is a loopback name; bound elsewhere, an IP address or localhost."""
+        """A request must be addressed to a name no page can rebind: a page whose own name
+        resolves to this machine (DNS rebinding) is refused. On the loopback that is a
+        loopback name; bound elsewhere without a key, an IP address or localhost (with a
+        key, the key is the protection)."""
         host = self.headers.get("Host")
-        if host is None or self.server.api_key is not None:
+        if host is None:
             return
         name = _host_name(host)
         if self.server.loopback and not _is_loopback(name):
             raise ApiError(
                 403, "this server listens on the loopback only and answers requests addressed to localhost or 127.0.0.1"
             )
-        if not self.server.loopback and not (_is_loopback(name) or _is_ip(name)):
+        if not self.server.loopback and self.server.api_key is None and not (_is_loopback(name) or _is_ip(name)):
             raise ApiError(
                 403,
                 "this server has no API key and answers only requests addressed to an IP address or localhost "
@@ -1419,7 +1420,16 @@ def main(argv=None):
         return 1
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _serve(args, api_key)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _serve(args, api_key) -> int:
     try:
         server = Server(None, args.host, args.port, args.max_queue, api_key, args.max_images)
     except OSError as e:
@@ -1431,7 +1441,9 @@ def main(argv=None):
     try:
         load = load_options(args)
         load.keep_text_encoder = args.keep_text_encoder
-        server.use(Pipeline.from_pretrained(**vars(load)))
+        pipe = Pipeline.from_pretrained(**vars(load))
+        say_precision(pipe)
+        server.use(pipe)
     except (ValueError, ModelNotFound, FileNotFoundError) as e:
         server.close()
         print(f"error: {e}", file=sys.stderr)
