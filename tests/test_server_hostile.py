@@ -427,7 +427,8 @@ def test_sigterm_stops_a_running_request_and_leaves_no_folder(tmp_path):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)
-        assert time.monotonic() - t0 < 5 and code == 0
+        took = time.monotonic() - t0
+        assert took < 8 and code == 0, (took, code, (tmp_path / "server.log").read_text()[-2000:])
         sock.close()
         assert list(tmp.glob("mlx-starflow-server-*")) == []
         err = (tmp_path / "server.log").read_text()
