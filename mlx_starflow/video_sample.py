@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from .models.flow import IdentityBlock
-from .models.video import VideoFlow, permute
+from .models.video import VideoFlow
 from .sample import Jacobi, OptionError, block_steps, check_guidance, guided, is_whole
 
 
@@ -142,7 +142,7 @@ def sample_video_steps(
         else:
             seq, frames = tokens.reshape(B, T * F, D), T
         rope = flow.rope(h, w, frames, L)
-        z = permute(seq, frames, block.flip)
+        z = flow.order(seq, frames, block.flip)
         if g > 0:
             z = mx.concatenate([z, z])
         deep = i == n - 1
@@ -163,7 +163,7 @@ def sample_video_steps(
                 break
             if done < z.shape[1]:
                 yield VideoStep(i, done, z.shape[1])
-        tokens = permute(x, frames, block.flip).reshape(B, T, F, D)
+        tokens = flow.order(x, frames, block.flip).reshape(B, T, F, D)
         last = k == len(order) - 1
         yield VideoStep(i, z.shape[1], z.shape[1], flow.unpatchify(tokens, h, w) if last else None)
 

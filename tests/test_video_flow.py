@@ -212,9 +212,9 @@ def test_config_errors():
 # -- density and sampling ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("local", [1, 0])
-def test_density_inverts_sampling(local):
-    model = tiny_video({"shallow_block_local": local, "cond_top_only": 1})
+@pytest.mark.parametrize("local, temporal", [(1, 2), (0, 1), (0, 0)])
+def test_density_inverts_sampling(local, temporal):
+    model = tiny_video({"shallow_block_local": local, "temporal_causal": temporal})
     noise, y = clip(), rand((2, 3, TXT_DIM), 2)
     x = sample_video(model, noise, y)
     z, _ = model(x, y)
@@ -250,6 +250,14 @@ def test_local_window_needs_jacobi_and_a_context():
     xw = sample_video(model, noise, y, jacobi=Jacobi(threshold=0.0, max_iter=64), context_length=1)
     assert np.abs(np.array(xw[:, :2] - full[:, :2])).max() < 1e-4
     assert np.abs(np.array(xw[:, 2:] - full[:, 2:])).max() > 1e-4
+
+
+def test_orders():
+    """A flipped block reverses each frame with temporal_causal, the whole clip without."""
+    seq = mx.arange(12).reshape(1, 6, 2)
+    assert tiny_video().order(seq, 3, True)[0, :, 0].tolist() == [2, 0, 6, 4, 10, 8]
+    assert tiny_video({"temporal_causal": 0}).order(seq, 3, True)[0, :, 0].tolist() == [10, 8, 6, 4, 2, 0]
+    assert tiny_video().order(seq, 3, False)[0, :, 0].tolist() == [0, 2, 4, 6, 8, 10]
 
 
 def test_denoiser_window_mask():

@@ -6,7 +6,7 @@ What differs from images:
 - tokens: a clip (B, T, H, W, C) patchifies to T frames of h*w tokens, frame after
   frame (the frame axis is the slowest), so the deep block is causal over time;
 - orders: with `temporal_causal`, a "flipped" block reverses the tokens within each
-  frame and keeps the frames in order;
+  frame and keeps the frames in order (without, it reverses the whole sequence);
 - frame-local shallow blocks (`shallow_block_local`): every shallow block sees one
   frame at a time, as if each frame were an image of its own;
 - positions: text token k of L at (0, 0, k*s/L), token (r, c) of frame f at
@@ -265,6 +265,11 @@ class VideoFlow(nn.Module):
             raise ValueError(f"{y.shape[0]} rows of text embeddings for a batch of {batch}")
         return y
 
+    def order(self, tokens, frames: int, flip: bool):
+        """Tokens (B, frames*F, D) in a block's order and back: a flipped block reverses
+        each frame with `temporal_causal`, the whole sequence without."""
+        return permute(tokens, frames if self.video.temporal_causal else 1, flip)
+
     def is_local(self, i: int) -> bool:
         """Whether block i sees one frame at a time."""
         return self.video.shallow_block_local and i < len(self.blocks) - 1
@@ -289,11 +294,11 @@ class VideoFlow(nn.Module):
             else:
                 seq, frames = tokens.reshape(B, T * F, D), T
             rope = self.rope(h, w, frames, 0 if t is None else t.shape[1])
-            seq = permute(seq, frames, block.flip)
+            seq = self.order(seq, frames, block.flip)
             a, b = block.affine(seq, rope, t)
             z = (seq - b) / block.scale(a)
             ld = -block.log_scale(a).reshape(B, -1).sum(axis=1)
-            tokens = permute(z, frames, block.flip).reshape(B, T, F, D)
+            tokens = self.order(z, frames, block.flip).reshape(B, T, F, D)
             logdet = logdet + ld
         return self.unpatchify(tokens, h, w), logdet
 
