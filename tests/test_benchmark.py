@@ -18,8 +18,8 @@ from mlx_starflow.models.config import starflow_config_from_args
 from mlx_starflow.models.flow import Flow
 from mlx_starflow.models.t5 import T5Config, T5Encoder
 from mlx_starflow.sample import Jacobi, sample, sample_steps
-from mlx_starflow.tools import machine, random_models
 from mlx_starflow.tools import benchmark as stages
+from mlx_starflow.tools import machine, random_models
 from mlx_starflow.tools.benchmark import time_block_ends
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "starflow_3B_t2i_keys.tsv"
@@ -118,6 +118,19 @@ def test_command_quantized_jacobi(tmp_path):
     assert r["image"]["missing"] == ["prefill", "denoise", "vae"]
     assert not r["stages"]["load"]["input_major"] and not r["limits"]["input_major"]
     assert r["limits"]["layer_step_rows"] == 1  # no guidance: one row per image
+    # the logical parameters of the architecture, not the packed 4-bit words
+    assert r["stages"]["load"]["parameters"] == sum(int(np.prod(s)) for s in random_models.flow_spec("tiny").values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_parameter_count_unpacks_quantized_layers(bits):
+    cfg = random_models.flow_config("tiny")
+    plain, _ = random_models.random_flow(cfg, mx.float32)
+    quantized, skipped = random_models.random_flow(cfg, mx.float32, {"bits": bits, "group_size": 64})
+    assert not skipped and any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules())
+    expected = sum(v.size for _, v in tree_flatten(plain.parameters()))
+    assert stages.parameter_count(plain) == expected
+    assert stages.parameter_count(quantized) == expected
 
 
 def test_auto_extrapolates_long_blocks_and_estimates_long_denoising(tmp_path, monkeypatch, capsys):

@@ -134,6 +134,17 @@ def _weights(module, skip=()):
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if not k.startswith(skip))
 
 
+def parameter_count(model) -> int:
+    """The model's parameters as the checkpoint counts them: a quantized layer's weight
+    as out x in (not its packed words), its scales and offsets not at all."""
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            packed = m.weight.size + m.scales.size + (m.biases.size if m.get("biases") is not None else 0)
+            n += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits - packed
+    return n
+
+
 def linear_params(block):
     """Multiply-adds per row of the block's transformer linears (quantized ones counted unpacked)."""
     n = 0
@@ -250,7 +261,7 @@ def stage_load(run):
             run.vae = device.prepare(random_vae(a.arch, DTYPES[a.vae_dtype], seed=a.seed))
         info["time"] = summary([time.perf_counter() - t])
         params = tree_flatten(run.model.parameters())
-        info["parameters"] = sum(v.size for _, v in params)
+        info["parameters"] = parameter_count(run.model)
         info["weight_bytes"] = sum(v.nbytes for _, v in params)
         info["vae_weight_bytes"] = _weights(run.vae) if run.vae is not None else 0
         info["unquantized"] = unquantized
