@@ -3,7 +3,7 @@ parameters are derived from the dataclasses' fields, and these tests fail when t
 
 import pytest
 
-from mlx_starflow.cli import benchmark, flags, score, server
+from mlx_starflow.cli import api, benchmark, flags, score, server
 from mlx_starflow.cli.common import flag_of
 from mlx_starflow.options import GenerateOptions, LoadOptions, OptionError, specs
 
@@ -43,8 +43,8 @@ def test_server_parameters_are_the_request_fields():
     for name, _, m in specs(GenerateOptions):
         if m["request"] is True:
             kind = {str: "string", int: "integer", float: "number"}[m["kind"]]
-            assert server.PARAMS[name] == kind, name
-    assert set(server.OPTIONS) == {n for n, _, m in specs(GenerateOptions) if m["request"] is True} - {"seed"}
+            assert api.PARAMS[name] == kind, name
+    assert set(api.OPTIONS) == {n for n, _, m in specs(GenerateOptions) if m["request"] is True} - {"seed"}
     # every parameter that sets work has its limit in the options, the one place it is checked
     for name in ("jacobi_block_size", "jacobi_threshold", "jacobi_max_iter", "guidance", "num_images"):
         m = dict((n, m) for n, _, m in specs(GenerateOptions))[name]
