@@ -47,6 +47,7 @@ if __name__ == "__main__":
 
     try:
         app = Generator(a.model)
+        app.pipe.check_prompts([a.prompt])  # a prompt the model cannot draw: one message, before any request
     except (ModelNotFound, ValueError, FileNotFoundError) as e:  # the user's to fix: a message, not a traceback
         sys.exit(f"error: {e}")
     # A request the user cancels shortly after starting it...
@@ -57,6 +58,7 @@ if __name__ == "__main__":
     worker.join()
     # ...and one that runs to the end with the same loaded pipeline.
     image = app.run(a.prompt, 2)
-    if image is not None:
-        image.save("app_image.png")
-        print("wrote app_image.png")
+    if image is None:
+        sys.exit(1)  # the request failed: its error is printed
+    image.save("app_image.png")
+    print("wrote app_image.png")

@@ -250,6 +250,12 @@ def test_examples_with_no_arguments(tmp_path):
     assert "cancelled; the pipeline is still ready" in r.stdout and (tmp_path / "app_image.png").is_file()
     r = run_example("app.py", "--model", "nobody/no-such-model", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "nobody/no-such-model" in r.stderr, r.stderr
+    # a prompt the demo cannot draw: one error line, exit 1, no image
+    (tmp_path / "app_image.png").unlink()
+    r = run_example("app.py", "--prompt", "pink circle", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("error:") == 1 and "pink circle" in r.stderr, r.stderr
+    assert not (tmp_path / "app_image.png").exists()
 
 
 def test_first_image_example_with_the_demo(tmp_path):
