@@ -12,6 +12,7 @@ storage before it is built. Tensors come back as numpy arrays (bfloat16 as
 
 import io
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -71,7 +72,7 @@ class _Inert:
     """Objects the unpickler makes for us must not be rewritten by a BUILD opcode."""
 
     def __setstate__(self, state):
-        raise CheckpointError("a tensor or storage carries pickled state")
+        raise pickle.UnpicklingError("a tensor or storage carries pickled state")
 
 
 class _StorageType(_Inert):
@@ -213,6 +214,8 @@ class _Reader:
             raise CheckpointError(f"{path}: entry '{name}' holds {size} bytes but its tensor storage needs {expected}")
         if limit is not None and size > limit:
             raise CheckpointError(f"{path}: entry '{name}' declares {size} bytes (at most {limit} are read)")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"{path}: entry '{name}' is encrypted (not written by torch.save)")
         if info.header_offset + info.compress_size > self.file_size:
             raise CheckpointError(f"{path}: entry '{name}' extends past the end of the file (truncated file?)")
         if info.compress_type == zipfile.ZIP_STORED:
@@ -266,6 +269,15 @@ _DAMAGED = (
 )
 
 
+def _check_opcodes(data: bytes):
+    """Parse every opcode before unpickling: the C unpickler allocates a counted bytes
+    or string before reading it, and grows its memo to the index a PUT names, so a
+    length or index of 2^40 in a short pickle would be allocated."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= len(data):
+            raise pickle.UnpicklingError(f"memo index {arg} in a pickle of {len(data)} bytes")
+
+
 def _unwrap(obj):
     """Training checkpoints sometimes wrap the weights."""
     if isinstance(obj, dict):
@@ -295,6 +307,7 @@ def load_pth(path) -> dict:
         reader.prefix = pkls[0][: -len("data.pkl")]
         try:
             data = reader.read(pkls[0], limit=MAX_PICKLE_BYTES)
+            _check_opcodes(data)
             obj = _unwrap(_SafeUnpickler(io.BytesIO(data), reader).load())
         except CheckpointError:
             raise

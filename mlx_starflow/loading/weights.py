@@ -17,7 +17,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..models.config import (
+    ConfigError,
     FlowConfig,
+    config_source,
     lm_sizes_from_shapes,
     read_reference_yaml,
     starflow_config_from_args,
@@ -37,6 +39,9 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # on it, so folders written by an older converter are converted again.
 # 2: vae_downsample recorded (the latent grid from the VAE), conversion_version itself.
 CONVERSION_VERSION = 2
+
+# A model's config.json is a few KB (a class list makes it tens); larger is not a config.
+MAX_CONFIG_BYTES = 4 << 20
 
 # Buffers of the reference models that carry no learned state (masks, a constant prior,
 # placeholder rotary tables).
@@ -126,14 +131,17 @@ def convert_starflow(checkpoint, config, out, dtype="float32", force=False, quan
     factor = None
     if vae is not None:
         factor = vae_config(vae).downsample_factor
-    pre = starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
+    where = "the built-in config" if isinstance(config, dict) else config
+    with config_source(where):
+        pre = starflow_config_from_args(args, vae_downsample=factor)  # config errors before the slow read
     sd = load_pth(checkpoint)
     txt_keys = [k for k in sd if k.endswith("proj_txt.weight")]
     txt_dim = int(sd[txt_keys[0]].shape[1]) if txt_keys else 0
     lm = None
     if pre.pretrained_lm:  # the YAML names the layout only: the deep block's sizes are its weights'
         lm = lm_sizes_from_shapes(_shapes(sd), f"blocks.{pre.num_blocks - 1}.", pre.pretrained_lm, pre.head_dim)
-    cfg = starflow_config_from_args(args, txt_dim=txt_dim, vae_downsample=factor, lm=lm)
+    with config_source(where):
+        cfg = starflow_config_from_args(args, txt_dim=txt_dim, vae_downsample=factor, lm=lm)
     if cfg.txt_size > 0 and not txt_keys and not cfg.pretrained_lm:
         raise WeightsError(f"{checkpoint}: the config has text (txt_size {cfg.txt_size}) but no block has proj_txt")
     name = "(built-in)" if isinstance(config, dict) else Path(config).name
@@ -171,6 +179,7 @@ def _convert(checkpoint, cfg, sd, out, mx_dtype, force, quantize, source):
     out = Path(out)
     if out.exists() and not force:  # say so before the slow part
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    cfg.check_weights_size(checkpoint.stat().st_size, checkpoint)
     model = Flow(cfg)
     used = sanitize(sd)
     check_weights(model, used, source=str(checkpoint))
@@ -217,11 +226,22 @@ def _warn_unquantized(paths, group_size):
 
 
 def read_config(path) -> FlowConfig:
-    """The FlowConfig of a converted model folder (its provenance keys dropped)."""
-    raw = json.loads((Path(path) / "config.json").read_text())
+    """The FlowConfig of a converted model folder (its provenance keys dropped), its
+    types and ranges checked before anything is built from it."""
+    file = Path(path) / "config.json"
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: {size} bytes is too large for a model config")
+    try:
+        raw = json.loads(file.read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000-digit numbers, deep nesting
+        raise ConfigError(f"{file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: must be a JSON object of settings, not a {type(raw).__name__}")
     for k in ("converted_with", "source", "conversion_version"):
         raw.pop(k, None)
-    return FlowConfig.from_dict(raw)
+    with config_source(file):
+        return FlowConfig.from_dict(raw)
 
 
 def conversion_version(path) -> int:
@@ -247,6 +267,7 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Fl
             "convert a checkpoint with convert/starflow.py or convert/tarflow.py"
         )
     cfg = read_config(path)
+    cfg.check_weights_size(w_path.stat().st_size, cfg_path)
     want = quant_args(quantize)
     if want and cfg.quantization:
         have = {"bits": cfg.quantization["bits"], "group_size": cfg.quantization["group_size"]}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -11,6 +12,17 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot describe a model this engine runs."""
+
+
+@contextmanager
+def config_source(source):
+    """Name the file in the ConfigErrors raised inside (the checks do not know it)."""
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith(f"{source}:"):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # Ranges of the flow's numbers: far beyond any released model, small enough that a
@@ -417,7 +429,44 @@ def read_reference_yaml(path) -> dict:
 
 
 def _flag(v) -> bool:
-    return bool(int(v)) if not isinstance(v, bool) else v
+    if isinstance(v, bool):
+        return v
+    if v in (0, 1, "0", "1"):
+        return bool(int(v))
+    raise ConfigError(f"a flag must be 0 or 1, not {_show(v)}")
+
+
+def _arg_int(a: dict, key: str, lo: int = 0, hi: int = 2**31 - 1, default=None) -> int:
+    """An integer option of the reference config (YAML may give it as a string), in lo..hi;
+    `default` when it is left empty."""
+    v = a[key]
+    if default is not None and v in (None, 0, "", "none", "None"):
+        return default
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit() and len(v) < 20:
+        v = int(v)
+    elif isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        v = int(v)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ConfigError(f"option '{key}' is {_show(a[key])}: it must be an integer in {lo}..{hi}")
+    return v
+
+
+def _arg_float(a: dict, key: str) -> float:
+    try:
+        v = float(a[key])
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(a[key], bool) or not math.isfinite(v):
+        raise ConfigError(f"option '{key}' is {_show(a[key])}: it must be a number")
+    return v
+
+
+def _arg_layers(v) -> list:
+    """layers_per_block: "8" or "2 2 24" (or a YAML list or int)."""
+    items = v if isinstance(v, list) else str(v).split()
+    if not 1 <= len(items) <= MAX_BLOCKS:
+        raise ConfigError(f"option 'layers_per_block' is {_show(v)}: it must list 1..{MAX_BLOCKS} blocks")
+    return [_arg_int({"layers_per_block": n}, "layers_per_block", 0, MAX_LAYERS) for n in items]
 
 
 def _is_default(value, default) -> bool:
@@ -453,27 +502,27 @@ def starflow_config_from_args(
         elif key not in _DEFAULTS and key not in _TRAINING_ONLY:
             raise ConfigError(f"unknown config option '{key}': neither architectural nor training-only")
     a = {**_DEFAULTS, **args}
-    layers = [int(v) for v in str(a["layers_per_block"]).split()]
+    layers = _arg_layers(a["layers_per_block"])
     if not layers:
         raise ConfigError("layers_per_block is empty")
     if len(layers) == 1:
-        layers = layers * int(a["blocks"])
+        layers = layers * _arg_int(a, "blocks", 1, MAX_BLOCKS)
     vae = a["vae"] if a["vae"] not in (None, "none", "") else None
-    image_size = int(a["img_size"])
+    image_size = _arg_int(a, "img_size")
     factor = _vae_downsample(vae, vae_downsample)
     if image_size % factor:
         raise ConfigError(f"img_size {image_size} is not a multiple of the VAE's downsampling {factor}")
     input_size = image_size // factor
-    patch = int(a["patch_size"])
-    channels = int(a["channels"])
-    head_dim = int(a["head_dim"])
-    num_heads = int(a["num_heads"]) if a["num_heads"] else channels // head_dim
-    num_kv = int(a["num_kv_heads"]) if a["num_kv_heads"] else num_heads
-    top_channels = int(a["top_block_channels"] or channels)
+    patch = _arg_int(a, "patch_size", 1)
+    channels = _arg_int(a, "channels", 1)
+    head_dim = _arg_int(a, "head_dim", 1)
+    num_heads = _arg_int(a, "num_heads") if a["num_heads"] else channels // head_dim
+    num_kv = _arg_int(a, "num_kv_heads") if a["num_kv_heads"] else num_heads
+    top_channels = _arg_int(a, "top_block_channels", default=channels)
     top_heads = num_heads if top_channels == channels or a["num_heads"] else top_channels // head_dim
     top_kv = num_kv if a["num_kv_heads"] else top_heads
     text = a["text"]
-    txt_size = int(a["txt_size"])
+    txt_size = _arg_int(a, "txt_size")
     layout = None if _is_default(a["use_pretrained_lm"], None) else str(a["use_pretrained_lm"])
     lm_kwargs = {}
     if layout is not None:
@@ -488,7 +537,7 @@ def starflow_config_from_args(
         lm_kwargs = dict(pretrained_lm=layout, top_head_dim=sizes["head_dim"], top_mlp_dim=sizes["mlp_dim"])
     cfg = FlowConfig(
         model_type="starflow",
-        in_channels=int(a["channel_size"]),
+        in_channels=_arg_int(a, "channel_size"),
         input_size=input_size,
         patch_size=patch,
         channels=channels,
@@ -500,13 +549,13 @@ def starflow_config_from_args(
         top_num_kv_heads=top_kv,
         layers_per_block=layers,
         rope=_flag(a["rope"]),
-        pt_seq_len=int(a["pt_seq_len"] or input_size // patch),
+        pt_seq_len=_arg_int(a, "pt_seq_len", default=input_size // patch),
         sos=_flag(a["sos"]),
         seq_order=str(a["seq_order"]),
         use_softplus=_flag(a["use_softplus"]),
         cond_top_only=_flag(a["cond_top_only"]),
         use_final_norm=_flag(a["use_final_norm"]),
-        soft_clip=float(a["soft_clip"]),
+        soft_clip=_arg_float(a, "soft_clip"),
         use_swiglu=_flag(a["use_swiglu"]),
         use_bias=_flag(a["use_bias"]),
         use_qk_norm=_flag(a["use_qk_norm"]),
@@ -514,7 +563,7 @@ def starflow_config_from_args(
         norm_type=str(a["norm_type"]),
         txt_size=txt_size,
         txt_dim=txt_dim if txt_size > 0 else 0,
-        noise_std=float(a["noise_std"]),
+        noise_std=_arg_float(a, "noise_std"),
         learnable_self_denoiser=_flag(a["learnable_self_denoiser"]),
         conditional_denoiser=_flag(a["conditional_denoiser"]),
         mix_aspect=_flag(a["mix_aspect"]),
