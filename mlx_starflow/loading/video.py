@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from ..models.config import ConfigError, FlowConfig, read_reference_yaml, starflow_config_from_args
 from ..models.video import VideoConfig, VideoFlow, check_video_config
+from .safetensors_reader import load_safetensors
 from .strict import WeightsError, _to_mx, check_weights, load_checked
 from .torch_reader import CheckpointError, load_pth
 from .weights import _model_licence, _parse_dtype, sanitize, save_model
@@ -188,7 +189,7 @@ def load_video_flow(path, dtype: Optional[str] = None) -> VideoFlow:
     cfg, video = read_video_config(path)
     model = VideoFlow(cfg, video)
     try:
-        weights = mx.load(str(w_path))
+        weights = load_safetensors(w_path)
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
         raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated") from None
     load_checked(model, weights, w_path, _parse_dtype(dtype))
