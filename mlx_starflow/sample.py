@@ -12,7 +12,7 @@ guidance weight, sample(invert(x)) == x.
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Generator, Iterator, Optional, Tuple
 
 import mlx.core as mx
 
@@ -372,15 +372,13 @@ def sample(
     return deque(steps, maxlen=1)[0].x  # the last step, holding no others
 
 
-def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:
-    """Data -> the noise that `sample` with the same y and guidance maps back to x.
-
-    Given the finished sequence, every token's guided scale and shift come from one
-    causal pass (conditional and unconditional rows together), so each block inverts
-    exactly in one parallel pass, in the reverse of the sampling order."""
+def invert_steps(flow: Flow, x, y=None, guidance: float = 0.0) -> Generator[Tuple[int, int], None, mx.array]:
+    """`invert` as a generator: yields (blocks done, blocks) after each block, so a caller
+    can report progress or stop between blocks; its return value is the noise."""
     B, h, w, text, g_all = _prepare(flow, x, y, guidance, "x")
     tokens = flow.patchify(x).astype(mx.float32)
-    for i in reversed(sampling_order(flow)):
+    order = list(reversed(sampling_order(flow)))
+    for k, i in enumerate(order):
         block = flow.blocks[i]
         g = g_all if (block.has_text or "class_embed" in block) else 0.0
         t, cond = _conditioning(flow, block, y, text, B, g)
@@ -391,4 +389,19 @@ def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:
         z = (seq - mu) / s
         tokens = z[:, ::-1] if block.flip else z
         mx.eval(tokens)
+        yield k + 1, len(order)
     return flow.unpatchify(tokens, h, w)
+
+
+def invert(flow: Flow, x, y=None, guidance: float = 0.0) -> mx.array:
+    """Data -> the noise that `sample` with the same y and guidance maps back to x.
+
+    Given the finished sequence, every token's guided scale and shift come from one
+    causal pass (conditional and unconditional rows together), so each block inverts
+    exactly in one parallel pass, in the reverse of the sampling order."""
+    steps = invert_steps(flow, x, y, guidance)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
