@@ -163,7 +163,7 @@ def test_key_mismatches_are_named(reference, tmp_path, edit, match):
     [
         ("- wobble: 3\n", "unknown config option 'wobble'"),
         ("- temporal_causal: 1\n", "'temporal_causal: 1' is not supported"),
-        ("- use_mm_attn: 1\n", "'use_mm_attn: 1' is not supported"),
+        ("- shallow_block_local: 1\n", "'shallow_block_local: 1' is not supported"),
         ("- vid_size: '81:16'\n", "'vid_size: 81:16' is not supported"),
     ],
 )

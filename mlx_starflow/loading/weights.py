@@ -294,3 +294,119 @@ def load_flow(path, dtype: Optional[str] = None, quantize=None, part=None) -> Fl
         cfg.quantization = want
     mx.eval(model.parameters())
     return model
+
+
+# -- a use_pretrained_lm deep block initialised from a language model ----------------------------
+
+# The names of a Gemma layer in an mlx-lm (or Hugging Face) folder -> the deep block's (LMBlock);
+# q_proj, k_proj and v_proj are stacked into attention.qkv.
+LM_LAYER_NAMES = {
+    "input_layernorm.weight": "attention.norm.weight",
+    "self_attn.q_norm.weight": "attention.query_norm.weight",
+    "self_attn.k_norm.weight": "attention.key_norm.weight",
+    "self_attn.o_proj.weight": "attention.proj.weight",
+    "post_attention_layernorm.weight": "attention.post_norm.weight",
+    "pre_feedforward_layernorm.weight": "mlp.norm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "post_feedforward_layernorm.weight": "mlp.post_norm.weight",
+}
+_LM_KEY = re.compile(r"^(?:language_model\.)?model\.(?:layers\.(\d+)\.(.+)|(norm\.weight))$")
+_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+# The deep block's own tensors, which no language model has: a new checkpoint initialises them.
+LM_NEW = ("proj_in.", "proj_out.", "sos_embed")
+
+
+def lm_block_weights(weights: dict, prefix: str) -> dict:
+    """A Gemma language model's weights (its folder's tensor names) as the deep block's,
+    under `prefix` (e.g. "blocks.5."): each layer's tensors renamed (LM_LAYER_NAMES), its
+    q/k/v projections stacked into qkv, the LM's final norm as final_norm. The token
+    embedding (the text embedder's), an lm_head and a vision tower are not the block's."""
+    out, qkv = {}, {}
+    for key, value in weights.items():
+        m = _LM_KEY.match(key)
+        if m is None:
+            continue
+        layer, name, norm = m.groups()
+        if norm:
+            out[f"{prefix}final_norm.weight"] = value
+        elif name in _QKV:
+            qkv.setdefault(int(layer), {})[name] = value
+        elif name in LM_LAYER_NAMES:
+            out[f"{prefix}attn_blocks.{layer}.{LM_LAYER_NAMES[name]}"] = value
+        elif name.endswith((".scales", ".biases")):
+            raise WeightsError(f"'{key}': a quantized language model cannot initialise a flow; use its full weights")
+        else:
+            raise WeightsError(f"'{key}' is not a tensor of a Gemma layer this engine knows")
+    for layer, parts in qkv.items():
+        if len(parts) != 3:
+            raise WeightsError(f"layer {layer} of the language model lacks some of q_proj, k_proj, v_proj")
+        out[f"{prefix}attn_blocks.{layer}.attention.qkv.weight"] = mx.concatenate([parts[n] for n in _QKV], axis=0)
+    return out
+
+
+def read_lm_folder(folder) -> tuple:
+    """An mlx-lm (or Hugging Face) Gemma folder -> (its text config dict, its tensors)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise FileNotFoundError(f"{folder} is not a language-model folder (needs config.json and *.safetensors)")
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    weights = {}
+    for f in files:
+        weights.update(load_safetensors(f))  # headers checked before MLX reads them
+    return config, weights
+
+
+def lm_sizes(config: dict) -> dict:
+    """The deep block's sizes (lm_sizes_from_shapes' keys) of a Gemma text config."""
+    try:
+        heads = int(config["num_attention_heads"])
+        width = int(config["hidden_size"])
+        return dict(
+            layers=int(config["num_hidden_layers"]),
+            channels=width,
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads", heads)),
+            head_dim=int(config.get("head_dim") or width // heads),
+            mlp_dim=int(config["intermediate_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"not a Gemma text config: {e!r} missing or malformed") from None
+
+
+def lm_flow_config(args: dict, lm_folder, vae_downsample: Optional[int] = None) -> FlowConfig:
+    """The FlowConfig of a new use_pretrained_lm model: the reference YAML arguments (a
+    dict) with the deep block's sizes from the language model's config."""
+    config, _ = read_lm_folder(lm_folder)
+    return starflow_config_from_args(args, vae_downsample=vae_downsample, lm=lm_sizes(config))
+
+
+def init_from_lm(flow: Flow, lm_folder) -> Flow:
+    """Load a Gemma language model's own layers and final norm (an mlx-lm folder) into the
+    deep block of a use_pretrained_lm flow, as a new checkpoint is initialised: every
+    tensor of the block but proj_in, proj_out and sos_embed is set, strictly (the LM's
+    layers, widths and heads must be the block's); those three keep their values."""
+    cfg = flow.config
+    if not cfg.pretrained_lm:
+        raise ValueError("this flow has no language-model deep block (use_pretrained_lm)")
+    block = flow.blocks[-1]
+    _, weights = read_lm_folder(lm_folder)
+    mapped = lm_block_weights(weights, "")
+    own = {k: v for k, v in tree_flatten(block.parameters()) if not k.startswith(LM_NEW)}
+    check_weights(_Params(own), mapped, source=str(lm_folder))
+    block.load_weights([(k, v.astype(own[k].dtype)) for k, v in mapped.items()], strict=False)
+    mx.eval(block.parameters())
+    return flow
+
+
+class _Params:
+    """The parameter dict that check_weights compares against."""
+
+    def __init__(self, params: dict):
+        self._params = params
+
+    def parameters(self):
+        return self._params

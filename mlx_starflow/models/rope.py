@@ -58,6 +58,7 @@ def _angles_1d(head_dim: int, length: int):
     return np.arange(length)[:, None] * f
 
 
+@lru_cache(maxsize=32)
 def rope_table_1d(head_dim: int, length: int):
     """(cos, sin), each (length, head_dim/2) float32, for positions 0..length-1: the
     standard 1-D RoPE of the language-model deep block (text tokens, then image tokens)."""
