@@ -296,7 +296,15 @@ def mask_values(mask) -> tuple:
 
 
 def output_paths(template: str, seeds, count: int):
-    """One path per image; a template without {seed}/{index} gets -{index} for several images."""
+    """One path per image; a template without {seed}/{index} gets -{index} for several images.
+    The commands write PNG files (their parameters ride in PNG text chunks): another
+    extension is refused rather than written with PNG bytes inside."""
+    suffix = Path(template.replace("{seed}", "0").replace("{index}", "0")).suffix
+    if suffix.lower() != ".png":
+        raise ValueError(
+            f"--output '{template}': this command writes PNG files (which carry their parameters); "
+            f"name it .png{f', not {suffix}' if suffix else ''} and convert it afterwards if you need another format"
+        )
     if count > 1 and "{seed}" not in template and "{index}" not in template:
         stem, dot, ext = template.rpartition(".")
         template = f"{stem}-{{index}}.{ext}" if dot else f"{template}-{{index}}"
@@ -305,17 +313,27 @@ def output_paths(template: str, seeds, count: int):
         seed = seeds[i] if seeds else "latents"
         try:
             paths.append(Path(template.format(seed=seed, index=i)))
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError):
             raise ValueError(f"--output '{template}': only {{seed}} and {{index}} may be used") from None
     if len(set(paths)) != len(paths):
         raise ValueError(f"--output '{template}' gives the same file name to several images; add {{index}}")
     return paths
 
 
-def check_writable(paths, overwrite):
+def sidecar(path: Path) -> Path:
+    """The JSON file beside an image that --metadata writes."""
+    return path.with_suffix(".json")
+
+
+def check_writable(paths, overwrite, sidecars: bool = False):
+    """Every output can be written: not a folder, its folder exists and is writable, and no
+    existing file (image or, with sidecars, its JSON) is replaced without `overwrite`."""
     for p in paths:
-        if p.exists() and not overwrite:
-            raise ValueError(f"{p} already exists; choose another --output or pass --overwrite")
+        for q in (p, sidecar(p)) if sidecars else (p,):
+            if q.is_dir():
+                raise ValueError(f"cannot write {q}: it is a folder; give --output a file name (e.g. {q}/out.png)")
+            if q.exists() and not overwrite:
+                raise ValueError(f"{q} already exists; choose another --output or pass --overwrite")
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             raise ValueError(f"cannot write {p}: folder {parent} does not exist")
@@ -343,16 +361,8 @@ def read_metadata(path) -> dict:
 
 
 def atomic_write(path: Path, write):
-    # Created with 0666 so the user's umask decides the mode, as for any program's output
-    # (mkstemp would make it 0600).
-    tmp = (path.parent if str(path.parent) else Path(".")) / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """One file written whole or not at all."""
+    write_all([(path, write)])
 
 
 def write_json(path, data):
@@ -361,17 +371,65 @@ def write_json(path, data):
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def _temporary(path: Path) -> Path:
+    # Created with 0666 so the user's umask decides the mode, as for any program's output
+    # (mkstemp would make it 0600).
+    tmp = (path.parent if str(path.parent) else Path(".")) / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def write_all(files):
+    """Write several files all or none: files is [(path, write(tmp))]; each is written to a
+    temporary file beside its path, and only when all are written are they renamed into
+    place. A failure (a full disk, a removed folder) leaves none of them and says which."""
+    done = []
+    try:
+        for path, write in files:
+            tmp = _temporary(path)
+            done.append((tmp, path))
+            write(tmp)
+    except OSError as e:
+        for tmp, _ in done:
+            Path(tmp).unlink(missing_ok=True)
+        raise ValueError(
+            f"could not write {done[-1][1] if done else files[0][0]} ({e.strerror or e}); none of the "
+            f"{len(files)} files was written"
+        ) from None
+    except BaseException:
+        for tmp, _ in done:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in done:
+        os.replace(tmp, path)
+
+
+def unwrite(paths, sidecars: bool = False) -> List[Path]:
+    """Remove files this run wrote (a run that failed part way leaves no partial set);
+    returns those removed."""
+    gone = []
+    for p in paths:
+        for q in (p, sidecar(p)) if sidecars else (p,):
+            if q.is_file():
+                q.unlink()
+                gone.append(q)
+    return gone
+
+
 def save(result, paths, metadata_sidecar=False, load_options=None):
-    """The images as PNGs carrying their parameters (and the options the model was loaded with)."""
+    """The images as PNGs carrying their parameters (and the options the model was loaded with),
+    with a JSON sidecar each when asked: all written, or none (write_all)."""
     version = engine_version()
+    files = []
     for i, (img, path) in enumerate(zip(result.images, paths)):
         params = {"prompt": result.prompts[i], **result.params, **(load_options or {}), "engine": version}
         if result.seeds:
             params["seed"] = result.seeds[i]
-        atomic_write(path, lambda tmp, img=img, params=params: img.save(tmp, format="PNG", pnginfo=png_info(params)))
+        files.append((path, lambda tmp, img=img, params=params: img.save(tmp, format="PNG", pnginfo=png_info(params))))
         if metadata_sidecar:
-            side = path.with_suffix(".json")
-            atomic_write(side, lambda tmp, params=params: Path(tmp).write_text(json.dumps(params, indent=2) + "\n"))
+            text = json.dumps(params, indent=2) + "\n"
+            files.append((sidecar(path), lambda tmp, text=text: Path(tmp).write_text(text)))
+    write_all(files)
 
 
 def png_bytes(image, params: Optional[dict] = None) -> bytes:

@@ -413,3 +413,37 @@ class LoadOptions:
     @classmethod
     def names(cls) -> List[str]:
         return [f.name for f in fields(cls)]
+
+
+@dataclass
+class Batch:
+    """One call's share of a larger request: its options and the indices of its images in the
+    whole request (prompt-major)."""
+
+    options: GenerateOptions
+    indices: List[int]
+
+
+def batches(opts: GenerateOptions, seeds: Sequence[int], size: int = MAX_BATCH) -> List[Batch]:
+    """A request of any number of images as calls of at most `size` images each, every image
+    with its own prompt and seed (so the images are those of one call, for the sequential
+    sampler exactly; Jacobi decides convergence per call)."""
+    prompts = opts.batch_prompts
+    out = []
+    for start in range(0, len(prompts), size):
+        idx = list(range(start, min(start + size, len(prompts))))
+        part = [prompts[i] for i in idx]
+        out.append(
+            Batch(
+                GenerateOptions(
+                    **{
+                        **{f.name: getattr(opts, f.name) for f in fields(opts)},
+                        "prompts": part,
+                        "num_images": 1,
+                        "seed": [seeds[i] for i in idx],
+                    }
+                ),
+                idx,
+            )
+        )
+    return out

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
 from . import editing, likelihood
 from .images import to_pil
@@ -34,10 +33,12 @@ from .models.flow import Flow
 from .models.vae import decode_latents, encode_image
 from .options import (
     DEFAULT_GUIDANCE,
+    MAX_BATCH,
     Cancelled,
     Event,
     GenerateOptions,
     LoadOptions,
+    OptionError,
     Result,
     check_prompts,
     drive,
@@ -128,7 +129,7 @@ def _auto_dtype(folder) -> Optional[str]:
     """The GPU's rule of the precision policy: float32 models of more than a billion
     parameters run in bfloat16 (half the memory and weight traffic); others as stored."""
     sizes = precision_policy.folder_sizes(folder)
-    return "bfloat16" if sizes is not None and sizes.float32 > precision_policy.BILLION_FLOAT32 else None
+    return "bfloat16" if sizes is not None and sizes.float32 > BF16_ABOVE else None
 
 
 class Pipeline:
@@ -292,7 +293,7 @@ class Pipeline:
             "low_memory": low_memory,
         }
         if auto:
-            info["precision"] = choice.line
+            info["precision"], info["precision_peak"] = choice.line, choice.peak
         cfg = read_config(where.flow) if flow is None else flow.config
         decoder = vae_loader(False) if vae_loader and not low_memory else None
         factor = None
@@ -315,6 +316,7 @@ class Pipeline:
         if self._text is None:
             if self._text_loader is None:
                 raise ValueError("this model has no text encoder")
+            self._release_flow()  # low memory: the text encoder is never beside the flow
             self._text = self._text_loader()
         return self._text
 
@@ -388,13 +390,20 @@ class Pipeline:
         return mx.stack([mx.random.normal(shape, key=mx.random.key(int(s))) for s in seeds])
 
     def decode(self, latents) -> list:
+        """Latents -> PIL images (in low-memory mode the decoder is loaded for the call and freed)."""
+        if self.vae is None and self.low_memory and self._vae_loader is not None:
+            mx.eval(latents)
+            self.vae = self._vae_loader(False)
         if self.vae is None:
             return to_pil(mx.clip(latents, -1.0, 1.0))
         out = []
-        for i in range(latents.shape[0]):  # one image at a time: decode activations dominate memory
-            image = mx.clip(decode_latents(self.vae, latents[i : i + 1], tile=self.vae_tile), -1.0, 1.0)
-            mx.eval(image)
-            out += to_pil(image)
+        try:
+            for i in range(latents.shape[0]):  # one image at a time: decode activations dominate memory
+                image = mx.clip(decode_latents(self.vae, latents[i : i + 1], tile=self.vae_tile), -1.0, 1.0)
+                mx.eval(image)
+                out += to_pil(image)
+        finally:
+            self._release_vae()
         return out
 
     def encode_images(self, images: mx.array) -> mx.array:
@@ -408,8 +417,11 @@ class Pipeline:
                 if self._vae_loader is None:
                     raise ValueError("this pipeline has no VAE to encode images with")
                 self.vae = self._vae_loader(True)
-            out = encode_image(self.vae, images)
-            mx.eval(out)
+            try:
+                out = encode_image(self.vae, images)
+                mx.eval(out)
+            finally:
+                self._release_vae()
             return out
 
     # -- generate -----------------------------------------------------------------
@@ -431,6 +443,12 @@ class Pipeline:
             opts.denoise = "none" if cfg.finetuned_vae else "learned" if cfg.learnable_self_denoiser else "score"
         shape = self.latent_shape(opts.height, opts.width)
         B = len(opts.batch_prompts)
+        if B > MAX_BATCH:
+            raise OptionError(
+                "num_images",
+                f"{B} images in one call; at most {MAX_BATCH} (options.batches splits a larger request; "
+                "the command line runs it batch after batch)",
+            )
         if opts.latents is not None:
             lat = opts.latents if isinstance(opts.latents, mx.array) else mx.array(opts.latents)
             if tuple(lat.shape) != (B, *shape):
@@ -470,15 +488,14 @@ class Pipeline:
         prompt: Union[str, Sequence[str], GenerateOptions],
         *,
         after_sampling: Optional[Callable] = None,
-        sample_with: Optional[Callable] = None,
         **options,
     ) -> Iterator[Event]:
         """Generation as a generator of Events: one per token or Jacobi chunk while
         sampling, one per other stage; the last carries the Result. Options are
         checked before the first event; stop iterating to cancel. after_sampling(x)
-        -> x is applied to the flow's sample and again after denoising (editing
-        pastes its kept latents back there); sample_with replaces sample.sample_steps,
-        called with its arguments (a masked edit holds its kept tokens there)."""
+        -> x is applied to the final latents, after sampling and denoising (a masked
+        edit pastes its kept latents back there: denoising the pasted latents would
+        fill the region with noise)."""
         unknown = sorted(set(options) - set(GenerateOptions.names()))
         if unknown:
             raise TypeError(
@@ -488,11 +505,11 @@ class Pipeline:
             raise TypeError("group: several processes share a call through distributed.share(pipe, group)")
         opts = prompt if isinstance(prompt, GenerateOptions) else GenerateOptions(prompt, **options)
         opts = self.resolve_options(opts)
-        return self._run(opts, after_sampling, sample_with)
+        return self._run(opts, after_sampling)
 
-    def _run(self, opts: GenerateOptions, after_sampling=None, sample_with=None) -> Iterator[Event]:
+    def _run(self, opts: GenerateOptions, after_sampling=None) -> Iterator[Event]:
         with self._lock:
-            yield from self._stages(opts, after_sampling or (lambda x: x), sample_with or sample_steps)
+            yield from self._stages(opts, after_sampling or (lambda x: x))
 
     def params(self, opts: GenerateOptions) -> dict:
         """What a Result records of resolved options (and PNG metadata carries)."""
@@ -513,17 +530,22 @@ class Pipeline:
             )
         return params
 
-    def _stages(self, opts: GenerateOptions, after_sampling, sample_with=sample_steps) -> Iterator[Event]:
-        cfg = self.config
+    def _stages(self, opts: GenerateOptions, after_sampling) -> Iterator[Event]:
         prompts = opts.batch_prompts
-        timings = {}
-        mx.reset_peak_memory()
+        timings, peaks = {}, {}
         guided = opts.guidance > 0
 
+        def measured(stage):  # MLX's peak of the stage that ends, then counted afresh for the next
+            if stage is not None:
+                peaks[stage] = max(peaks.get(stage, 0), mx.get_peak_memory())
+            mx.reset_peak_memory()
+
+        measured(None)
         yield Event("text", 0, 1)
         t0 = time.perf_counter()
         y, y_cond = self.conditioning(prompts, opts.negative_prompt, guided)
         timings["text"] = time.perf_counter() - t0
+        measured("text")
         yield Event("text", 1, 1)
 
         x = (
@@ -531,39 +553,49 @@ class Pipeline:
             if opts.latents is not None
             else self.noise(opts.seed, self.latent_shape(opts.height, opts.width))
         )
+        flow = self.flow  # low memory: loaded now, after the prompts were encoded
+        cfg = self.config
         top = cfg.num_blocks - 1
         shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
         start = deep_end = time.perf_counter()
-        for step in sample_with(self.flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
+        for step in sample_steps(flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
             if step.block == top:
                 yield Event("deep", step.done, step.total, step)
                 if step.done == step.total:
                     deep_end = time.perf_counter()
+                    measured("deep")
             else:
                 k = sorted(shallow, reverse=True).index(step.block)
                 yield Event("shallow", k * step.total + step.done, len(shallow) * step.total, step)
-        x = after_sampling(step.x)
+        x = step.x
+        del step
+        mx.eval(x)
         end = time.perf_counter()
         timings["deep"] = deep_end - start
         if shallow:
             timings["shallow"] = end - deep_end
+        measured("shallow" if shallow else "deep")
 
         if opts.denoise != "none":
             yield Event("denoise", 0, 1)
             t0 = time.perf_counter()
             if opts.denoise == "learned":
-                x = self.flow.learned_denoise(x, y_cond)
+                x = flow.learned_denoise(x, y_cond)
             else:
-                x = self.flow.denoise(x, y_cond, cfg.noise_std)
-            x = after_sampling(x)
+                x = flow.denoise(x, y_cond, cfg.noise_std)
             mx.eval(x)
             timings["denoise"] = time.perf_counter() - t0
+            measured("denoise")
             yield Event("denoise", 1, 1)
+        del flow, y, y_cond
+        self._release_flow()  # low memory: the VAE is never beside the flow
 
+        x = after_sampling(x)
         yield Event("decode", 0, 1)
         t0 = time.perf_counter()
         images = self.decode(x)
         timings["decode"] = time.perf_counter() - t0
+        measured("decode")
 
         result = Result(
             images=images,
@@ -571,7 +603,8 @@ class Pipeline:
             seeds=list(opts.seed),
             prompts=list(prompts),
             timings=timings,
-            peak_memory=mx.get_peak_memory(),
+            peak_memory=max(peaks.values()),
+            stage_peaks=peaks,
             params=self.params(opts),
         )
         yield Event("decode", 1, 1, result=result)

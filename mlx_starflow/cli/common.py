@@ -5,7 +5,9 @@ is one `error:` line and status 1, Ctrl-C or a cancel 130, never a traceback).""
 import argparse
 import os
 import sys
+from dataclasses import replace
 
+from .. import images
 from ..distributed import GroupError
 from ..loading.hub import DEFAULT_MODEL, ModelNotFound
 from ..options import Cancelled, GenerateOptions, LoadOptions, OptionError, specs
@@ -130,6 +132,25 @@ def run_command(body, bars=None, nothing: str = "no image was written") -> int:
     return status
 
 
+def one_shot(load: LoadOptions) -> LoadOptions:
+    """A one-shot command's loading: the prompts encoded first, the text encoder freed before
+    the flow is loaded, the flow freed before the VAE decodes (the command's peak is its
+    largest stage's: Pipeline's low_memory)."""
+    return replace(load, low_memory=True)
+
+
+# Models whose estimated peak is below this get the precision line only with --verbose.
+SAY_PRECISION_ABOVE = 1e9
+
+
+def say_precision(pipe, verbose: bool = False):
+    """The precision policy's one line (what `--dtype auto` chose and why) on stderr, for models
+    where the choice matters (an estimated peak above 1 GB) or with --verbose."""
+    info = getattr(pipe, "info", {})
+    if info.get("precision") and (verbose or info.get("precision_peak", 0) >= SAY_PRECISION_ABOVE):
+        print(info["precision"], file=sys.stderr, flush=True)
+
+
 def report(paths, result, verbose: bool):
     """The files written (stdout), and with --verbose the stages' times and the peak memory."""
     for path in paths:
@@ -165,3 +186,16 @@ class Bars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def unwrite(paths, sidecars: bool, keep: bool):
+    """After a failure or an interrupt part way through a run of several batches: remove
+    the images already written (no partial set), or with --keep-partial say which stay."""
+    if keep:
+        print(
+            f"note: kept the {len(paths)} images written before it stopped: {', '.join(map(str, paths))}",
+            file=sys.stderr,
+        )
+        return
+    gone = images.unwrite(paths, sidecars)
+    print(f"note: removed the {len(gone)} files written before it stopped (--keep-partial keeps them)", file=sys.stderr)

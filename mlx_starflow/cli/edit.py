@@ -12,7 +12,7 @@ from ..images import check_writable, mask_values, open_image, output_paths, save
 from ..options import expand_seeds
 from ..pipeline import Pipeline
 from . import flags
-from .common import Bars, report, run_command
+from .common import Bars, one_shot, report, run_command, say_precision
 
 
 def parser():
@@ -51,8 +51,9 @@ def run(args, variation: bool = False) -> int:
         count = len(args.prompts) * args.num_images
         seeds = expand_seeds(args.seed, count)
         paths = output_paths(args.output, seeds, count)
-        check_writable(paths, args.overwrite)
-        pipe = Pipeline.from_pretrained(**vars(args.load))
+        check_writable(paths, args.overwrite, args.metadata)
+        pipe = Pipeline.from_pretrained(**vars(one_shot(args.load)))
+        say_precision(pipe, args.verbose)
         source = args.source_prompt if args.source_prompt is not None else args.prompts if variation else ""
         result = editing.edit(
             pipe,

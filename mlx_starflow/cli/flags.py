@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..editing import DEFAULT_STRENGTH
 from ..images import read_metadata
+from ..loading.hub import DEFAULT_MODEL
 from ..options import GenerateOptions, LoadOptions, specs
 from .common import add_fields, add_load_options, flag_of, generate_options, load_options, new_parser
 
@@ -38,6 +39,12 @@ def parser(command: str = "generate", description: str = "Generate images with S
         "--output", metavar="PNG", default="starflow-{seed}.png", help="output PNG; {seed} and {index} are replaced"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="keep the images already written when a run of several batches fails or is interrupted "
+        "(default: they are removed, so no partial set is left)",
+    )
     p.add_argument("--metadata", action="store_true", help="also write a JSON sidecar next to each image")
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
     p.add_argument(
@@ -89,6 +96,12 @@ def parse_args(p, argv):
     args = p.parse_args(argv)
     if args.from_image:
         args = p.parse_args(metadata_args(args.from_image) + argv)
+        made_with = read_metadata(args.from_image).get("model")
+        if args.model is None and made_with not in (None, DEFAULT_MODEL):
+            raise ValueError(
+                f"--from-image {args.from_image}: it was made with --model {made_with}; give --model "
+                "(an image's metadata replays settings, never what is loaded or where it is written)"
+            )
     elif not args.prompts and not args.prompt_file:
         p.error("the following arguments are required: --prompt (or --prompt-file, or --from-image)")
     if args.prompt_file:

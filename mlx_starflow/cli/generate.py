@@ -7,13 +7,12 @@ written whole or not at all.
 """
 
 import sys
-from dataclasses import replace
 
-from .. import distributed
+from .. import distributed, options
 from ..images import check_writable, output_paths, save
-from ..options import expand_seeds
+from ..options import batches, expand_seeds
 from . import edit
-from .common import Bars, report, run_command
+from .common import Bars, one_shot, report, run_command, say_precision, unwrite
 from .flags import parser, read_args, wants_edit  # noqa: F401 (parser: the command's, for its tests)
 
 
@@ -30,14 +29,27 @@ def main(argv=None):
         count = len(args.prompts) * args.num_images
         seeds = distributed.broadcast_seeds(group, expand_seeds(args.seed, count))
         paths = output_paths(args.output, seeds, count)
-        distributed.on_rank0(group, lambda: check_writable(paths, args.overwrite))
-        pipe = distributed.load(group=group, pipeline_parallel=args.pipeline_parallel, **vars(args.load))
-        result = pipe.generate(replace(args.options, seed=seeds), progress=bars)
-        bars.close()
-        if group is not None and group.rank() > 0:
-            return 0
-        save(result, paths, args.metadata, args.load.recorded())
-        report(paths, result, args.verbose)
+        distributed.on_rank0(group, lambda: check_writable(paths, args.overwrite, args.metadata))
+        load = one_shot(args.load) if group is None else args.load  # a group's ranks load at once
+        pipe = distributed.load(group=group, pipeline_parallel=args.pipeline_parallel, **vars(load))
+        if group is None or group.rank() == 0:
+            say_precision(pipe, args.verbose)
+        writer = group is None or group.rank() == 0
+        written = []
+        try:
+            # At most MAX_BATCH images in one call: a large count runs batch after batch (each
+            # image depends on its prompt and seed only; Jacobi decides convergence per batch).
+            for part in batches(args.options, seeds, options.MAX_BATCH):
+                result = pipe.generate(part.options, progress=bars)
+                bars.close()
+                if writer:
+                    save(result, [paths[i] for i in part.indices], args.metadata, args.load.recorded())
+                    written += [paths[i] for i in part.indices]
+                    report([paths[i] for i in part.indices], result, args.verbose)
+        except BaseException:
+            if written:
+                unwrite(written, args.metadata, args.keep_partial)
+            raise
         return 0
 
     return run_command(body, bars)

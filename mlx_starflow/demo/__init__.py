@@ -50,7 +50,8 @@ from ..loading.weights import load_flow, save_model
 from ..models.config import FlowConfig
 from ..models.flow import Flow
 from ..pipeline import ClassEncoder
-from ..sample import Jacobi, sample
+from ..sample import Jacobi
+from ..sample import sample as flow_sample
 from . import shapes
 
 LOG2_SCALE = math.log2(127.5)  # [-1, 1] -> 8-bit levels, per dimension
@@ -228,8 +229,8 @@ def sample(
         lab = mx.array(labels[i : i + batch_size])
         y = class_text(lab, cfg)
         y_all = mx.concatenate([y, class_text(mx.full(lab.shape, uncond), cfg)]) if guidance > 0 else y
-        x = sample(model, 
-            noise[i : i + batch_size], y_all, guidance=guidance, jacobi=JACOBI if sampler == "jacobi" else None
+        x = flow_sample(
+            model, noise[i : i + batch_size], y_all, guidance=guidance, jacobi=JACOBI if sampler == "jacobi" else None
         )
         if denoise == "score":
             x = model.denoise(x, y)

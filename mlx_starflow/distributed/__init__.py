@@ -58,6 +58,10 @@ from .pipeline_parallel import (
 )
 
 __all__ = [
+    "CONNECT_TIMEOUT_ENV",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_STEP_TIMEOUT",
+    "STEP_TIMEOUT_ENV",
     "GroupError",
     "GroupPipeline",
     "Stopped",
