@@ -124,6 +124,8 @@ def _check(p, args):
     load_options(argparse.Namespace(**{**vars(args), "model": None}), skip=SKIP)
     if args.dtype == "auto":  # as generate's auto for the 3B: bfloat16 above a billion float32 parameters
         args.dtype = "bfloat16"
+    if args.text_dtype == "auto":  # the text encoder as the benchmark has always measured it
+        args.text_dtype = "float32"
     if args.tokens in ("auto", "all"):
         args.tokens_n = AUTO_TOKENS
     else:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 from ..images import atomic_write, check_writable, open_image
 from ..likelihood import LATENT_NOTE, ScoreResult
 from ..pipeline import Pipeline
-from .common import Bars, add_load_options, load_options, new_parser, run_command
+from .common import Bars, add_load_options, load_options, new_parser, one_shot, run_command, say_precision
 
 # Scoring decodes nothing: no VAE tiling.
 SKIP = ("vae_tile",)
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
             check_writable([out], True)  # its folder exists and is writable
         for path in args.image:  # bad files fail before the model loads
             open_image(path, path)
-        pipe = Pipeline.from_pretrained(**vars(load_options(args, skip=SKIP)))
+        pipe = Pipeline.from_pretrained(**vars(one_shot(load_options(args, skip=SKIP))))
+        say_precision(pipe)
         result = pipe.score(
             args.image,
             args.prompt,
