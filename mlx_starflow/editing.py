@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Generator, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -36,7 +36,7 @@ from PIL import Image
 
 from .images import from_pil, image_items, load_images, mask_values
 from .options import Event, GenerateOptions, Result, check_prompts, drive
-from .sample import invert as flow_invert
+from .sample import invert_steps, sampling_order
 
 __all__ = ["invert", "edit", "edit_steps", "variation", "blend"]
 
@@ -180,12 +180,28 @@ def invert(pipe, prompt, *, image=None, latents=None, guidance=None, negative_pr
         return _invert(pipe, opts)
 
 
-def _invert(pipe, opts: GenerateOptions) -> mx.array:
-    """The guided inverse of opts.latents under opts' prompts and guidance."""
+def _invert_events(pipe, opts: GenerateOptions) -> Generator[Event, None, mx.array]:
+    """The guided inverse of opts.latents under opts' prompts and guidance, with an "invert"
+    event before the first block and after each (a caller stops between blocks); returns
+    the noise."""
     y, _ = pipe.conditioning(opts.batch_prompts, opts.negative_prompt, opts.guidance > 0)
-    z = flow_invert(pipe.flow, opts.latents, y, opts.guidance)
-    mx.eval(z)
-    return z
+    yield Event("invert", 0, len(sampling_order(pipe.flow)))
+    steps = invert_steps(pipe.flow, opts.latents, y, opts.guidance)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield Event("invert", done, total)
+
+
+def _invert(pipe, opts: GenerateOptions) -> mx.array:
+    events = _invert_events(pipe, opts)
+    while True:
+        try:
+            next(events)
+        except StopIteration as stop:
+            return stop.value
 
 
 # -- editing ------------------------------------------------------------------------------
@@ -280,9 +296,7 @@ def _edit_stages(pipe, opts, pixels, sources, strength, keep) -> Iterator[Event]
         yield Event("encode", 0, 1)
         x = pipe.encode_images(pixels)
         yield Event("encode", 1, 1)
-        yield Event("invert", 0, 1)
-        z = _invert(pipe, replace(opts, prompts=sources, num_images=1, latents=x))
-        yield Event("invert", 1, 1)
+        z = yield from _invert_events(pipe, replace(opts, prompts=sources, num_images=1, latents=x))
         noise = blend(z, fresh, strength)
         if keep is not None:
             # The whole image is sampled (and denoised) as one; the kept tokens start from
