@@ -51,7 +51,16 @@ from .sample import Jacobi, OptionError, check_guidance
 from .video_sample import sample_video_steps
 from .videos import to_uint8
 
-__all__ = ["VideoPipeline", "VideoOptions", "VideoEvent", "VideoResult", "video_prompt", "aspect_size", "Cancelled"]
+__all__ = [
+    "VideoPipeline",
+    "VideoOptions",
+    "VideoEvent",
+    "VideoResult",
+    "video_prompt",
+    "aspect_size",
+    "random_seed",
+    "Cancelled",
+]
 
 # The aspect ratios the reference's sampler offers to models trained on several (mix_aspect).
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
@@ -61,7 +70,7 @@ DEFAULT_ASPECT = "16:9"
 MAX_FRAMES = 1024  # video frames of one clip (past the training length the local window bounds memory)
 MAX_FPS = 120
 VIDEO_SAMPLERS = ("jacobi", "sequential")
-VIDEO_DENOISE = ("auto", "learned", "none")
+VIDEO_DENOISE = ("auto", "learned", "score", "none")
 
 
 @dataclass
@@ -144,7 +153,8 @@ class VideoOptions:
     )
     denoise: str = option(
         "auto",
-        "after sampling: the model's learned self-denoiser, or nothing (auto: learned if the model has one)",
+        "after sampling: the model's learned self-denoiser, one step along its score, or nothing (auto: the "
+        "model's own default, else learned if it has one, none with a fine-tuned VAE, else score)",
         choices=VIDEO_DENOISE,
         kind=str,
         request=True,
@@ -236,6 +246,10 @@ class VideoEvent:
         from PIL import Image
 
         return None if self.frame is None else Image.fromarray(self.frame)
+
+
+def random_seed() -> int:
+    return int(np.random.SeedSequence().entropy % (2**31))
 
 
 def video_prompt(prompt: str, cfg, video, fps: int, aspect_ratio: Optional[str]) -> str:
@@ -386,7 +400,8 @@ class VideoPipeline:
         else:
             opts.aspect_ratio = None
         if opts.denoise == "auto":
-            opts.denoise = "learned" if cfg.learnable_self_denoiser and not cfg.finetuned_vae else "none"
+            learned = "learned" if cfg.learnable_self_denoiser else "score"
+            opts.denoise = defaults.get("denoise", "none" if cfg.finetuned_vae else learned)
         if opts.denoise == "learned" and not cfg.learnable_self_denoiser:
             raise OptionError("denoise", "this model has no learnable self-denoiser: use denoise='none'")
         trained = (video.frames - 1) // self.temporal_factor + 1 if video.frames else None
@@ -414,7 +429,7 @@ class VideoPipeline:
             if opts.guidance > 0:
                 self.classes.index(opts.negative_prompt)
         if opts.seed is None:
-            opts.seed = int(np.random.SeedSequence().entropy % (2**31))
+            opts.seed = random_seed()
         return opts
 
     def params(self, opts: VideoOptions) -> dict:
@@ -495,6 +510,12 @@ class VideoPipeline:
             s += window - overlap
         return x
 
+    def score_denoise(self, x, y_cond):
+        """One step along the score: x + noise_std^2 * grad log p(x | y), the conditional prompt only."""
+        s = self.config.noise_std
+        grad = mx.grad(lambda v: self.flow.log_prob(v, y_cond).sum())(x.astype(mx.float32))
+        return x + s * s * grad
+
     def frames_of(self, x) -> Iterator[np.ndarray]:
         """The clip's video frames, uint8, one after another: decoded one latent frame at a
         time with the Wan2.2 VAE (its temporal scale undone first), or the flow's own frames."""
@@ -573,10 +594,10 @@ class VideoPipeline:
         mx.eval(x)
         timings["sample"] = time.perf_counter() - t0
 
-        if opts.denoise == "learned":
+        if opts.denoise != "none":
             yield VideoEvent("denoise", 0, 1)
             t0 = time.perf_counter()
-            x = self.denoise(x, y_cond, window)
+            x = self.denoise(x, y_cond, window) if opts.denoise == "learned" else self.score_denoise(x, y_cond)
             mx.eval(x)
             timings["denoise"] = time.perf_counter() - t0
             yield VideoEvent("denoise", 1, 1)

@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 from PIL import Image
 
-from .images import check_writable, engine_version, png_info, write_all
+from .images import check_writable, engine_version, png_info, unwrite, write_all
 
 try:  # the codec; the package depends on it, but a broken install gets one line, not a traceback
     import av
@@ -161,16 +161,10 @@ def write_mp4(path, frames: Iterable, fps: int, metadata: Optional[dict] = None)
         raise
 
 
-def mp4_params(result, load_options: Optional[dict] = None) -> dict:
+def clip_metadata(prompt: str, seed: int, params: dict, load_options: Optional[dict] = None) -> dict:
     """What a clip's file records: the prompt, the seed, every setting, the loading options
-    given, the engine (never the paths)."""
-    return {
-        "prompt": result.prompt,
-        "seed": result.seed,
-        **result.params,
-        **(load_options or {}),
-        "engine": engine_version(),
-    }
+    given and the engine (never a path)."""
+    return {"prompt": prompt, "seed": seed, **params, **(load_options or {}), "engine": engine_version()}
 
 
 def read_video(path):
@@ -216,6 +210,11 @@ def read_metadata(path) -> dict:
 
 def frame_paths(folder, count: int) -> List[Path]:
     return [Path(folder) / f"frame-{i:04d}.png" for i in range(count)]
+
+
+def unwrite_frames(paths) -> None:
+    """Remove frames this run wrote (when the clip itself could not be written)."""
+    unwrite(paths)
 
 
 def save_frames(folder, frames: list, params: Optional[dict] = None, overwrite: bool = False) -> List[Path]:

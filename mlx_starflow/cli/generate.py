@@ -11,12 +11,14 @@ import sys
 from .. import distributed, options
 from ..images import check_writable, output_paths, save
 from ..options import batches, expand_seeds
-from . import edit
+from . import edit, video
 from .common import Bars, one_shot, report, run_command, say_precision, unwrite
 from .flags import parser, read_args, wants_edit  # noqa: F401 (parser: the command's, for its tests)
 
 
 def main(argv=None):
+    if video.wanted(argv):  # --frames, --fps, --from-video, or a video model: a clip (cli/video.py)
+        return video.main(argv)
     args = read_args(parser(), argv)
     if args is None:
         return 1

@@ -21,6 +21,8 @@ VIDEO_CHECKPOINT = "starflow-v_7B_t2v_caus_480p_v3.pth"
 WAN_VAE_REPO = "Wan-AI/Wan2.2-TI2V-5B"
 WAN_VAE_FILE = "Wan2.2_VAE.pth"
 WAN_SUBFOLDERS = ("vae", "wan_vae")
+DEMO_VIDEO_NAME = "demo-video"
+DEMO_VIDEO = Path(__file__).parents[1] / "demo_video" / "model"  # the video demo's weights
 
 
 @dataclass
@@ -67,6 +69,8 @@ def is_video_model(model: Optional[str], checkpoint: Optional[str] = None, confi
     is named like the video release)."""
     model = model or DEFAULT_MODEL
     if model == VIDEO_MODEL:
+        return True
+    if model == DEMO_VIDEO_NAME:
         return True
     if model == "demo":
         return False
@@ -154,6 +158,10 @@ def resolve_video(
     vae: Optional[str] = None,
 ) -> VideoResolved:
     """Where the video flow (converted), its text encoder and its VAE are."""
+    if model == DEMO_VIDEO_NAME:
+        if not (DEMO_VIDEO / "model.safetensors").is_file():
+            raise ModelNotFound(f"the video demo model is missing from the package ({DEMO_VIDEO})")
+        return _components(DEMO_VIDEO, None, None, None)
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
