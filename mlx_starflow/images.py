@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 ENGINE = "mlx-starflow"
 # The most pixels an image read may have: the models make at most 4096x4096 (options.MAX_SIDE)
@@ -46,8 +47,6 @@ def engine_version() -> str:
 
 def to_pil(images) -> list:
     """Images in [-1, 1], (B, H, W, C) or (H, W, C) with C = 3 or 1 -> 8-bit PIL images."""
-    from PIL import Image
-
     x = np.array(images.astype(mx.float32) if isinstance(images, mx.array) else images, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
@@ -66,8 +65,6 @@ def from_pil(images, size=None, factor: int = 8) -> mx.array:
     covers that size (shorter side first) and centre-cropped. Without `size`
     it is only centre-cropped to multiples of `factor`.
     """
-    from PIL import Image
-
     if isinstance(images, Image.Image):
         images = [images]
     out = []
@@ -342,8 +339,6 @@ def check_writable(paths, overwrite, sidecars: bool = False):
 
 
 def png_info(params: dict):
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     for k, v in params.items():
         info.add_text(k, str(v))
@@ -353,8 +348,6 @@ def png_info(params: dict):
 
 def read_metadata(path) -> dict:
     """The generation parameters stored in a PNG written by this command."""
-    from PIL import Image
-
     with Image.open(path) as im:
         text = dict(im.text)
     return json.loads(text["parameters"]) if "parameters" in text else text

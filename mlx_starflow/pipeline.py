@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -389,8 +389,10 @@ class Pipeline:
         """One standard normal draw per seed, from its own mx.random key."""
         return mx.stack([mx.random.normal(shape, key=mx.random.key(int(s))) for s in seeds])
 
-    def decode(self, latents) -> list:
-        """Latents -> PIL images (in low-memory mode the decoder is loaded for the call and freed)."""
+    def decode_steps(self, latents) -> Generator[Tuple[int, int], None, list]:
+        """Latents -> PIL images, one image at a time (decode activations dominate memory),
+        yielding (images done, images) after each so a caller can stop between them; returns
+        the images. In low-memory mode the decoder is loaded for the call and freed."""
         if self.vae is None and self.low_memory and self._vae_loader is not None:
             mx.eval(latents)
             self.vae = self._vae_loader(False)
@@ -398,13 +400,23 @@ class Pipeline:
             return to_pil(mx.clip(latents, -1.0, 1.0))
         out = []
         try:
-            for i in range(latents.shape[0]):  # one image at a time: decode activations dominate memory
+            for i in range(latents.shape[0]):
                 image = mx.clip(decode_latents(self.vae, latents[i : i + 1], tile=self.vae_tile), -1.0, 1.0)
                 mx.eval(image)
                 out += to_pil(image)
+                yield i + 1, latents.shape[0]
         finally:
             self._release_vae()
         return out
+
+    def decode(self, latents) -> list:
+        """Latents -> PIL images (decode_steps run to the end)."""
+        steps = self.decode_steps(latents)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
 
     def encode_images(self, images: mx.array) -> mx.array:
         """Images (B, H, W, 3) in [-1, 1] -> what the flow models: the VAE's scaled
@@ -591,9 +603,17 @@ class Pipeline:
         self._release_flow()  # low memory: the VAE is never beside the flow
 
         x = after_sampling(x)
-        yield Event("decode", 0, 1)
+        yield Event("decode", 0, x.shape[0])
         t0 = time.perf_counter()
-        images = self.decode(x)
+        steps = self.decode_steps(x)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                images = stop.value
+                break
+            if done < total:  # the last one comes with the result
+                yield Event("decode", done, total)
         timings["decode"] = time.perf_counter() - t0
         measured("decode")
 
@@ -607,7 +627,7 @@ class Pipeline:
             stage_peaks=peaks,
             params=self.params(opts),
         )
-        yield Event("decode", 1, 1, result=result)
+        yield Event("decode", x.shape[0], x.shape[0], result=result)
 
     # -- what only a flow can do: each in its own module, reached from here ----------
 

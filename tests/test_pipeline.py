@@ -471,3 +471,17 @@ def test_encode_waits_for_a_running_call(pipe):
         assert not done.wait(0.5)
     assert done.wait(60)
     t.join(5)
+
+
+def test_decoding_reports_each_image_and_stops_between_them(pipe):
+    seen = []
+
+    def stop_after_first(stage, done, total):
+        seen.append((stage, done, total))
+        return not (stage == "decode" and done >= 1)
+
+    with pytest.raises(Cancelled):
+        pipe.generate("a cat", num_images=3, seed=2, sampler="sequential", denoise="none", progress=stop_after_first)
+    assert [e for e in seen if e[0] == "decode"] == [("decode", 0, 3), ("decode", 1, 3)]
+    r = pipe.generate("a cat", num_images=3, seed=2, sampler="sequential", denoise="none")  # still usable
+    assert len(r.images) == 3

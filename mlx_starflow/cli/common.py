@@ -7,6 +7,8 @@ import os
 import sys
 from dataclasses import replace
 
+from tqdm import tqdm
+
 from .. import images
 from ..distributed import GroupError
 from ..loading.hub import DEFAULT_MODEL, ModelNotFound
@@ -170,8 +172,6 @@ class Bars:
     def __call__(self, stage, done, total):
         if not self.enabled:
             return True
-        from tqdm import tqdm
-
         if stage != self.stage:
             self.close()
             self.stage = stage

@@ -19,6 +19,7 @@ and how much memory MLX may wire differs:
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 def on_cpu() -> bool:
@@ -91,8 +92,6 @@ def wire_memory(model: nn.Module):
     limit to the recommended working set when the model is a large part of it."""
     if on_cpu() or not mx.metal.is_available():
         return
-    from mlx.utils import tree_flatten
-
     info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
     limit = info["max_recommended_working_set_size"]
     size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
