@@ -3,6 +3,9 @@ models (pixel space, and latent with a tiny Wan2.2 VAE), MP4 files (videos.py), 
 command line (generate --frames ...), --from-video, and bad input."""
 
 import json
+import os
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,3 +281,116 @@ def test_from_video_errors(tmp_path, pixel_folder, capsys):
     foreign = videos.write_mp4(tmp_path / "f.mp4", [np.zeros((8, 8, 3), np.uint8)] * 2, 8)
     assert main(["--from-video", str(foreign), "--model", str(pixel_folder)]) == 1
     assert "no prompt and seed" in capsys.readouterr().err
+
+
+# -- the server: OpenAI's video API --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_server():
+    from mlx_starflow.cli.server import Server
+
+    s = Server(VideoPipeline(pixel_flow(), info={"model": "tiny-video"}), port=0, quiet=True).start()
+    yield s
+    s.close()
+
+
+def wait_for(client, job_id, limit=120):
+    for _ in range(limit * 10):  # at most `limit` seconds
+        job = client.videos.retrieve(job_id)
+        if job.status in ("completed", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"video {job_id} not done in {limit} s: {job}")
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API")  # the client's notice about OpenAI's own service
+def test_server_videos_with_the_official_client(video_server, tmp_path):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=video_server.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    card = client.models.list().data[0].model_dump()
+    assert card["video"] is True and card["frames"] == 6 and card["fps"] == 8 and card["sizes"] == ["16x16"]
+    job = client.videos.create(prompt="red right", size="16x16", extra_body={"frames": 6, "seed": 3, "guidance": 1.0})
+    assert job.object == "video" and job.status in ("queued", "in_progress", "completed") and job.size == "16x16"
+    done = wait_for(client, job.id)
+    assert done.status == "completed" and done.progress == 100
+    path = tmp_path / "served.mp4"
+    path.write_bytes(client.videos.download_content(job.id).read())
+    frames, fps, meta = videos.read_video(path)
+    assert len(frames) == 6 and frames[0].shape == (16, 16, 3) and fps == 8
+    assert meta["prompt"] == "red right" and meta["seed"] == 3 and meta["frames"] == 6
+    # `seconds` as OpenAI's clients give it: frames = seconds x fps for a pixel model
+    job = client.videos.create(prompt="blue left", seconds="1", extra_body={"seed": 1, "denoise": "none"})
+    assert wait_for(client, job.id).status == "completed"
+    assert client.videos.retrieve(job.id).model_dump()["frames"] == 8
+    client.videos.delete(job.id)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(job.id)
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API")
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"frames": 0}, "frames"),
+        ({"frames": 5000}, "frames"),
+        ({"fps": 0}, "fps"),
+        ({"guidance": "lots"}, "guidance"),
+        ({"size": "640x480"}, "size"),
+        ({"prompt": "green up"}, "prompt"),
+        ({"num_frames": 3}, "num_frames"),
+    ],
+)
+def test_server_bad_video_requests_name_the_parameter(video_server, extra, param):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=video_server.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    body = {"prompt": "red right", **extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/videos", body=body, cast_to=object)
+    assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:  # an image request to a video model
+        client.images.generate(prompt="red right")
+    assert "POST /v1/videos" in e.value.body["message"]
+
+
+# -- the web page plays the clip ------------------------------------------------------------
+
+CHROMIUM = os.environ.get("MLX_STARFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_the_page_plays_the_clip_in_chromium(video_server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium or point MLX_STARFLOW_CHROMIUM at one")
+    timeout = 60_000  # ms, for any one wait in the browser
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], timeout=timeout)
+        try:
+            page = browser.new_page()
+            problems = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.goto(video_server.url + "/", timeout=timeout)
+            page.wait_for_selector("#clip:not([hidden])", timeout=timeout)  # frames and fps for a video model
+            assert page.input_value("#frames") == "6" and page.input_value("#fps") == "8"
+            page.fill("#prompt", "blue left")
+            page.fill("#seed", "2")
+            page.click("#generate")
+            page.wait_for_selector("#grid video", timeout=timeout)
+            # the browser decodes the H.264 clip and plays it: its size, duration and moving clock
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#grid video');"
+                " return v && v.readyState >= 2 && v.currentTime > 0; }",
+                timeout=timeout,
+            )
+            info = page.evaluate(
+                "() => { const v = document.querySelector('#grid video');"
+                " return {w: v.videoWidth, h: v.videoHeight, d: v.duration, error: v.error && v.error.code}; }"
+            )
+            assert info["w"] == 16 and info["h"] == 16 and info["error"] is None
+            assert abs(info["d"] - 6 / 8) < 0.1
+            assert "6 frames at 8 fps" in page.text_content("#grid .meta")
+            assert page.get_attribute("#grid a", "download") == "starflow-v-2.mp4"
+            assert problems == []
+        finally:
+            browser.close()

@@ -56,13 +56,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Optional
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from ..editing import check_strength, edit_steps
 from ..images import png_bytes
 from ..loading.hub import ModelNotFound
+from ..loading.video_resolve import is_video_model
 from ..options import GenerateOptions
 from ..pipeline import Pipeline
+from ..video import VideoOptions, VideoPipeline
 from .api import (  # noqa: F401 (MAX_PARTS, parse_request: as this module always had them)
     BODY_RATE,
     EDIT_PARAMS,
@@ -83,6 +85,8 @@ from .api import (  # noqa: F401 (MAX_PARTS, parse_request: as this module alway
     parse_request,
 )
 from .common import add_load_options, load_options, new_parser, say_precision
+from .video_jobs import VideoJobs, parse_create, parse_form
+from .video_jobs import limits as video_limits
 from .worker import FINAL, Cancelled, Failed, Files, Invalid, Job, Partial, Progress, QueueFull, Worker, result_pngs
 
 log = logging.getLogger("mlx_starflow.server")
@@ -288,11 +292,17 @@ class Handler(BaseHTTPRequestHandler):
                 "/v1/models": self._models,
                 "/v1/models/": self._model,
                 "/files/": self._file,
+                "/v1/videos/": self._video_get,
             }
         )
 
     def do_POST(self):
-        self._dispatch({"/v1/images/generations": self._generations, "/v1/images/edits": self._edits})
+        self._dispatch(
+            {"/v1/images/generations": self._generations, "/v1/images/edits": self._edits, "/v1/videos": self._videos}
+        )
+
+    def do_DELETE(self):
+        self._dispatch({"/v1/videos/": self._video_delete})
 
     # -- GET
 
@@ -303,7 +313,7 @@ class Handler(BaseHTTPRequestHandler):
             "text/html; charset=utf-8",
             {
                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+                "media-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
                 "X-Content-Type-Options": "nosniff",
                 "Cache-Control": "no-cache",
             },
@@ -314,6 +324,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _model_card(self) -> dict:
         pipe = self.server.pipe
+        if self.server.videos is not None:
+            return self._video_card(pipe)
         # the defaults a request gets (the model's own), for a prompt this model takes
         opts = pipe.resolve_options(GenerateOptions(pipe.classes.labels[0] if pipe.classes is not None else "a"))
         return {
@@ -328,6 +340,25 @@ class Handler(BaseHTTPRequestHandler):
             "sampler": opts.sampler,
             "max_images": self.server.max_images,
             "limits": limits(self.server.max_images),  # every parameter's range, as the checks apply it
+        }
+
+    def _video_card(self, pipe) -> dict:
+        """A video model's card: what the page offers (sizes, prompts, frames, fps) and every limit."""
+        label = pipe.classes.labels[0] if pipe.classes is not None else "a"
+        opts = pipe.resolve_options(VideoOptions(label, seed=0))
+        return {
+            "id": self.server.model_id,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "mlx-starflow",
+            "video": True,
+            "sizes": [f"{w}x{h}" for h, w in pipe.sizes().values()],
+            "prompts": pipe.classes.labels if pipe.classes is not None else None,
+            "guidance": opts.guidance,
+            "sampler": opts.sampler,
+            "frames": opts.frames,
+            "fps": opts.fps,
+            "limits": video_limits(),
         }
 
     def _models(self, path):
@@ -362,8 +393,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the request body must be a JSON object")
         return obj
 
+    def _no_images(self):
+        if self.server.videos is not None:
+            raise ApiError(400, f"{self.server.model_id} is a video model: ask it for a clip with POST /v1/videos")
+
     def _generations(self, path):
         body = self._json_body()
+        self._no_images()
         pipe = self.server.pipe
         try:
             opts, output, _ = parse_request(pipe, body, self.server.max_images)
@@ -376,6 +412,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body(MAX_UPLOAD)
         self._check_origin()
         self._check_key()
+        self._no_images()
         try:
             form = parse_multipart(self.headers.get("Content-Type", ""), body, self.server.max_images)
             del body  # the parts hold their own bytes
@@ -412,6 +449,53 @@ class Handler(BaseHTTPRequestHandler):
             )
 
         self._run(Job(start, output, self.connection))
+
+    # -- videos (OpenAI's video API: a job, its status, its content)
+
+    def _video_jobs(self) -> VideoJobs:
+        if self.server.videos is None:
+            raise ApiError(400, f"{self.server.model_id} is an image model: POST /v1/images/generations")
+        return self.server.videos
+
+    def _videos(self, path):
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.lower().startswith("multipart/form-data"):
+            body = self._read_body(MAX_JSON)
+            self._check_origin()
+            self._check_key()
+            fields = parse_form(content_type, body)
+        else:
+            fields = self._json_body()
+        jobs = self._video_jobs()
+        try:
+            opts = parse_create(jobs.pipe, fields)
+        except ApiError:
+            self.server.worker.count("invalid")
+            raise
+        self._json(200, jobs.submit(opts).card())
+
+    def _video_get(self, path):
+        self._check_key()
+        rest = path[len("/v1/videos/") :]
+        job_id, _, tail = rest.partition("/")
+        job = self._video_jobs().get(job_id)
+        if tail == "":
+            self._json(200, job.card())
+            return
+        if tail != "content":
+            raise ApiError(404, f"no route GET {path}", code="not_found")
+        variant = parse_qs(urlsplit(self.path).query).get("variant", ["video"])[0]
+        if variant != "video":
+            raise ApiError(400, f"'variant' {variant!r} is not served: only 'video' (the MP4)", "variant")
+        if job.status != "completed" or job.path is None:
+            raise ApiError(404, f"video '{job_id}' is {job.status}, not completed", "video_id", code="not_ready")
+        self._send(200, job.path.read_bytes(), "video/mp4", {"Cache-Control": "private, max-age=3600"})
+
+    def _video_delete(self, path):
+        self._check_origin()
+        self._check_key()
+        job = self._video_jobs().delete(path[len("/v1/videos/") :])
+        self._json(200, {"id": job.id, "object": "video.deleted", "deleted": True})
 
     def _note(self, note: str):  # what an edit adjusted (a resized mask): the server's log
         log.info("note: %s", note)
@@ -599,7 +683,7 @@ class Server(ThreadingHTTPServer):
         self.created = int(time.time())
         self.page = resources.files("mlx_starflow.cli").joinpath("web/index.html").read_bytes()
         self.files = Files()
-        self.pipe = self.worker = self._thread = None
+        self.pipe = self.worker = self._thread = self.videos = None
         self._deadlines, self._reading = {}, threading.Lock()
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="mlx-starflow-deadlines", daemon=True)
@@ -644,6 +728,8 @@ class Server(ThreadingHTTPServer):
         self.pipe = pipe
         self.model_id = str(pipe.info.get("model") or "mlx-starflow")
         self.worker = Worker(pipe, self.max_queue)
+        if isinstance(pipe, VideoPipeline):  # a video model: its clips are jobs (OpenAI's video API)
+            self.videos = VideoJobs(pipe, self.model_id, self.max_queue)
 
     @property
     def url(self) -> str:
@@ -664,6 +750,8 @@ class Server(ThreadingHTTPServer):
         self.server_close()
         self._closed.set()
         stopped = self.worker.stop() if self.worker is not None else True
+        if self.videos is not None:
+            stopped = self.videos.stop() and stopped
         self.files.remove()
         return stopped
 
@@ -775,7 +863,20 @@ def _serve(args, api_key) -> int:
     try:
         load = load_options(args)
         load.keep_text_encoder = args.keep_text_encoder
-        pipe = Pipeline.from_pretrained(**vars(load))
+        if is_video_model(load.model, load.checkpoint, load.config):  # STARFlow-V: POST /v1/videos
+            pipe = VideoPipeline.from_pretrained(
+                load.model,
+                dtype=None if load.dtype == "auto" else load.dtype,
+                text_encoder=load.text_encoder,
+                vae=load.vae,
+                text_dtype="float32" if load.text_dtype == "auto" else load.text_dtype,
+                vae_dtype=load.vae_dtype,
+                keep_text_encoder=load.keep_text_encoder,
+                checkpoint=load.checkpoint,
+                config=load.config,
+            )
+        else:
+            pipe = Pipeline.from_pretrained(**vars(load))
         say_precision(pipe)
         server.use(pipe)
     except (ValueError, ModelNotFound, FileNotFoundError) as e:
