@@ -243,6 +243,15 @@ class GenerateOptions:
     jacobi_max_iter: int = option(
         32, "most Jacobi iterations per block", metavar="N", kind=int, low=1, high=1000, request=True
     )
+    kv_bits: Optional[int] = option(
+        None,
+        "hold the deep block's KV cache at this many bits (keys and values quantized in groups of 64, as "
+        "mlx-lm's quantized cache): about half the cache's memory of bf16 (a quarter of float32) for a "
+        "change of the sample below the flow's own precision (BENCHMARKS.md) (default: the flow's dtype)",
+        choices=(8,),
+        kind=int,
+        request=True,
+    )
     denoise: str = option(
         "auto",
         "after sampling: the model's learned denoiser, one step along its score, or nothing; "
@@ -278,7 +287,8 @@ class GenerateOptions:
         for name, _, m in specs(type(self)):
             value = getattr(self, name)
             if m["choices"] and value is not None and value not in m["choices"]:
-                raise OptionError(name, f"{name} must be one of {', '.join(m['choices'])}, not {value!r}")
+                shown = ", ".join(str(c) for c in m["choices"])
+                raise OptionError(name, f"{name} must be one of {shown}, not {value!r}")
             if m["low"] is not None and name != "seed":
                 setattr(self, name, check_range(name, value, m))
         if self.seed is not None:

@@ -534,6 +534,8 @@ class Pipeline:
             "height": opts.height,
             "width": opts.width,
         }
+        if opts.kv_bits:
+            params["kv_bits"] = opts.kv_bits
         if opts.jacobi is not None:
             params.update(
                 jacobi_block_size=opts.jacobi_block_size,
@@ -570,7 +572,9 @@ class Pipeline:
         top = cfg.num_blocks - 1
         shallow = [i for i, n in enumerate(cfg.layers_per_block[:-1]) if n > 0]
         start = deep_end = time.perf_counter()
-        for step in sample_steps(flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap()):
+        for step in sample_steps(
+            flow, x, y, opts.guidance, jacobi=opts.jacobi, overlap=device.overlap(), kv_bits=opts.kv_bits
+        ):
             if step.block == top:
                 yield Event("deep", step.done, step.total, step)
                 if step.done == step.total:

@@ -63,6 +63,15 @@ class Jacobi:
         return mx.mean(mx.square(new - old)) / mx.mean(mx.square(new))
 
 
+KV_BITS = (4, 8)
+
+
+def check_kv_bits(kv_bits) -> Optional[int]:
+    if kv_bits is not None and (not is_whole(kv_bits) or kv_bits not in KV_BITS):
+        raise OptionError("kv_bits", f"kv_bits must be None (a float cache) or one of 4, 8, not {kv_bits!r}")
+    return kv_bits
+
+
 def check_guidance(guidance) -> float:
     """The guidance weight as a float, or a ValueError naming what is wrong."""
     try:
@@ -220,14 +229,14 @@ def block_steps(
             yield done
 
 
-def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap):
+def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap, kv_bits=None):
     """Sample one block from its noise z (B', N, D) in natural token order: its own
-    caches, the text prefix, the loop. Yields (done, current tokens in the block's
-    order); returns x in natural order."""
+    caches (quantized to kv_bits when given), the text prefix, the loop. Yields (done,
+    current tokens in the block's order); returns x in natural order."""
     if block.flip:
         z = z[:, ::-1]
     n_txt = 0 if text is None else text.shape[1]
-    caches = block.new_caches(z.shape[0], n_txt + z.shape[1])
+    caches = block.new_caches(z.shape[0], n_txt + z.shape[1], kv_bits)
     if text is not None:
         block.prefill(text, rope, caches)
     x = yield from _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, 64)
@@ -322,12 +331,16 @@ def sample_steps(
     jacobi: Optional[Jacobi] = None,
     compile_step: bool = True,
     overlap: bool = False,
+    kv_bits: Optional[int] = None,
 ) -> Iterator[Step]:
     """Noise -> data, one Step per token or Jacobi iteration (those within a chunk repeat
     its start as `done`: a point to cancel at, with nothing finished). noise (B, H, W, C). For
     STARFlow, y is the text embeddings: B rows, or 2B rows [conditional;
     unconditional] when guidance > 0. For TarFlow, y is the class labels (B,), the
-    unconditional pass using the mean class embedding. Stop iterating to cancel."""
+    unconditional pass using the mean class embedding. kv_bits (8 or 4): the deep block's
+    KV cache quantized (models/cache.py), less memory for a small change of the sample.
+    Stop iterating to cancel."""
+    check_kv_bits(kv_bits)
     B, h, w, text, g_all = _prepare(flow, noise, y, guidance, "noise")
     tokens = flow.patchify(noise).astype(mx.float32)
     order = sampling_order(flow)
@@ -337,7 +350,8 @@ def sample_steps(
         t, cond = _conditioning(flow, block, y, text, B, g)
         rope = flow.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
         z = mx.concatenate([tokens, tokens]) if g > 0 else tokens
-        loop = _run_block(block, z, rope, t, cond, g, jacobi, compile_step, overlap)
+        deep = i == len(flow.blocks) - 1
+        loop = _run_block(block, z, rope, t, cond, g, jacobi, compile_step, overlap, kv_bits if deep else None)
 
         def image(seq, block=block):
             seq = seq[:B]
@@ -366,9 +380,12 @@ def sample(
     jacobi: Optional[Jacobi] = None,
     compile_step: bool = True,
     overlap: bool = False,
+    kv_bits: Optional[int] = None,
 ) -> mx.array:
     """Run sample_steps to the end: the sample (B, H, W, C)."""
-    steps = sample_steps(flow, noise, y, guidance, jacobi=jacobi, compile_step=compile_step, overlap=overlap)
+    steps = sample_steps(
+        flow, noise, y, guidance, jacobi=jacobi, compile_step=compile_step, overlap=overlap, kv_bits=kv_bits
+    )
     return deque(steps, maxlen=1)[0].x  # the last step, holding no others
 
 

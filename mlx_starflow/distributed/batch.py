@@ -328,7 +328,7 @@ def _follow(pipe, opts, empty=False):
             if opts.latents is not None
             else pipe.noise(opts.seed, pipe.latent_shape(opts.height, opts.width))
         )
-    for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi):
+    for step in sample_steps(pipe.flow, x, y, opts.guidance, jacobi=opts.jacobi, kv_bits=opts.kv_bits):
         yield Event("deep", step.done, step.total, step)
     if opts.denoise == "score" and not empty:
         p = pipe.config.patch_size

@@ -14,7 +14,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, make_cache
 from .config import LM_LAYOUTS, FlowConfig
 from .rope import apply_rope, apply_rope_half, rope_table, rope_table_1d
 
@@ -264,10 +264,11 @@ class FlowBlock(nn.Module):
             h = layer(h, r, cache, None if mlps is None else mlps[i])
         return h if mlps is not None else self.head(h)
 
-    def new_caches(self, batch, length):
-        """One preallocated KV cache per layer for `length` positions."""
+    def new_caches(self, batch, length, bits=None):
+        """One preallocated KV cache per layer for `length` positions; `bits` (8): keys and
+        values quantized (cache.QuantizedKVCache)."""
         dtype = self.proj_in.weight.dtype
-        return [KVCache(batch, self.kv_heads, length, self.head_dim, dtype) for _ in self.attn_blocks]
+        return [make_cache(batch, self.kv_heads, length, self.head_dim, dtype, bits) for _ in self.attn_blocks]
 
     def prefill(self, text, rope, caches):
         """Feed the text prefix once; only its keys and values are kept."""
