@@ -2,6 +2,7 @@
 
 A model is named by any of
 - "demo": the small class-conditional model that ships with the package;
+- "demo-video": its video counterpart (a tiny STARFlow-V, demo_video/model);
 - a converted MLX folder (config.json + model.safetensors);
 - a reference checkpoint (.pth) or a folder holding one, with its YAML config beside
   it or carried by the package for the released checkpoints;
@@ -22,6 +23,7 @@ from .hub import (
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL,
     DEMO,
+    DEMO_VIDEO,
     TEXT_SUBFOLDERS,
     VAE_SUBFOLDERS,
     ModelNotFound,
@@ -142,6 +144,12 @@ def resolve(
         if not (DEMO / "model.safetensors").is_file():
             raise ModelNotFound(f"the demo model is missing from the package ({DEMO}); reinstall mlx-starflow")
         return _with_components(DEMO, None, None, None)
+    if model == "demo-video":
+        if not (DEMO_VIDEO / "model.safetensors").is_file():
+            raise ModelNotFound(
+                f"the video demo model is missing from the package ({DEMO_VIDEO}); reinstall mlx-starflow"
+            )
+        return _with_components(DEMO_VIDEO, None, None, None)
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -172,4 +180,6 @@ def resolve(
         origin = {"repo": model, "revision": folder.name}
         flow = convert_cached(ckpt, config, quantize, origin, vae=_local_vae(vae, None))
         return _with_components(flow, None, text_encoder, vae)
-    raise ModelNotFound(f"'{model}' is neither 'demo', a local folder or checkpoint, nor a Hugging Face repo id")
+    raise ModelNotFound(
+        f"'{model}' is neither 'demo', 'demo-video', a local folder or checkpoint, nor a Hugging Face repo id"
+    )

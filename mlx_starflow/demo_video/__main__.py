@@ -1,0 +1,7 @@
+"""python -m mlx_starflow.demo_video {train,evaluate,strip}"""
+
+import sys
+
+from . import main
+
+sys.exit(main())
