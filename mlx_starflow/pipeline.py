@@ -26,7 +26,7 @@ from .loading import device, precision_policy
 from .loading.hub import DEFAULT_MODEL
 from .loading.quant import quant_args
 from .loading.resolve import resolve
-from .loading.text import load_text_encoder
+from .loading.text import load_text_encoder, text_tokenizer
 from .loading.vae import load_vae, vae_config
 from .loading.weights import DTYPES, load_flow, read_config
 from .models.flow import Flow
@@ -158,6 +158,7 @@ class Pipeline:
         self._text = None
         self._lock = threading.RLock()
         self.vae_tile = None  # decode in tiles of this many latents
+        self.tokenizer = None  # the text encoder's tokenizer, for checking prompts before encoding
 
     # -- loading ---------------------------------------------------------------
 
@@ -269,11 +270,27 @@ class Pipeline:
 
         flow = None if low_memory else flow_load()
         loader = None
+        flow_cfg = read_config(where.flow)
+        lm_text = bool(flow_cfg.pretrained_lm)  # the prompt is the LM's own token embeddings
+        if lm_text and (where.text_encoder is None or where.text_encoder == flow_cfg.text_encoder):
+            raise ValueError(
+                f"this model's deep block is a {flow_cfg.pretrained_lm} language model and its prompt the LM's "
+                "token embeddings: give the LM's folder (mlx-lm format, with its tokenizer) with --text-encoder, "
+                "or put it beside the model as text_encoder/"
+            )
         if where.text_encoder is not None:
-            txt_size, td = read_config(where.flow).txt_size, DTYPES[text_dtype]
+            txt_size, td = flow_cfg.txt_size, DTYPES[text_dtype]
+            mode = "embed" if lm_text else None
 
             def loader():
-                return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
+                enc = load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq, mode=mode)
+                if enc.width != flow_cfg.txt_dim:
+                    enc.release()
+                    raise ValueError(
+                        f"the text encoder {where.text_encoder} gives width {enc.width}, "
+                        f"the model takes {flow_cfg.txt_dim}"
+                    )
+                return enc
 
         vae_loader = None
         if where.vae is not None:
@@ -306,6 +323,8 @@ class Pipeline:
             )
         pipe = cls(flow, loader, decoder, keep_text_encoder, info, vae_loader, flow_load, cfg, low_memory)
         pipe.vae_tile = vae_tile
+        if where.text_encoder is not None:  # a word-level vocabulary (the text demo) names unknown words
+            pipe.tokenizer = text_tokenizer(where.text_encoder)
         return pipe
 
     # -- the stages ---------------------------------------------------------------
@@ -340,10 +359,19 @@ class Pipeline:
                 self._release_text()
 
     def check_prompts(self, prompts: Sequence[str]):
-        """For class-conditional models, every prompt must name a class."""
+        """For class-conditional models, every prompt must name a class; for a text
+        encoder with a word-level vocabulary (the text demo), every word must be one
+        it knows."""
         if self.classes is not None:
             for p in prompts:
                 self.classes.index(p)
+        elif self.tokenizer is not None:
+            unknown = [w for p in prompts for w in self.tokenizer.unknown_words(p)]
+            if unknown:
+                words = ", ".join(f'"{w}"' for w in dict.fromkeys(unknown))
+                raise ValueError(
+                    f"the demo does not know: {words} (it knows words of shapes, colours, sizes and places)"
+                )
 
     def encode(self, prompts: List[str]) -> mx.array:
         """Prompts -> the flow's conditioning rows (text embeddings, one-hot labels or
@@ -474,6 +502,8 @@ class Pipeline:
         self.check_prompts(opts.prompts)
         if self.classes is not None and self.classes.one_hot and opts.guidance > 0:
             self.classes.index(opts.negative_prompt)
+        elif self.classes is None and opts.guidance > 0:
+            self.check_prompts([opts.negative_prompt])
         opts.height, opts.width = shape[0] * cfg.pixels_per_latent, shape[1] * cfg.pixels_per_latent
         return opts
 

@@ -145,6 +145,18 @@ class Tokenizer:
             raise ValueError(f"{source}: the tokenizer has no token {token!r} (named in tokenizer_config.json)")
         return i
 
+    def unknown_words(self, prompt: str) -> list:
+        """The words of a prompt this tokenizer can only read as its unknown token (a
+        word-level vocabulary, such as the text demo's), in order, each once; [] for
+        tokenizers that read any text (byte fallback, SentencePiece)."""
+        unk = getattr(self._fast.model, "unk_token", None) if self._fast is not None else None
+        unk_id = self._fast.token_to_id(unk) if unk else None
+        if unk_id is None:
+            return []
+        e = self._fast.encode(prompt)
+        words = [prompt[a:b] for i, (a, b) in zip(e.ids, e.offsets) if i == unk_id]
+        return list(dict.fromkeys(words))
+
     def encode(self, prompts) -> list:
         """Token ids of each prompt with its special tokens, neither padded nor truncated."""
         if self._fast is not None:
@@ -180,6 +192,21 @@ class Tokenizer:
             cols = slice(0, len(row)) if self.padding_side == "right" else slice(length - len(row), length)
             ids[i, cols], mask[i, cols] = row, 1
         return ids, mask
+
+
+def text_tokenizer(path):
+    """The tokenizer of a local text-encoder folder (without its weights), or None
+    when the path is not a local folder with tokenizer files (a repo id not yet
+    downloaded): for checking prompts before anything heavy is loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    try:
+        folder, tok_folder = _resolve(folder)
+        family = json.loads((folder / "config.json").read_text()).get("model_type", "gemma")
+        return Tokenizer(tok_folder, family) if has_tokenizer(tok_folder) else None
+    except (FileNotFoundError, ValueError, OSError):
+        return None
 
 
 def tokenize(tokenizer: Tokenizer, prompts, txt_size: int):
