@@ -247,10 +247,8 @@ def hop_seconds(group, cfg, rows: int = 2, tokens: int = 1, dtype=mx.float32, re
     step of cfg's deep block with no layers on any rank, so what is timed is the
     control words, the hidden state going rank to rank and the last rank's output
     shared with all, at the block's width (and the tiny input and output projections)."""
-    block = FlowBlock(cfg, cfg.num_blocks - 1)
-    block.attn_blocks = []  # never computed: parameters are lazy
+    block = PipelineBlock(cfg, cfg.num_blocks - 1, group, range(0))  # no layers: parameters are lazy
     block.set_dtype(dtype)
-    PipelineBlock.of(block, group, range(0))
     mx.eval(block.parameters())
     x = mx.zeros((rows, tokens, cfg.token_dim))
     times = []
