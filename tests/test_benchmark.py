@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_starflow.cli import benchmark
+from mlx_starflow.cli import benchmark, common
 from mlx_starflow.loading.quant import quant_args, quantize_linear
 from mlx_starflow.loading.weights import IGNORED, load_flow, save_model
 from mlx_starflow.models.config import starflow_config_from_args
@@ -84,7 +84,21 @@ def test_command_on_tiny(tmp_path, capsys):
     assert "[1/7] building the flow" in text and "[7/7] denoising" in text
     assert "summary: one 64x64 image with guidance 3.6: about " in text
     assert "% of the memory copy speed" in text and "details (median of 1 runs" in text
-    assert text.index("plan, from the first tokens") < text.index("[5/7] the deep block")
+    # The plan comes before the first long stage (the text encoding), text prefix included,
+    # made from tokens timed after a warm-up token.
+    plan = text.index("plan, from tokens timed after a warm-up")
+    assert text.index("[1/7] building the flow") < plan < text.index("[2/7] encoding")
+    assert "text prefix: about" in text[plan:] and "per token after a warm-up token" in text[plan:]
+    p = r["plan"]
+    assert p["deep"]["estimate"] == pytest.approx(64 * p["deep_token"])
+    assert p["prefill"]["estimate"] > 0 and p["text"]["estimate"] > 0
+    # The whole command's peak, as the command runs it and as an app does, beside the stages'.
+    assert img["peak_resident"] == img["peak_memory"]
+    assert 0 < img["peak_one_shot"] < img["peak_resident"]
+    assert img["whole_peak_stages"] == sorted(k for k in benchmark.STAGES if k != "load")
+    summary = next(line for line in text.splitlines() if line.startswith("summary:"))
+    assert "peak of generate" in summary and "(one-shot" in summary and "(resident)" in summary
+    assert "left out: loading the weights" in text and "generate, one-shot" in text
 
 
 def test_command_quantized_jacobi(tmp_path):
@@ -144,7 +158,7 @@ def test_auto_extrapolates_long_blocks_and_estimates_long_denoising(tmp_path, mo
     assert r["image"]["estimated"] == ["denoise"]
     text = capsys.readouterr().out
     assert "timing 4 tokens at each end and extrapolating (--tokens all runs it whole)" in text
-    assert "denoising estimated from the text prefix's speed, not run" in text
+    assert "left out: loading the weights, denoising (its time estimated from the measured matrix speed" in text
 
     monkeypatch.setattr(stages, "AUTO_BLOCK", 1e9)
     assert benchmark.main([*TINY, "--dtype", "float32", "--stages", "deep", "--json", str(out)]) == 0
@@ -343,3 +357,80 @@ def test_score_and_invert_stages(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "images per second" in text and "per inversion" in text
     assert benchmark.main([*TINY, "--stages", "scor"]) == 1
+
+
+def test_whole_command_peaks_from_the_stage_peaks():
+    gb = 10**9
+    st = {
+        "load": {"weight_bytes": 8 * gb, "vae_weight_bytes": gb},
+        "text": {"peak_memory": 14 * gb},  # a 5 GB text stage beside the flow and the VAE
+        "vae": {"peak_memory": 9.5 * gb},
+        "deep": {"peak_memory": 10 * gb},
+        "denoise": {"peak_memory": 10.5 * gb},
+    }
+    w = stages.whole_command_peaks(st)
+    assert w["peak_resident"] == 14 * gb
+    # one-shot: text alone 5, decode alone 1.5, the flow's stages without the VAE 9 and 9.5
+    assert w["peak_one_shot"] == pytest.approx(9.5 * gb) and w["peak_one_shot_stage"] == "denoise"
+    assert w["whole_peak_stages"] == ["deep", "denoise", "text", "vae"]
+    assert stages.whole_command_peaks({"load": {}})["peak_one_shot"] is None
+
+
+def test_8bit_kv_cache_in_the_benchmark(tmp_path):
+    out = tmp_path / "r.json"
+    sizes = {}
+    for extra in ([], ["--kv-bits", "8"]):
+        args = [*TINY, "--dtype", "bfloat16", "--tokens", "2", "--stages", "prefill,deep", "--json", str(out)]
+        assert benchmark.main(args + extra) == 0
+        r = json.loads(out.read_text())
+        sizes[bool(extra)] = r["stages"]["deep"]["kv_cache_bytes"]
+    assert sizes[True] == pytest.approx(sizes[False] * 1.0625 / 2)  # 8 bits + bf16 scale and offset per 64
+
+
+def test_blas_detection_from_the_mapped_files(tmp_path, monkeypatch):
+    maps = tmp_path / "maps"
+    mlx_blas = "/venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0"
+    numpy_blas = "/venv/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-32a4b2a6.so"
+    line = "7f00-7f01 r-xp 00000000 08:01 1 {}\n"
+    maps.write_text(line.format(mlx_blas) + line.format(numpy_blas) + "7f02-7f03 rw-p 0 0:0 0 [heap]\n")
+    assert machine.loaded_blas(str(maps)) == {"optimised": None, "reference": mlx_blas}
+    openblas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+    maps.write_text(line.format(openblas) + line.format(mlx_blas))
+    assert machine.loaded_blas(str(maps))["optimised"] == openblas
+    mkl = "/opt/intel/lib/libmkl_rt.so.2"
+    maps.write_text(line.format(mkl) + line.format(mlx_blas))
+    assert machine.loaded_blas(str(maps))["optimised"] == mkl
+    assert machine.loaded_blas(str(tmp_path / "none")) == {"optimised": None, "reference": None}
+    # the one command line: preloaded OpenBLAS, installed first where it is missing
+    monkeypatch.setattr(machine, "openblas_path", lambda machine=None: str(tmp_path / "libblas.so.3"))
+    assert machine.blas_command("run it").startswith("sudo apt install libopenblas0-pthread && LD_PRELOAD=")
+    (tmp_path / "libblas.so.3").write_text("")
+    assert machine.blas_command("run it") == f"LD_PRELOAD={tmp_path / 'libblas.so.3'} run it"
+
+
+class _Terminal:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_generate_says_once_on_a_terminal_when_mlx_runs_the_reference_blas(monkeypatch):
+    monkeypatch.setattr(common, "_BLAS_SAID", [])
+    monkeypatch.setattr(machine, "reference_blas", lambda: True)
+    pipe = _Terminal(False)
+    assert not common.blas_note_once("cmd", pipe) and pipe.text == ""  # a log or a pipe: nothing
+    tty = _Terminal(True)
+    assert common.blas_note_once("python -m mlx_starflow.generate --model demo", tty)
+    assert "reference BLAS" in tty.text and "LD_PRELOAD=" in tty.text and "--model demo" in tty.text
+    assert not common.blas_note_once("cmd", tty) and tty.text.count("reference BLAS") == 1  # once
+    monkeypatch.setattr(common, "_BLAS_SAID", [])
+    monkeypatch.setattr(machine, "reference_blas", lambda: False)
+    assert not common.blas_note_once("cmd", _Terminal(True))  # an optimised BLAS loaded: nothing to say

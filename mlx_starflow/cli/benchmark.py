@@ -61,7 +61,12 @@ def parser():
     add_fields(p, LoadOptions, only=LOAD, defaults={"dtype": "bfloat16"})
     p.add_argument("--model-dtype", action="store_true", help="with --model: cast its weights to --dtype")
     p.add_argument("--batch", type=int, default=1, help="images at once")
-    add_fields(p, GenerateOptions, only=("guidance", "sampler"), defaults={"guidance": 3.6, "sampler": "sequential"})
+    add_fields(
+        p,
+        GenerateOptions,
+        only=("guidance", "sampler", "kv_bits"),
+        defaults={"guidance": 3.6, "sampler": "sequential"},
+    )
     p.add_argument(
         "--tokens",
         default="auto",

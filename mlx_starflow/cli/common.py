@@ -4,6 +4,7 @@ is one `error:` line and status 1, Ctrl-C or a cancel 130, never a traceback).""
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from .. import images
 from ..distributed import GroupError
 from ..loading.hub import DEFAULT_MODEL, ModelNotFound
 from ..options import Cancelled, GenerateOptions, LoadOptions, OptionError, specs
+from ..tools import machine
 
 # The stages' names on a terminal.
 STAGES = {
@@ -199,3 +201,22 @@ def unwrite(paths, sidecars: bool, keep: bool):
         return
     gone = images.unwrite(paths, sidecars)
     print(f"note: removed the {len(gone)} files written before it stopped (--keep-partial keeps them)", file=sys.stderr)
+
+
+_BLAS_SAID = []
+
+
+def command_line(command: str) -> str:
+    """This process's command line, to repeat in advice."""
+    return " ".join([prog(command), shlex.join(sys.argv[1:])]).strip()
+
+
+def blas_note_once(command: str, stream=None) -> bool:
+    """On Linux, on a terminal, once per process: say that MLX runs its bundled reference BLAS
+    (no optimised one loaded) and the one command line that runs `command` with OpenBLAS."""
+    stream = stream or sys.stderr
+    if _BLAS_SAID or not stream.isatty() or not machine.reference_blas():
+        return False
+    _BLAS_SAID.append(True)
+    print(machine.blas_note(command), file=stream, flush=True)
+    return True

@@ -12,7 +12,7 @@ from .. import distributed, options
 from ..images import check_writable, output_paths, save
 from ..options import batches, expand_seeds
 from . import edit, video
-from .common import Bars, one_shot, report, run_command, say_precision, unwrite
+from .common import Bars, blas_note_once, command_line, one_shot, report, run_command, say_precision, unwrite
 from .flags import parser, read_args, wants_edit  # noqa: F401 (parser: the command's, for its tests)
 
 
@@ -36,6 +36,7 @@ def main(argv=None):
         pipe = distributed.load(group=group, pipeline_parallel=args.pipeline_parallel, **vars(load))
         if group is None or group.rank() == 0:
             say_precision(pipe, args.verbose)
+            blas_note_once(command_line("generate"))
         writer = group is None or group.rank() == 0
         written = []
         try:

@@ -33,12 +33,13 @@ from ..loading import device
 from ..loading.weights import DTYPES, load_flow, read_config
 from ..models.config import FlowConfig
 from ..models.flow import Flow, IdentityBlock
+from ..models.t5 import T5Config, T5Encoder
 from ..sample import Jacobi, block_steps, sampling_order
 from ..sample import invert as flow_invert
 from . import machine
 from .machine import times
 from .precision import study
-from .random_models import flow_config, random_flow, random_t5, random_vae
+from .random_models import ARCHS, flow_config, random_flow, random_t5, random_vae
 
 STAGES = ("text", "load", "prefill", "deep", "shallow", "denoise", "vae")
 # What only a flow does, beside generating: measured when asked (--stages ...,score,invert).
@@ -108,6 +109,10 @@ class Run:
     @property
     def image_side(self):
         return self.cfg.image_size or self.cfg.grid_size * 8
+
+    @property
+    def kv_bits(self):  # the deep block's KV cache at 8 bits (--kv-bits)
+        return getattr(self.args, "kv_bits", None)
 
     @property
     def loop(self):
@@ -236,10 +241,26 @@ def time_whole_block(block, z, caches, prefix, repeats, rope=None, cond=None, gu
 
 def first_token(block, z, caches, prefix, rope=None, cond=None, guidance=0.0, **loop):
     """Seconds of the first token (or Jacobi chunk, per token) of a block, set-up and
-    compilation included: the estimate the plan is made from."""
+    compilation included."""
     stamps = sample_tokens(block, z, caches, prefix, 0, 1, rope, cond, guidance, **loop)
     (_, t0), (d1, t1) = stamps[0], stamps[-1]
     return (t1 - t0) / max(d1, 1)
+
+
+WARM_TOKENS = 2  # tokens (or Jacobi chunks) timed after the first for the plan
+
+
+def warm_token(block, z, caches, prefix, rope=None, cond=None, guidance=0.0, **loop):
+    """(first, warm): seconds of the first token (set-up and compilation included) and per
+    token of the WARM_TOKENS tokens (or Jacobi chunks) after it, warmed up: the estimate the
+    plan is made from (the first token's cold time overstates a block many times)."""
+    jac = loop.get("jacobi")
+    unit = jac.block_size if jac is not None else 1
+    count = min(z.shape[1], unit * (1 + WARM_TOKENS))
+    stamps = sample_tokens(block, z, caches, prefix, 0, count, rope, cond, guidance, **loop)
+    (_, t0), (d1, t1), (d2, t2) = stamps[0], stamps[1], stamps[-1]
+    first = (t1 - t0) / max(d1, 1)
+    return first, ((t2 - t1) / (d2 - d1) if d2 > d1 else first)
 
 
 # -- the stages ---------------------------------------------------------------------------------
@@ -329,12 +350,14 @@ def stage_prefill(run):
     with Stage(run.stages, "prefill") as info:
         times = []
         for i in range(run.args.repeats + 1):  # the first is the warm-up
-            run.caches = deep.new_caches(run.rows, run.cfg.txt_size + run.cfg.num_tokens)
+            run.caches = None
+            run.caches = deep.new_caches(run.rows, run.cfg.txt_size + run.cfg.num_tokens, run.kv_bits)
             t = time.perf_counter()
             deep.prefill(text, rope, run.caches)
-            if i:
-                times.append(time.perf_counter() - t)
-        info["time"] = summary(times)
+            times.append(time.perf_counter() - t)
+            if i == 0 and run.args.tokens == "auto" and times[0] > AUTO_ONCE:
+                break  # a slow prefix is measured by its first run alone
+        info["time"] = summary(times[1:] or times)
         rows = run.rows * run.cfg.txt_size
         info["GFLOPs"] = 2 * linear_params(deep) * rows / info["time"]["median"] / GB
         info["kv_cache_bytes"] = sum(c.nbytes for c in run.caches)
@@ -345,7 +368,7 @@ def _deep_inputs(run):
     deep, _ = sampled_blocks(run.model)
     side, n_txt = run.cfg.grid_size, run.cfg.txt_size
     if run.caches is None:  # no prefill stage: the prefix's contents do not change a token's cost
-        run.caches = deep.new_caches(run.rows, n_txt + run.cfg.num_tokens)
+        run.caches = deep.new_caches(run.rows, n_txt + run.cfg.num_tokens, run.kv_bits)
     z = mx.random.normal((run.batch, run.cfg.num_tokens, run.cfg.token_dim), key=mx.random.key(run.args.seed + 2))
     z = mx.concatenate([z, z]) if run.args.guidance > 0 else z
     return deep, z, run.model.rope(True, side, side, n_txt), n_txt
@@ -467,36 +490,61 @@ def compare_loop(run, tokens):
 # -- the plan: estimates from a first token ----------------------------------------------------------
 
 
+def text_flops(run):
+    """Multiply-adds x 2 of encoding the prompts: the text encoder's linears (T5 of the
+    architecture's shapes, built lazily: nothing is allocated) over rows x tokens."""
+    t5 = T5Encoder(T5Config(**ARCHS[run.args.arch]["t5"]))
+    macs = sum(m.weight.size for _, m in t5.named_modules() if isinstance(m, nn.Linear))
+    return 2 * macs * run.rows * run.cfg.txt_size
+
+
 def plan(run):
-    """Time the first token of the deep and shallow blocks, choose whole blocks or their
-    ends (--tokens), and estimate denoising: {stage: decision}, printed before the long work."""
-    a, st = run.args, run.stages
+    """Estimates of the long stages, before any of them runs: the deep and shallow blocks from
+    tokens timed after a warm-up token (whole blocks or their ends, --tokens), the text encoding,
+    the text prefix and denoising from the machine's and the model's measured matrix speed.
+    {stage: decision}, printed before the first long stage."""
+    a, lim = run.args, run.results["limits"]
     out = {}
+    rate = lim["layer_many_GFLOPs"] * GB  # the flow's largest layer on many rows, as the model holds it
+    if "text" in a.stages:
+        same = a.text_dtype == a.dtype and not a.text_quantize and not a.quantize
+        t_rate = lim["mlx_f32_matmul_GFLOPs"] * GB if a.text_dtype == "float32" and not a.text_quantize else None
+        t_rate = rate if same else t_rate
+        if t_rate:
+            est = text_flops(run) / t_rate
+            out["text"] = {"estimate": est, "run_estimate": est * (1 if est > AUTO_ONCE else a.warmup + a.repeats)}
+    if "prefill" in a.stages:
+        deep = sampled_blocks(run.model)[0]
+        est = 2 * linear_params(deep) * run.rows * run.cfg.txt_size / rate
+        runs = 1 if a.tokens == "auto" and est > AUTO_ONCE else a.repeats + 1
+        out["prefill"] = {"estimate": est, "run_estimate": est * runs}
     if "deep" in a.stages:
         deep, z, rope, n_txt = _deep_inputs(run)
-        out["deep_first_token"] = first_token(deep, z, run.caches, n_txt, rope, None, a.guidance, **run.loop)
+        first, warm = warm_token(deep, z, run.caches, n_txt, rope, None, a.guidance, **run.loop)
+        out["deep_first_token"], out["deep_token"] = first, warm
+        run.caches = None  # the stages allocate their own; two caches at once would raise their peaks
     shallow = sampled_blocks(run.model)[1]
     if "shallow" in a.stages and shallow:
         blocks, z, rope = _shallow_inputs(run)
         caches = blocks[-1].new_caches(run.batch, z.shape[1])
-        out["shallow_first_token"] = first_token(blocks[-1], z, caches, 0, rope, **run.loop)
+        out["shallow_first_token"], out["shallow_token"] = warm_token(blocks[-1], z, caches, 0, rope, **run.loop)
         del caches
+    gc.collect()
+    mx.clear_cache()
     N = run.cfg.num_tokens
     for name, n_blocks in (("deep", 1), ("shallow", len(shallow))):
-        if f"{name}_first_token" not in out:
+        if f"{name}_token" not in out:
             continue
-        whole_time = out[f"{name}_first_token"] * N * n_blocks
+        whole_time = out[f"{name}_token"] * N * n_blocks
         whole = a.tokens == "all" or (a.tokens == "auto" and whole_time <= AUTO_BLOCK)
         timed = N if whole else min(N, 2 * (a.tokens_n + 1))
         out[name] = {
             "whole": whole,
             "estimate": whole_time,
-            "run_estimate": out[f"{name}_first_token"] * timed * a.repeats * (n_blocks if whole else 1),
+            "run_estimate": out[f"{name}_token"] * timed * a.repeats * (n_blocks if whole else 1),
         }
     if "denoise" in a.stages and not run.cfg.learnable_self_denoiser and not run.cfg.finetuned_vae:
-        # GFLOP/s of the text prefix: the same precision, many rows, through the deep block.
-        rate = st["prefill"]["GFLOPs"] if "prefill" in st else run.results["limits"]["layer_many_GFLOPs"]
-        est = denoise_flops(run) / rate / GB
+        est = denoise_flops(run) / rate
         run_it = a.tokens != "auto" or est <= AUTO_DENOISE
         passes = 1 if a.tokens == "auto" and est > AUTO_ONCE else a.warmup + a.repeats
         out["denoise"] = {"estimate": est, "run": run_it, "run_estimate": est * passes if run_it else 0.0}
@@ -506,33 +554,45 @@ def plan(run):
 def log_plan(run, p):
     N = run.cfg.num_tokens
     lines, total = [], 0.0
+    if "text" in p:
+        total += p["text"]["run_estimate"]
+        lines.append(f"  text encoding: about {_duration(p['text']['estimate'])} (from the matrix speed)")
+    if "prefill" in p:
+        total += p["prefill"]["run_estimate"]
+        lines.append(
+            f"  text prefix: about {_duration(p['prefill']['estimate'])} (from the largest layer's speed on many rows)"
+        )
     for name, what in (("deep", "deep block"), ("shallow", "shallow blocks")):
         if name not in p:
             continue
         d = p[name]
         total += d["run_estimate"]
-        first = _duration(p[f"{name}_first_token"])
+        per = (
+            f"{_duration(p[f'{name}_token'])} per token after a warm-up token "
+            f"({_duration(p[f'{name}_first_token'])}, set-up included)"
+        )
         if d["whole"]:
-            lines.append(f"  {what}: first token {first}: sampled whole ({N} tokens), {_times(run.args.repeats)}")
+            lines.append(f"  {what}: {per}: sampled whole ({N} tokens), {_times(run.args.repeats)}")
         else:
             lines.append(
-                f"  {what}: first token {first}: whole, about {_duration(d['estimate'])}: timing "
+                f"  {what}: {per}: whole, about {_duration(d['estimate'])}: timing "
                 f"{run.args.tokens_n} tokens at each end and extrapolating (--tokens all runs it whole)"
             )
     if "denoise" in p:
         d = p["denoise"]
         total += d["run_estimate"]
         if d["run"]:
-            lines.append(f"  denoising: about {_duration(d['estimate'])} per pass (estimated from the text prefix)")
+            lines.append(f"  denoising: about {_duration(d['estimate'])} per pass (from the largest layer's speed)")
         else:
             lines.append(
-                f"  denoising: about {_duration(d['estimate'])} (estimated from the text prefix's speed): "
+                f"  denoising: about {_duration(d['estimate'])} (from the largest layer's speed): "
                 "not run (--tokens all runs it)"
             )
-    if not lines:  # no sampling or denoising asked: nothing to plan
+    if not lines:  # no long stage asked: nothing to plan
         return
     run.log(
-        "plan, from the first tokens:\n"
+        "plan, from tokens timed after a warm-up and the measured matrix speed (the VAE decode and the "
+        "machine's probes not counted):\n"
         + "\n".join(lines)
         + f"\n  the rest of this benchmark: about {_duration(total)}"
     )
@@ -559,7 +619,9 @@ def run_benchmark(args, log=print):
     log("measuring the machine (memory copy, matrix multiply) ...")
     limits = {**machine.copy_speed(args.repeats), **machine.matmul_speed(args.repeats)}
     results["limits"] = limits
-    if limits["slow_blas"]:
+    if machine.reference_blas():  # said once, from what the process has loaded
+        log(machine.blas_note("python -m mlx_starflow.benchmark ..."))
+    elif limits["slow_blas"]:
         log("warning: " + machine.blas_advice("python -m mlx_starflow.benchmark ..."))
 
     steps = run_order(stages)
@@ -587,6 +649,9 @@ def run_benchmark(args, log=print):
     limits["input_major"] = run.stages["load"]["input_major"]
     if limits["input_major"]:
         limits["layer"] += ", input-major"
+    p = plan(run)  # before the first long stage
+    results["plan"] = p
+    log_plan(run, p)
     if "text" in stages:
         begin(
             "text",
@@ -609,9 +674,6 @@ def run_benchmark(args, log=print):
         stage_prefill(run)
         log(_line("prefill", run.stages["prefill"]))
 
-    p = plan(run)
-    results["plan"] = p
-    log_plan(run, p)
     if "deep" in stages:
         begin("deep", "the deep block")
         stage_deep(run, p["deep"]["whole"])
@@ -663,6 +725,37 @@ def run_benchmark(args, log=print):
     return results
 
 
+FLOW_STAGES = ("prefill", "deep", "shallow", "denoise")
+
+
+def whole_command_peaks(st) -> dict:
+    """The peak of the whole `generate` run from the stages' measured peaks (each taken with the
+    flow and the VAE resident, as a loaded Pipeline holds them):
+
+    - resident (an app's Pipeline: flow and VAE loaded, the text encoder per call beside them):
+      the largest stage peak as measured;
+    - one-shot (the commands: the text encoder, then the flow, then the VAE, each alone): each
+      stage's peak less the weights that stage would not have beside it (the text encoding
+      without the flow and the VAE, the flow's stages without the VAE, the decode without the
+      flow), the largest of them.
+
+    Stages not run are not in either figure (`whole_peak_stages` names those that are)."""
+    load = st.get("load", {})
+    flow_w, vae_w = load.get("weight_bytes", 0), load.get("vae_weight_bytes", 0)
+    less = {"text": flow_w + vae_w, "vae": flow_w, **{k: vae_w for k in FLOW_STAGES}}
+    measured = {k: st[k]["peak_memory"] for k in less if k in st and "peak_memory" in st[k]}
+    one_shot = {k: max(v - less[k], 0) for k, v in measured.items()}
+    if not measured:
+        return {"peak_one_shot": None, "peak_resident": None, "peak_one_shot_stage": None, "whole_peak_stages": []}
+    top = max(one_shot, key=one_shot.get)
+    return {
+        "peak_one_shot": one_shot[top],
+        "peak_one_shot_stage": top,
+        "peak_resident": max(measured.values()),
+        "whole_peak_stages": sorted(measured),
+    }
+
+
 def image_figures(run):
     """One image (or batch), from the stages run: seconds and peak memory, and what is
     extrapolated, estimated or missing."""
@@ -681,11 +774,13 @@ def image_figures(run):
         for k in ("text", "prefill", "deep", "shallow", "denoise", "vae")
         if k in st and "peak_memory" in st[k]
     ]
+    whole = whole_command_peaks(st)
     return {
         "side": run.image_side,
         "seconds": sum(parts.values()),
         "parts": parts,
         "peak_memory": max(peaks) if peaks else None,
+        **whole,
         "extrapolated": [k for k in ("deep", "shallow") if k in st and st[k]["extrapolated"]],
         "estimated": ["denoise"] if "denoise" in st and "estimated_seconds" in st["denoise"] else [],
         "missing": [k for k in ("text", "prefill", "deep", "shallow", "denoise", "vae") if k not in st],
@@ -803,18 +898,31 @@ def summary_lines(results):
     out = []
     side = img["side"]
     approx = "about " if img["extrapolated"] or img["estimated"] else ""
-    peak = f", peak {_gb(img['peak_memory'])}" if img["peak_memory"] else ""
+    peak = ""
+    if img.get("peak_one_shot"):
+        peak = (
+            f"; peak of generate {_gb(img['peak_one_shot'])} as the command runs it (one-shot: its largest "
+            f"stage, {img['peak_one_shot_stage']}), {_gb(img['peak_resident'])} as an app runs it (resident)"
+        )
     out.append(f"summary: {_what(argparse.Namespace(**a), 0, side)}: {approx}{_duration(img['seconds'])}{peak}")
+    kv = f", KV cache {a['kv_bits']}-bit" if a.get("kv_bits") else ""
     notes = [
         f"flow {_precision(argparse.Namespace(**a))}, text encoder {a['text_dtype']}{_q(a['text_quantize'])}, "
-        f"{a['sampler']} sampling, weights already loaded"
+        f"{a['sampler']} sampling{kv}"
     ]
     if img["extrapolated"]:
-        notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from their first and last tokens")
+        notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from tokens at their start and end")
+    left = ["loading the weights"]
     if img["estimated"]:
-        notes.append("denoising estimated from the text prefix's speed, not run (its memory not included)")
+        left.append("denoising (its time estimated from the measured matrix speed, its memory not in the peaks)")
     if img["missing"]:
-        notes.append(f"stages not run, not included: {', '.join(img['missing'])}")
+        left.append(f"the stages not run: {', '.join(img['missing'])}")
+    notes.append("left out: " + ", ".join(left))
+    if img.get("peak_one_shot"):
+        notes.append(
+            "one-shot peak computed from the stage peaks less the weights a one-shot run does not hold "
+            "beside each stage"
+        )
     out.append("  (" + "; ".join(notes) + ")")
     out.append("")
     out.append(f"details (median of {a['repeats']} runs; memory peak: MLX's, resident weights included):")
@@ -894,9 +1002,18 @@ def summary_lines(results):
             "one image",
             approx.replace("about ", "~") + _duration(img["seconds"]),
             _gb(img["peak_memory"]) if img["peak_memory"] else "-",
-            "the stages above but the weights",
+            "the stages above but the weights; the peak: resident, as an app's Pipeline",
         )
     )
+    if img.get("peak_one_shot"):
+        rows.append(
+            (
+                "generate, one-shot",
+                "",
+                _gb(img["peak_one_shot"]),
+                f"the largest stage alone ({img['peak_one_shot_stage']}), as the command runs it",
+            )
+        )
     w0, w1, w2 = (max(len(r[j]) for r in rows) for j in range(3))
     out += [f"  {r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}" for r in rows]
     out.append("")
@@ -908,7 +1025,7 @@ def summary_lines(results):
     out.append(
         f"  float32 matrix multiply, 1024x1024: MLX {lim['mlx_f32_matmul_GFLOPs']:.1f} GFLOP/s, numpy "
         f"{lim['numpy_f32_matmul_GFLOPs']:.1f} GFLOP/s"
-        + (" (MLX's BLAS is slow, see the warning above)" if lim["slow_blas"] else "")
+        + (" (MLX's BLAS is slow, see above)" if lim["slow_blas"] else "")
     )
     if "layer_many_GFLOPs" in lim:
         out.append(

@@ -175,3 +175,51 @@ def blas_advice(command="python -m mlx_starflow.generate ...") -> str:
         f"     LD_PRELOAD={path} {command}\n"
         "  Intel's MKL is faster still on the token loop (README, Memory and speed)."
     )
+
+
+# Libraries of an optimised BLAS, as they appear in a process's mapped files.
+OPTIMISED_BLAS = ("openblas", "libmkl", "libblis", "armpl", "accelerate")
+
+
+def loaded_blas(maps: str = "/proc/self/maps") -> dict:
+    """Which BLAS this process has mapped (Linux): {"optimised": the library's path or None,
+    "reference": MLX's bundled reference libblas's path or None}. Read from the mapped files,
+    so it sees an LD_PRELOAD; on another system both are None."""
+    out = {"optimised": None, "reference": None}
+    try:
+        paths = {line.split()[-1] for line in Path(maps).read_text().splitlines() if "/" in line}
+    except OSError:
+        return out
+    for p in sorted(paths):
+        name = Path(p).name.lower()
+        if "scipy_openblas" in name:  # numpy's own, with suffixed symbols: never MLX's
+            continue
+        if any(k in p.lower() for k in OPTIMISED_BLAS) and ("blas" in name or "mkl" in name or "blis" in name):
+            out["optimised"] = out["optimised"] or p
+        elif name.startswith("libblas") and "mlx" in p.lower():
+            out["reference"] = out["reference"] or p
+    return out
+
+
+def reference_blas() -> bool:
+    """MLX on Linux running its bundled reference BLAS (no optimised one loaded): float32
+    products 4-10x slower than with OpenBLAS (BENCHMARKS.md)."""
+    if not sys.platform.startswith("linux") or mx.default_device() != mx.cpu:
+        return False
+    blas = loaded_blas()
+    return blas["reference"] is not None and blas["optimised"] is None
+
+
+def blas_command(command: str = "python -m mlx_starflow.generate ...") -> str:
+    """The one command line that runs `command` with OpenBLAS (installing it first when missing)."""
+    path = openblas_path()
+    run = f"LD_PRELOAD={path} {command}"
+    return run if Path(path).exists() else f"sudo apt install libopenblas0-pthread && {run}"
+
+
+def blas_note(command: str = "python -m mlx_starflow.generate ...") -> str:
+    """The short note a command prints when MLX runs its reference BLAS."""
+    return (
+        "note: MLX is running its bundled reference BLAS (no optimised BLAS loaded): float32 on this CPU is "
+        f"4-10x slower than it could be. Faster (Debian/Ubuntu):\n  {blas_command(command)}"
+    )
