@@ -9,6 +9,7 @@ DEFAULT_MODEL = "apple/starflow"
 DEFAULT_CHECKPOINT = "starflow_3B_t2i_256x256.pth"
 DEMO = Path(__file__).parents[1] / "demo" / "model"  # the demo subpackage's weights
 DEMO_VIDEO = Path(__file__).parents[1] / "demo_video" / "model"  # the video demo's weights
+DEMO_TEXT = Path(__file__).parents[1] / "demo_text" / "model"  # the text demo's flow and its LM's embedding
 TEXT_SUBFOLDERS = ("text_encoder", "t5", "flan-t5-xl")
 VAE_SUBFOLDERS = ("vae", "sd-vae-ft-ema")
 

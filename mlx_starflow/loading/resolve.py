@@ -3,6 +3,7 @@
 A model is named by any of
 - "demo": the small class-conditional model that ships with the package;
 - "demo-video": its video counterpart (a tiny STARFlow-V, demo_video/model);
+- "demo-text": the text demo, free prompts through a tiny Gemma-architecture LM (demo_text/model);
 - a converted MLX folder (config.json + model.safetensors);
 - a reference checkpoint (.pth) or a folder holding one, with its YAML config beside
   it or carried by the package for the released checkpoints;
@@ -23,6 +24,7 @@ from .hub import (
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL,
     DEMO,
+    DEMO_TEXT,
     DEMO_VIDEO,
     TEXT_SUBFOLDERS,
     VAE_SUBFOLDERS,
@@ -144,6 +146,12 @@ def resolve(
         if not (DEMO / "model.safetensors").is_file():
             raise ModelNotFound(f"the demo model is missing from the package ({DEMO}); reinstall mlx-starflow")
         return _with_components(DEMO, None, None, None)
+    if model == "demo-text":
+        if not (DEMO_TEXT / "model.safetensors").is_file():
+            raise ModelNotFound(
+                f"the text demo model is missing from the package ({DEMO_TEXT}); reinstall mlx-starflow"
+            )
+        return _with_components(DEMO_TEXT, None, text_encoder, None)
     if model == "demo-video":
         if not (DEMO_VIDEO / "model.safetensors").is_file():
             raise ModelNotFound(
@@ -181,5 +189,6 @@ def resolve(
         flow = convert_cached(ckpt, config, quantize, origin, vae=_local_vae(vae, None))
         return _with_components(flow, None, text_encoder, vae)
     raise ModelNotFound(
-        f"'{model}' is neither 'demo', 'demo-video', a local folder or checkpoint, nor a Hugging Face repo id"
+        f"'{model}' is neither 'demo', 'demo-text', 'demo-video', a local folder or checkpoint, "
+        "nor a Hugging Face repo id"
     )

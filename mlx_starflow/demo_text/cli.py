@@ -1,0 +1,159 @@
+"""python -m mlx_starflow.demo_text: train, select, evaluate, grid."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..loading.weights import read_config
+from ..pipeline import Pipeline
+from . import evaluate, train
+
+EXAMPLES = (
+    "a small red circle in the top left corner",
+    "top-left: a little yellow disc",
+    "a big blue square in the center on a white background",
+    "there is a large green triangle at the bottom right",
+    "a tiny purple box on the left side, gray background",
+    "a cyan triangle at the top and a big red square at the bottom left",
+)
+
+
+def _pipe(model):
+    return Pipeline.from_pretrained(model or "demo-text", dtype="float32")
+
+
+def _cmd_train(args):
+    folder = train.run(
+        args.out,
+        deep_init=args.deep_init,
+        seed=args.seed,
+        lm_steps=args.lm_steps,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        channels=args.channels,
+        lm_folder=args.lm,
+        stop_after=args.stop_after,
+    )
+    if not args.no_select:
+        _select(folder)
+
+
+def _select(folder, guidances=(0.5, 1.0, 2.0, 3.0), n=48):
+    """Choose the sampling defaults on the checker and write them into config.json."""
+    print("choosing sampling defaults on the checker (held-out single objects, sequential, score step):")
+    best = evaluate.select_sampling(_pipe(str(folder)), guidances, n)
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["sampling"] = best
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"sampling defaults: {best}")
+
+
+def _cmd_select(args):
+    _select(args.model, [float(g) for g in args.guidance.split()], args.n)
+
+
+def _fmt(r):
+    keys = [k for k in ("colour", "shape", "size", "cell", "present", "both_present") if k in r]
+    return "  ".join(f"{k} {r[k]:.1%}" for k in keys) + f"  (n={r['n']})"
+
+
+def _cmd_evaluate(args):
+    pipe = _pipe(args.model)
+    opts = {} if args.guidance is None else {"guidance": args.guidance}
+    report = {"model": args.model or "demo-text", "sampling": read_config(pipe.info["flow"]).sampling}
+    for name, objects, phrasing in (
+        ("one object, training phrasings", 1, False),
+        ("one object, held-out phrasings", 1, True),
+        ("two objects, training phrasings", 2, False),
+        ("two objects, held-out phrasings", 2, True),
+    ):
+        tic = time.perf_counter()
+        r = evaluate.checker_accuracy(pipe, args.n, objects=objects, held_phrasing=phrasing, **opts)
+        print(f"{name}: {_fmt(r)}  ({time.perf_counter() - tic:.0f} s)", flush=True)
+        report[name] = {k: v for k, v in r.items() if k not in ("images", "prompts")}
+    for source in ("drawn", "generated"):
+        tic = time.perf_counter()
+        r = evaluate.rank_captions(pipe, args.rank_n, source=source, **opts)
+        print(
+            f"zero-shot, own caption first among ten ({source} images): {r['first']:.1%}  "
+            f"mean rank {r['mean_rank']:.2f}  (n={r['n']}, {time.perf_counter() - tic:.0f} s)",
+            flush=True,
+        )
+        report[f"zero-shot {source}"] = r
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cmd_grid(args):
+    pipe = _pipe(args.model)
+    prompts = args.prompt or list(EXAMPLES)
+    images = []
+    for p in prompts:
+        images += [np.asarray(im) for im in pipe.generate([p], num_images=args.cols, seed=args.seed).images]
+    grid = grid_image(np.stack(images), len(prompts), args.scale, prompts)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"saved {args.out}")
+
+
+def grid_image(images, rows, scale, labels):
+    n, h, w, _ = images.shape
+    cols, gap, left = n // rows, 2, 330
+    canvas = Image.new("RGB", (left + cols * (w * scale + gap), gap + rows * (h * scale + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        y0 = gap + r * (h * scale + gap)
+        draw.text((6, y0 + h * scale // 2 - 6), labels[r], fill=(0, 0, 0))
+        for c in range(cols):
+            tile = Image.fromarray(images[r * cols + c]).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            canvas.paste(tile, (left + c * (w * scale + gap), y0))
+    return canvas
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mlx_starflow.demo_text", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
+    t.add_argument("--out", required=True, help="folder to write: lm/ (mlx-lm) and model/ (the flow)")
+    t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lm-steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=700)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
+    t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
+    t.add_argument("--stop-after", type=int, help="stop the flow's training after this many steps (comparisons)")
+    t.add_argument("--no-select", action="store_true", help="do not choose the sampling defaults afterwards")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("select", help="choose the sampling defaults on the checker, into the model's config.json")
+    s.add_argument("--model", required=True, help="model folder")
+    s.add_argument("--guidance", default="0.5 1 2 3")
+    s.add_argument("--n", type=int, default=48)
+    s.set_defaults(func=_cmd_select)
+
+    e = sub.add_parser("evaluate", help="checker accuracies on held-out combinations; zero-shot caption ranking")
+    e.add_argument("--model", help="model folder (default: the shipped demo-text)")
+    e.add_argument("--n", type=int, default=96, help="prompts per group")
+    e.add_argument("--rank-n", type=int, default=50, help="images per zero-shot group")
+    e.add_argument("--guidance", type=float, help="default: the model's own")
+    e.add_argument("--json", help="also write the numbers here")
+    e.set_defaults(func=_cmd_evaluate)
+
+    g = sub.add_parser("grid", help="a picture of samples, one row per prompt")
+    g.add_argument("--out", default="docs/demo_text_grid.png")
+    g.add_argument("--model")
+    g.add_argument("--prompt", nargs="+")
+    g.add_argument("--cols", type=int, default=8)
+    g.add_argument("--scale", type=int, default=3)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_grid)
+    args = p.parse_args(argv)
+    args.func(args)

@@ -1,0 +1,218 @@
+"""Training the text demo: the language model first, then the flow with the LM as its deep block.
+
+    python -m mlx_starflow.demo_text train --out DIR           # LM pretraining, then the flow
+    python -m mlx_starflow.demo_text train --out DIR --deep-init scratch   # the comparison run
+
+The flow is a pixel-space STARFlow for 36x36 RGB, 4x4 patches (81 tokens of 48), whose
+deep block is the `use_pretrained_lm` layout gemma3_1b with the tiny LM's sizes: its
+layers initialised from the pretrained LM (init_from_lm) or at random (`scratch`), the
+prompt entering as the LM's token embeddings times sqrt(hidden) after STARFlow's chat
+template (the embedding table stays as the LM learnt it). The unconditional prompt is "".
+"""
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..loading.text import EMBED_TEMPLATE, load_text_encoder, tokenize
+from ..loading.weights import init_from_lm, save_model
+from ..models.config import FlowConfig
+from ..models.flow import Flow
+from . import lm, scenes
+
+TXT_SIZE = 40  # template (11 tokens) + the longest two-object captions
+
+
+def flow_config(lm_args: dict, channels=64, shallow=(1, 1), noise_std=0.1) -> FlowConfig:
+    cfg = FlowConfig(
+        model_type="starflow",
+        in_channels=3,
+        input_size=scenes.SIZE,
+        patch_size=4,
+        channels=channels,
+        top_channels=lm_args["hidden_size"],
+        head_dim=32,
+        num_heads=channels // 32,
+        num_kv_heads=channels // 32,
+        top_num_heads=lm_args["num_attention_heads"],
+        top_num_kv_heads=lm_args["num_key_value_heads"],
+        top_head_dim=lm_args["head_dim"],
+        top_mlp_dim=lm_args["intermediate_size"],
+        layers_per_block=list(shallow) + [lm_args["num_hidden_layers"]],
+        expansion=2,
+        rope=True,
+        pt_seq_len=scenes.SIZE // 4,
+        sos=True,
+        seq_order="L2R",
+        use_softplus=True,
+        cond_top_only=True,
+        txt_size=TXT_SIZE,
+        txt_dim=lm_args["hidden_size"],
+        noise_std=noise_std,
+        pretrained_lm="gemma3_1b",
+        text_encoder="gemma3_1b",
+        image_size=scenes.SIZE,
+    )
+    cfg.validate()
+    return cfg
+
+
+def init_heads(model: Flow):
+    """Each block starts as the identity: output projections at zero, small SOS embeddings."""
+    for block in model.blocks:
+        if "proj_out" not in block:
+            continue
+        block.proj_out.weight = mx.zeros_like(block.proj_out.weight)
+        block.proj_out.bias = mx.zeros_like(block.proj_out.bias)
+        block.sos_embed = 0.02 * mx.random.normal(block.sos_embed.shape)
+    mx.eval(model.parameters())
+
+
+def train_flow(
+    model: Flow,
+    encoder,
+    steps=3000,
+    batch_size=32,
+    lr=7e-4,
+    warmup=200,
+    label_drop=0.1,
+    seed=0,
+    log=print,
+    log_every=100,
+    stop_after=None,
+):
+    cfg = model.config
+    mx.random.seed(seed + 1)
+    rng = np.random.default_rng(seed + 1)
+    warm = min(warmup, max(steps - 1, 1))
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, max(steps - warm, 1), lr * 0.02)], [warm]
+    )
+    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=1e-4)
+    D = cfg.in_channels * cfg.input_size**2
+    table = encoder.model.embed_tokens.weight  # frozen: the LM's, as the pipeline reads it
+    scale = cfg.txt_dim**0.5
+
+    def loss_fn(x, ids):
+        y = table[ids] * scale
+        return -model.log_prob(x, y).mean() / D
+
+    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+    def gradients(images, ids):
+        x = images + cfg.noise_std * mx.random.normal(images.shape)
+        loss, grads = nn.value_and_grad(model, loss_fn)(x, ids)
+        grads, norm = optim.clip_grad_norm(grads, 1.0)
+        return loss, grads, norm
+
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
+        opt.update(model, grads)
+
+    losses, skipped, tic = [], 0, time.perf_counter()
+    for i in range(steps if stop_after is None else min(stop_after, steps)):
+        images, texts = scenes.make_batch(batch_size, int(rng.integers(2**31)))
+        texts = ["" if rng.random() < label_drop else t for t in texts]
+        ids, _ = encoder.token_ids(texts)
+        loss, grads, norm = gradients(mx.array(scenes.to_model(images)), mx.array(ids))
+        mx.eval(loss, grads, norm)
+        loss = loss.item()
+        if not (math.isfinite(loss) and math.isfinite(norm.item())):
+            skipped += 1
+            if skipped > max(10, steps // 50):
+                raise FloatingPointError(f"{skipped} non-finite steps by step {i + 1}")
+            continue
+        update(grads)
+        mx.eval(state)
+        losses.append(loss)
+        if log and ((i + 1) % log_every == 0 or i == steps - 1):
+            dt = time.perf_counter() - tic
+            log(
+                f"flow step {i + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f} nats/dim  "
+                f"grad norm {norm.item():.2f}  lr {opt.learning_rate.item():.2e}  skipped {skipped}  "
+                f"{(i + 1) * batch_size / dt:.1f} img/s  {dt / 60:.1f} min"
+            )
+    return model, losses
+
+
+def run(
+    out,
+    deep_init="lm",
+    seed=0,
+    lm_steps=300,
+    steps=700,
+    batch_size=32,
+    lr=1e-3,
+    channels=64,
+    log=print,
+    lm_folder=None,
+    stop_after=None,
+):
+    """The whole recipe; writes out/lm (the pretrained LM, mlx-lm format) and out/model
+    (the flow, with text_encoder/: the LM's tokenizer and embedding table). lm_folder:
+    an LM this recipe pretrained already (its pretraining is then skipped); stop_after:
+    end the flow's training after this many steps (of a schedule for `steps`)."""
+    out = Path(out)
+    tic = time.perf_counter()
+    tok = lm.build_tokenizer()
+    args = lm.lm_args(tok.get_vocab_size())
+    if lm_folder is None:
+        lm_model, lm_losses = lm.pretrain(tok, args, steps=lm_steps, seed=seed, log=log)
+        held = lm.held_out_loss(lm_model, tok)
+        log(f"LM held-out loss (held-out combinations and phrasings): {held:.3f} nats/token")
+        lm.save(out / "lm", lm_model, tok, args)
+    else:
+        lm_model, lm_losses, held = lm.load(lm_folder), [float("nan")], None
+        lm.save(out / "lm", lm_model, tok, args)
+    lm_minutes = (time.perf_counter() - tic) / 60
+
+    cfg = flow_config(args, channels=channels)
+    mx.random.seed(seed)
+    model = Flow(cfg)
+    init_heads(model)
+    if deep_init == "lm":
+        init_from_lm(model, out / "lm")
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"flow: {n / 1e6:.2f}M parameters, deep block from {deep_init}")
+    encoder = TokenEncoder(out / "lm", cfg.txt_size)
+    tic = time.perf_counter()
+    model, losses = train_flow(
+        model, encoder, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log, stop_after=stop_after
+    )
+    minutes = (time.perf_counter() - tic) / 60
+    record = {
+        "seed": seed,
+        "deep_init": deep_init,
+        "lm": {"steps": lm_steps, "final_loss": round(float(np.mean(lm_losses[-100:])), 4), "held_out_loss": held},
+        "flow": {"steps": steps, "stop_after": stop_after, "batch_size": batch_size, "lr": lr, "label_drop": 0.1},
+        "losses_per_100_steps": [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)],
+        "minutes": {"lm": round(lm_minutes, 1), "flow": round(minutes, 1)},
+        "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4),
+    }
+    weights = dict(tree_flatten(model.parameters()))
+    save_model(out / "model", cfg, weights, force=True, files={"training.json": json.dumps(record, indent=2) + "\n"})
+    lm.save(out / "model" / "text_encoder", lm_model, tok, args, embed_only=True)
+    log(f"saved {out / 'model'} ({minutes:.1f} min of flow training)")
+    return out / "model"
+
+
+class TokenEncoder:
+    """The LM folder's tokenizer and token embedding through loading/text.py's Gemma
+    embedding mode (the template, left padding), exposing the token ids for training."""
+
+    def __init__(self, folder, txt_size):
+        self.enc = load_text_encoder(folder, txt_size=txt_size, mode="embed")
+        self.model = self.enc.model
+
+    def token_ids(self, texts):
+        return tokenize(self.enc.tokenizer, [EMBED_TEMPLATE.format(prompt=t) for t in texts], self.enc.txt_size)
