@@ -38,6 +38,7 @@ def study(arch="small", dtype="float32", guidance=3.6, seed=0, log=print) -> dic
     noise = mx.random.normal((1, cfg.input_size, cfg.input_size, cfg.in_channels), key=mx.random.key(seed + 1))
     y = 0.5 * mx.random.normal((2, cfg.txt_size, cfg.txt_dim), key=mx.random.key(seed + 2))
     out = {"arch": arch, "dtype": dtype, "guidance": guidance}
+    f32 = random_flow(cfg, mx.float32, seed=seed)[0] if dtype != "float32" else None
     for name, jac in (("sequential", None), ("jacobi", Jacobi(16, 1e-4, 32))):
         runs = {}
         for bits in (None, 8):
@@ -54,6 +55,14 @@ def study(arch="small", dtype="float32", guidance=3.6, seed=0, log=print) -> dic
             "seconds_float": runs[None][2],
             "seconds_8bit": runs[8][2],
         }
+        if f32 is not None:  # both against the float32 flow: the dtype's own error for scale
+            ref = sample(f32, noise, y, guidance, jacobi=jac)
+            out[name]["float_vs_float32"] = rel(runs[None][0], ref)
+            out[name]["8bit_vs_float32"] = rel(runs[8][0], ref)
+            log(
+                f"{arch} {name}: against the float32 flow, {dtype} with its float cache {rel(runs[None][0], ref):.1e}, "
+                f"with the 8-bit cache {rel(runs[8][0], ref):.1e}"
+            )
         log(
             f"{arch} {dtype} {name}: 8-bit cache moves the sample by {out[name]['relative_rms']:.1e} (relative RMS); "
             f"peak {runs[None][1] / 1e6:.1f} MB -> {runs[8][1] / 1e6:.1f} MB; "
