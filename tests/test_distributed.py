@@ -237,7 +237,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     from mlx_starflow.sample import Jacobi, sample_steps
     folder, sampler, out = sys.argv[1:4]
     g = distributed.init()
-    flow = distributed._load_part(folder, g)
+    flow = distributed.load_part(folder, g)
     inputs = np.load(folder + "/inputs.npz")
     noise, y = mx.array(inputs["noise"]), mx.array(inputs["y"])
     jacobi = Jacobi(4, 1e-3, 8) if sampler == "jacobi" else None
@@ -322,7 +322,7 @@ def test_pipeline_parallel_score_denoising_equals_one_process(tmp_path, six_laye
         from mlx_starflow import distributed
         folder, out = sys.argv[1:3]
         g = distributed.init()
-        flow = distributed._load_part(folder, g)
+        flow = distributed.load_part(folder, g)
         inputs = np.load(folder + "/inputs.npz")
         x, y = mx.array(inputs["noise"]) * 0.5, mx.array(inputs["y"])[:2]
         if g.rank() == 0:

@@ -15,7 +15,7 @@ from ..loading import device
 from ..loading.hub import DEFAULT_MODEL
 from ..loading.quant import quant_args
 from ..loading.resolve import resolve
-from ..options import Cancelled, Event, GenerateOptions, Result, drive
+from ..options import Cancelled, Event, GenerateOptions, LoadOptions, Result, drive, specs
 from ..pipeline import Pipeline, _auto_dtype
 from ..sample import Jacobi, sample_steps
 from .group import (
@@ -97,7 +97,7 @@ class _NoText:
         pass
 
 
-def _pipeline_part(where, group, model, **options) -> Pipeline:
+def _pipeline_part(where, group, load: LoadOptions) -> Pipeline:
     """This rank's pipeline of a pipeline-parallel group: rank 0 a whole Pipeline
     around its part of the flow, the others their part of the flow alone."""
 
@@ -105,14 +105,11 @@ def _pipeline_part(where, group, model, **options) -> Pipeline:
         return load_part(path, group, dtype=dtype, quantize=quantize)
 
     if group.rank() == 0:
-        pipe = GroupPipeline.from_pretrained(model, **options, flow_loader=flow_loader)
+        pipe = GroupPipeline.from_pretrained(**vars(load), flow_loader=flow_loader)
     else:
-        dtype = _auto_dtype(where.flow) if options["dtype"] == "auto" else options["dtype"]
-        q = quant_args(
-            {"bits": options["quantize"], "group_size": options["q_group_size"]} if options["quantize"] else None
-        )
-        flow = device.prepare(flow_loader(where.flow, dtype, q))
-        info = {"model": str(model), "flow": str(where.flow), "dtype": dtype, "quantize": options["quantize"]}
+        q = quant_args({"bits": load.quantize, "group_size": load.q_group_size} if load.quantize else None)
+        flow = device.prepare(flow_loader(where.flow, load.dtype, q))
+        info = {"model": str(load.model), "flow": str(where.flow), "dtype": load.dtype, "quantize": load.quantize}
         pipe = GroupPipeline(flow, (lambda: _NoText(flow.config)) if flow.config.txt_dim else None, None, info=info)
     pipe.info["pipeline_parallel"] = group.size()
     return pipe
@@ -130,35 +127,27 @@ def load(model: Optional[str] = None, group=None, pipeline_parallel: bool = Fals
         if pipeline_parallel:
             raise ValueError("pipeline parallel needs a group of several processes: start them with mlx.launch")
         return Pipeline.from_pretrained(model, **kwargs)
-    names = ("checkpoint", "config", "text_encoder", "vae")
+    load = LoadOptions(model=model, **kwargs).validate()  # an unknown option is a TypeError here
+    places = {n: getattr(load, n) for n, _, m in specs(LoadOptions) if m["place"] and n != "model"}
 
     def find():
-        return resolve(model, **{k: kwargs.get(k) for k in names})
+        return resolve(model, **places)
 
     # Rank 0 resolves alone first: a download or a conversion into a cache that the
     # ranks may share (one machine, a network folder) must not race.
     on_rank0(group, find)
     if not pipeline_parallel:
-        pipe = _run_agreed(group, lambda: GroupPipeline.from_pretrained(model, **kwargs))
+        pipe = _run_agreed(group, lambda: GroupPipeline.from_pretrained(**vars(load)))
         pipe.group = group
         return pipe
-    options = dict(
-        dtype="auto",
-        quantize=None,
-        q_group_size=64,
-        text_dtype="float32",
-        text_quantize=None,
-        vae_dtype="float32",
-        keep_text_encoder=False,
-        vae_tile=None,
-    )
-    unknown = set(kwargs) - set(options) - set(names)
-    if unknown:
-        raise TypeError(f"unknown loading option(s) {', '.join(sorted(unknown))}")
-    options.update({k: v for k, v in kwargs.items() if k in options})
+    if load.low_memory:
+        raise ValueError("pipeline parallel keeps each rank's share loaded: drop low_memory")
 
     def part():
-        return _pipeline_part(find(), group, model, **options, **{k: kwargs.get(k) for k in names})
+        where = find()
+        # every rank must hold the same precision: "auto" is decided from the folder alone here
+        dtype = _auto_dtype(where.flow) if load.dtype == "auto" else load.dtype
+        return _pipeline_part(where, group, replace(load, dtype=dtype))
 
     pipe = _run_agreed(group, part)
     pipe.group = group
