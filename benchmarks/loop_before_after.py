@@ -6,13 +6,13 @@ ratios new / old (above 1: slower) of the median wall times, of the fastest runs
 and of the median CPU times of the process, and the largest difference between
 the two samples (they must agree).
 
-    git worktree add /tmp/old 220f8fa        # the commit before the sampler redesign
+    git worktree add /tmp/old fef1bc4        # the flat layout, before the restructuring
     python benchmarks/loop_before_after.py /tmp/old --arch small --repeats 5
 
-The old code is driven through what it had: FlowBlock._sample_sequential and
-Flow.sample; the new through sample.block_steps and sample.sample. Each side's
-model is prepared as its own loader did on this device (flow.input_major before,
-device.prepare now).
+The old code is driven through what it had: sample.block_steps and sample.sample where it
+has a sample module (fef1bc4 on), else FlowBlock._sample_sequential and Flow.sample (220f8fa);
+the new through sample.block_steps and sample.sample. Each side's model is prepared as its
+own loader did on this device (flow.input_major, or device.prepare).
 """
 
 import argparse
@@ -55,7 +55,10 @@ def models(old_pkg, arch, seed):
     old = old_flow.Flow(old_config.starflow_config_from_args(a["flow"], txt_dim=a["txt_dim"]))
     old.load_weights(tree_flatten(new.parameters()), strict=True)
     mx.eval(old.parameters())
-    if device.on_cpu():
+    old_device = sys.modules.get("mlx_starflow_old.device")
+    if old_device is not None:
+        old_device.prepare(old)
+    elif device.on_cpu():
         old_flow.input_major(old)
     device.prepare(new)
     return new, old
@@ -112,30 +115,37 @@ def main(argv=None):
     nb, nz, ncaches, nrope, n_txt = deep_block(new, y, args.seed + 3)
     ob, oz, ocaches, orope, _ = deep_block(old, y, args.seed + 3)
 
-    def new_deep():
-        for c in ncaches:
+    def run_steps(steps_fn, block, z, caches, rope):
+        for c in caches:
             c.offset = n_txt
-        steps = block_steps(nb, nz, ncaches, nrope, None, g)
+        steps = steps_fn(block, z, caches, rope, None, g)
         while True:
             try:
                 next(steps)
             except StopIteration as stop:
                 return stop.value
 
+    old_sample = sys.modules.get("mlx_starflow_old.sample")  # the module (the package's `sample` is the function)
+
+    def new_deep():
+        return run_steps(block_steps, nb, nz, ncaches, nrope)
+
     def old_deep():
+        if old_sample is not None:
+            return run_steps(old_sample.block_steps, ob, oz, ocaches, orope)
         for c in ocaches:
             c.offset = n_txt
         return ob._sample_sequential(oz, ocaches, orope, None, g, None)
 
+    def old_whole(jacobi=None):
+        if old_sample is not None:
+            return old_sample.sample(old, noise, y, g, jacobi=jacobi and old_sample.Jacobi())
+        return old.sample(noise, y, g, jacobi=jacobi and old_flow.Jacobi())
+
     cases = {
         "deep": ("deep block, per token", new_deep, old_deep, cfg.num_tokens),
-        "sequential": ("sequential sample", lambda: sample(new, noise, y, g), lambda: old.sample(noise, y, g), 1),
-        "jacobi": (
-            "Jacobi sample",
-            lambda: sample(new, noise, y, g, jacobi=Jacobi()),
-            lambda: old.sample(noise, y, g, jacobi=old_flow.Jacobi()),
-            1,
-        ),
+        "sequential": ("sequential sample", lambda: sample(new, noise, y, g), old_whole, 1),
+        "jacobi": ("Jacobi sample", lambda: sample(new, noise, y, g, jacobi=Jacobi()), lambda: old_whole(True), 1),
     }
 
     print(
