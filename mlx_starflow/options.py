@@ -73,6 +73,26 @@ def option(default, help: str, **kwargs):
     return field(default=default, metadata=meta(help, **kwargs))
 
 
+def like(cls, name: str, **changes):
+    """A field as `cls`'s field `name` is (its flag, kind, limits, request name: one definition),
+    with `changes` for another dataclass: default=, help=, ..."""
+    f = {f.name: f for f in fields(cls)}[name]
+    default = changes.pop("default", f.default)
+    return field(default=default, metadata={**f.metadata, **changes})
+
+
+def check_fields(options, skip=("seed",)):
+    """Every described field of an options dataclass within its choices and limits (in place),
+    or an OptionError naming it."""
+    for name, _, m in specs(type(options)):
+        value = getattr(options, name)
+        if m["choices"] and value is not None and value not in m["choices"]:
+            shown = ", ".join(str(c) for c in m["choices"])
+            raise OptionError(name, f"{name} must be one of {shown}, not {value!r}")
+        if m["low"] is not None and name not in skip:
+            setattr(options, name, check_range(name, value, m))
+
+
 def specs(cls) -> List[tuple]:
     """(field name, default, meta) of a dataclass's described fields, in order."""
     out = []
@@ -406,13 +426,7 @@ class LoadOptions:
     )
 
     def validate(self) -> "LoadOptions":
-        for name, _, m in specs(type(self)):
-            value = getattr(self, name)
-            if m["choices"] and value is not None and value not in m["choices"]:
-                shown = ", ".join(str(c) for c in m["choices"])
-                raise OptionError(name, f"{name} must be one of {shown}, not {value!r}")
-            if m["low"] is not None:
-                setattr(self, name, check_range(name, value, m))
+        check_fields(self, skip=())
         return self
 
     def recorded(self) -> dict:

@@ -37,14 +37,14 @@ from .loading.weights import DTYPES
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
 from .options import (
-    MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     SEED_LIMIT,
     Cancelled,
-    check_range,
+    GenerateOptions,
+    check_fields,
     check_seed,
+    like,
     option,
-    specs,
 )
 from .pipeline import ClassEncoder
 from .sample import Jacobi, OptionError, check_guidance
@@ -69,7 +69,6 @@ DEFAULT_VIDEO_GUIDANCE = 3.5
 DEFAULT_ASPECT = "16:9"
 MAX_FRAMES = 1024  # video frames of one clip (past the training length the local window bounds memory)
 MAX_FPS = 120
-VIDEO_SAMPLERS = ("jacobi", "sequential")
 VIDEO_DENOISE = ("auto", "learned", "score", "none")
 
 
@@ -80,9 +79,7 @@ class VideoOptions:
     model's defaults and checks the rest against it."""
 
     prompt: str = option(None, "what the clip shows", metavar="P", kind=str, request=True)
-    negative_prompt: str = option(
-        "", "the prompt guidance steers away from (default: empty)", metavar="P", kind=str, request=True
-    )
+    negative_prompt: str = like(GenerateOptions, "negative_prompt")
     frames: Optional[int] = option(
         None,
         "video frames (default: the model's training length, 81 for the release); with the Wan2.2 VAE "
@@ -111,15 +108,10 @@ class VideoOptions:
         low=0,
         high=SEED_LIMIT - 1,
     )
-    guidance: Optional[float] = option(
-        None,
-        "guidance weight, 0 for none (default: the model's own, else 3.5 as the reference video script)",
-        flag="--cfg",
-        metavar="W",
-        kind=float,
-        low=0.0,
-        high=MAX_GUIDANCE,
-        request=True,
+    guidance: Optional[float] = like(
+        GenerateOptions,
+        "guidance",
+        help="guidance weight, 0 for none (default: the model's own, else 3.5 as the reference video script)",
     )
     aspect_ratio: Optional[str] = option(
         None,
@@ -128,29 +120,15 @@ class VideoOptions:
         choices=ASPECT_RATIOS,
         kind=str,
     )
-    sampler: Optional[str] = option(
-        None,
-        "jacobi: chunks of tokens solved in parallel, each frame's first guess the frame before; "
+    sampler: Optional[str] = like(
+        GenerateOptions,
+        "sampler",
+        help="jacobi: chunks of tokens solved in parallel, each frame's first guess the frame before; "
         "sequential: token by token (default: the model's own, else jacobi)",
-        choices=VIDEO_SAMPLERS,
-        kind=str,
-        request=True,
     )
-    jacobi_block_size: int = option(
-        32, "tokens per Jacobi chunk", metavar="N", kind=int, low=1, high=4096, request=True
-    )
-    jacobi_threshold: float = option(
-        1e-3,
-        "a chunk is done when an iteration changes it by less than this",
-        metavar="T",
-        kind=float,
-        low=0.0,
-        high=1.0,
-        request=True,
-    )
-    jacobi_max_iter: int = option(
-        32, "most Jacobi iterations per chunk", metavar="N", kind=int, low=1, high=1000, request=True
-    )
+    jacobi_block_size: int = like(GenerateOptions, "jacobi_block_size", default=32, help="tokens per Jacobi chunk")
+    jacobi_threshold: float = like(GenerateOptions, "jacobi_threshold")
+    jacobi_max_iter: int = like(GenerateOptions, "jacobi_max_iter")
     denoise: str = option(
         "auto",
         "after sampling: the model's learned self-denoiser, one step along its score, or nothing (auto: the "
@@ -189,12 +167,7 @@ class VideoOptions:
             raise OptionError("negative_prompt", f"negative_prompt must be a string of at most {MAX_PROMPT_CHARS}")
         if self.guidance is not None:
             self.guidance = check_guidance(self.guidance)
-        for name, _, m in specs(type(self)):
-            value = getattr(self, name)
-            if m["choices"] and value is not None and value not in m["choices"]:
-                raise OptionError(name, f"{name} must be one of {', '.join(m['choices'])}, not {value!r}")
-            if m["low"] is not None and name != "seed":
-                setattr(self, name, check_range(name, value, m))
+        check_fields(self)
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
