@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .images import load_images
+from .images import image_items, load_images
 from .models.flow import Flow, IdentityBlock, log_normal
 from .options import Cancelled, check_prompts, expand_seeds
 
@@ -152,9 +152,18 @@ def log_densities(
     return out
 
 
-def _count(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
+# The most noise draws per image, image-prompt pairs per pass, and images per call that
+# `score` takes (every option that sets work has an upper limit).
+MAX_SAMPLES = 64
+MAX_IMAGES = 256
+COUNTS = {"noise_samples": (0, MAX_SAMPLES), "dequant_samples": (1, MAX_SAMPLES), "batch_size": (1, MAX_BATCH)}
+
+
+def check_count(name: str, value):
+    """A count option of `score` as an int within COUNTS[name], or a ValueError naming it."""
+    low, high = COUNTS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
     return int(value)
 
 
@@ -222,11 +231,11 @@ def score(
     cfg = pipe.config
     pixels = cfg.vae is None
     prompts = resolve_prompts(pipe, prompts)
-    noise_samples = _count(noise_samples, "noise_samples", 0)
+    noise_samples = check_count("noise_samples", noise_samples)
     if dequant_samples is not None:
-        dequant_samples = _count(dequant_samples, "dequant_samples", 1)
+        dequant_samples = check_count("dequant_samples", dequant_samples)
     if batch_size is not None:
-        batch_size = _count(batch_size, "batch_size", 1)
+        batch_size = check_count("batch_size", batch_size)
     if not pixels and (dequant_noise is not None or dequant_samples is not None):
         raise ValueError(
             "dequantization is for pixel models; this model scores VAE latents (use noise_samples for noisy latents)"
@@ -237,7 +246,10 @@ def score(
         )
     if noise_samples and not cfg.noise_std > 0:
         raise ValueError("noise_samples needs the model's training noise, but its noise_std is 0")
-    x, sizes = load_images(images, pipe.image_size(), resize)
+    items = image_items(images)
+    if len(items) > MAX_IMAGES:
+        raise ValueError(f"{len(items)} images; at most {MAX_IMAGES} in one call (score them in several)")
+    x, sizes = load_images(items, pipe.image_size(), resize)
     N, H, W, _ = x.shape
     given = None
     if dequant_noise is not None:

@@ -300,8 +300,10 @@ def test_bad_arrays(demo_pipe, images, match):
     [
         ("purple blob", {}, 'unknown prompt "purple blob": this model knows only these 12'),
         ([], {}, "at least one prompt"),
-        ("red circle", {"noise_samples": -1}, "noise_samples must be an integer >= 0"),
-        ("red circle", {"dequant_samples": 0}, "dequant_samples must be an integer >= 1"),
+        ("red circle", {"noise_samples": -1}, "noise_samples must be a whole number from 0 to 64"),
+        ("red circle", {"dequant_samples": 0}, "dequant_samples must be a whole number from 1 to 64"),
+        ("red circle", {"dequant_samples": 10**9}, "dequant_samples must be a whole number from 1 to 64"),
+        ("red circle", {"batch_size": 10**6}, "batch_size must be a whole number from 1 to 256"),
         ("red circle", {"dequant_samples": 2, "noise_samples": 1}, "not both"),
         ("red circle", {"dequant_noise": np.zeros((1, 32, 32, 3))}, r"dequant_noise must have shape \(2, 32, 32, 3\)"),
         ("red circle", {"dequant_noise": np.ones((2, 32, 32, 3))}, r"dequant_noise must be in \[0, 1\)"),
@@ -375,7 +377,7 @@ def test_score_stage_for_the_benchmark(demo_pipe):
         (["--image", "{d}/big.png", "--prompt", "pink circle"], 'unknown prompt "pink circle"'),
         (["--image", "{d}/big.png", "--prompt"], "give at least one prompt"),
         (["--image", "--prompt", "all"], "give at least one image"),
-        (["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"], "--noise-samples must be at least 0"),
+        (["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"], "--noise-samples: noise_samples must be a whole number from 0 to 64"),
     ],
 )
 def test_command_line_mistakes(bad_files, tmp_path, capsys, args, match):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..images import atomic_write, check_writable, open_image
-from ..likelihood import LATENT_NOTE, ScoreResult
+from ..likelihood import COUNTS, LATENT_NOTE, MAX_IMAGES, ScoreResult, check_count
 from ..pipeline import Pipeline
 from .common import Bars, add_load_options, load_options, new_parser, one_shot, run_command, say_precision
 
@@ -124,13 +124,14 @@ def main(argv=None) -> int:
     bars = Bars(not args.no_progress)
 
     def body():
-        for flag, v, low in (
-            ("--dequant-samples", args.dequant_samples, 1),
-            ("--noise-samples", args.noise_samples, 0),
-            ("--batch-size", args.batch_size, 1),
-        ):
-            if v is not None and v < low:
-                raise ValueError(f"{flag} must be at least {low}, not {v}")
+        for name in COUNTS:  # the library's limits, checked before the model loads
+            if getattr(args, name) is not None:
+                try:
+                    check_count(name, getattr(args, name))
+                except ValueError as e:
+                    raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        if len(args.image) > MAX_IMAGES:
+            raise ValueError(f"--image: {len(args.image)} images; at most {MAX_IMAGES} in one run")
         if not args.image:
             raise ValueError("--image: give at least one image file")
         if not args.prompt:
