@@ -207,8 +207,23 @@ def check_prompts(prompt) -> List[str]:
     return prompts
 
 
+class Options:
+    """What the options dataclasses share: their field names, and the Jacobi sampler that
+    their sampler settings name (None unless the sampler is Jacobi)."""
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @property
+    def jacobi(self) -> Optional[Jacobi]:
+        if getattr(self, "sampler", None) != "jacobi":
+            return None
+        return Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
+
+
 @dataclass
-class GenerateOptions:
+class GenerateOptions(Options):
     """Everything a generation call can be asked, shared by the API, the command line and
     the server. `validate()` checks what needs no model; `Pipeline.resolve_options` fills
     the model's own defaults (guidance, sampler) and checks the rest against it."""
@@ -320,19 +335,9 @@ class GenerateOptions:
     def batch_prompts(self) -> List[str]:
         return [p for p in self.prompts for _ in range(self.num_images)]
 
-    @property
-    def jacobi(self) -> Optional[Jacobi]:
-        if self.sampler != "jacobi":
-            return None
-        return Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
-
-    @classmethod
-    def names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
-
 
 @dataclass
-class LoadOptions:
+class LoadOptions(Options):
     """How a model is loaded: `Pipeline.from_pretrained`'s arguments, generate's loading flags,
     the server's, the benchmark's and the distributed loader's. PNG metadata records the ones
     given (`recorded`), so --from-image loads the same way."""
@@ -433,10 +438,6 @@ class LoadOptions:
         """The loading options given (not the model: metadata replays settings, not places)."""
         given = {name: getattr(self, name) for name, _, m in specs(LoadOptions) if m["cli"] and m["kind"] is not bool}
         return {k: v for k, v in given.items() if v is not None}
-
-    @classmethod
-    def names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass

@@ -22,8 +22,8 @@ import gc
 import math
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterator, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +41,7 @@ from .options import (
     SEED_LIMIT,
     Cancelled,
     GenerateOptions,
+    Options,
     check_fields,
     check_seed,
     like,
@@ -73,7 +74,7 @@ VIDEO_DENOISE = ("auto", "learned", "score", "none")
 
 
 @dataclass
-class VideoOptions:
+class VideoOptions(Options):
     """Everything a clip can be asked, shared by the API, the command line and the server.
     `validate()` checks what needs no model; `VideoPipeline.resolve_options` fills the
     model's defaults and checks the rest against it."""
@@ -172,16 +173,6 @@ class VideoOptions:
             self.seed = check_seed(self.seed)
         Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
         return self
-
-    @property
-    def jacobi(self) -> Optional[Jacobi]:
-        if self.sampler != "jacobi":
-            return None
-        return Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
-
-    @classmethod
-    def names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass
