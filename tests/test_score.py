@@ -377,7 +377,10 @@ def test_score_stage_for_the_benchmark(demo_pipe):
         (["--image", "{d}/big.png", "--prompt", "pink circle"], 'unknown prompt "pink circle"'),
         (["--image", "{d}/big.png", "--prompt"], "give at least one prompt"),
         (["--image", "--prompt", "all"], "give at least one image"),
-        (["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"], "--noise-samples: noise_samples must be a whole number from 0 to 64"),
+        (
+            ["--image", "{d}/big.png", "--prompt", "all", "--noise-samples", "-2"],
+            "--noise-samples: noise_samples must be a whole number from 0 to 64",
+        ),
     ],
 )
 def test_command_line_mistakes(bad_files, tmp_path, capsys, args, match):
