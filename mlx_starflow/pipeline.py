@@ -159,6 +159,7 @@ class Pipeline:
         self._lock = threading.RLock()
         self.vae_tile = None  # decode in tiles of this many latents
         self.tokenizer = None  # the text encoder's tokenizer, for checking prompts before encoding
+        self.examples = None  # example prompts of a text model (its folder's examples.txt)
 
     # -- loading ---------------------------------------------------------------
 
@@ -325,6 +326,9 @@ class Pipeline:
         pipe.vae_tile = vae_tile
         if where.text_encoder is not None:  # a word-level vocabulary (the text demo) names unknown words
             pipe.tokenizer = text_tokenizer(where.text_encoder)
+        examples = Path(where.flow) / "examples.txt"  # a model may suggest prompts (the web page shows them)
+        if examples.is_file():
+            pipe.examples = [line.strip() for line in examples.read_text().splitlines() if line.strip()][:32]
         return pipe
 
     # -- the stages ---------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The pipeline runs a use_pretrained_lm model: the prompt is the LM's token embeddings."""
 
+import http.client
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +13,8 @@ from mlx_lm.models import gemma3_text
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from mlx_starflow import Pipeline
+from mlx_starflow.cli import server as server_module
+from mlx_starflow.cli.server import Server
 from mlx_starflow.loading.text import EMBED_TEMPLATE
 from mlx_starflow.loading.weights import save_model
 from mlx_starflow.models.config import FlowConfig
@@ -161,3 +165,22 @@ def test_score_ranks_captions(model_dir):
     r = pipe.generate(["a red circle"], seed=2, guidance=0.0, sampler="sequential", denoise="none")
     s = pipe.score(r.images, ["a red circle", "a blue square", "a red square"])
     assert s.bits_per_dim.shape == (1, 3) and np.all(np.isfinite(s.bits_per_dim))
+
+
+def test_the_server_card_offers_a_text_models_examples(tmp_path):
+    _flow_folder(tmp_path / "model")
+    (tmp_path / "model" / "examples.txt").write_text("a red circle\n\nblue square in the top left\n")
+    pipe = Pipeline.from_pretrained(str(tmp_path / "model"), dtype="float32")
+    assert pipe.examples == ["a red circle", "blue square in the top left"]
+    s = Server(pipe, port=0, quiet=True).start()
+    try:
+        host, port = s.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=20)
+        conn.request("GET", "/v1/models")
+        card = json.loads(conn.getresponse().read())["data"][0]
+        conn.close()
+    finally:
+        s.close()
+    assert card["examples"] == pipe.examples and card["prompts"] is None
+    page = (Path(server_module.__file__).parent / "web" / "index.html").read_text()
+    assert "model.examples" in page  # the page shows them as chips beside the free prompt box

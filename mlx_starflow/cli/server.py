@@ -327,7 +327,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.videos is not None:
             return self._video_card(pipe)
         # the defaults a request gets (the model's own), for a prompt this model takes
-        opts = pipe.resolve_options(GenerateOptions(pipe.classes.labels[0] if pipe.classes is not None else "a"))
+        examples = getattr(pipe, "examples", None)
+        first = pipe.classes.labels[0] if pipe.classes is not None else examples[0] if examples else "a"
+        opts = pipe.resolve_options(GenerateOptions(first))
         return {
             "id": self.server.model_id,
             "object": "model",
@@ -336,6 +338,7 @@ class Handler(BaseHTTPRequestHandler):
             # ours: what the page offers
             "sizes": model_sizes(pipe),
             "prompts": pipe.classes.labels if pipe.classes is not None else None,
+            "examples": getattr(pipe, "examples", None),  # a text model's example prompts (free prompts too)
             "guidance": opts.guidance,
             "sampler": opts.sampler,
             "max_images": self.server.max_images,
