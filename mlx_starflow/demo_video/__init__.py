@@ -26,6 +26,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -122,13 +123,18 @@ def train(
     seed=0,
     log_every=100,
     log=partial(print, flush=True),
+    init: Optional[VideoFlow] = None,
 ):
-    """Train a VideoFlow from scratch on freshly drawn clips; returns (model, losses in
-    nats/dim). Every batch is new data, so the run is reproducible from `seed`."""
+    """Train a VideoFlow on freshly drawn clips, from scratch or continuing `init`;
+    returns (model, losses in nats/dim). Every batch is new data, so the run is
+    reproducible from `seed` (a continued run needs another seed, or it sees the same clips)."""
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
-    model = VideoFlow(cfg, video)
-    init_for_training(model)
+    if init is None:
+        model = VideoFlow(cfg, video)
+        init_for_training(model)
+    else:
+        model = init
     warm = min(warmup, max(steps - 1, 1))
     schedule = optim.join_schedules(
         [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, max(steps - warm, 1), lr * min_lr_ratio)],
@@ -295,10 +301,16 @@ def _cmd_train(args):
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SystemExit(f"{out} already exists; pass --force to overwrite it")
-    cfg, video = demo_config(
-        args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion, args.noise_std
-    )
-    n_params = sum(v.size for _, v in tree_flatten(VideoFlow(cfg, video).parameters()))
+    if args.init:  # continue training a saved model (fresh optimizer and schedule)
+        init = load_video_flow(args.init)
+        cfg, video = init.config, init.video
+        cfg.sampling = None
+    else:
+        init = None
+        cfg, video = demo_config(
+            args.channels, args.head_dim, [int(v) for v in args.layers.split()], args.expansion, args.noise_std
+        )
+    n_params = sum(v.size for _, v in tree_flatten((init or VideoFlow(cfg, video)).parameters()))
     print(
         f"video demo model: {n_params / 1e6:.2f}M parameters, layers {cfg.layers_per_block}, width {cfg.channels}, "
         f"head_dim {cfg.head_dim}, clips {video.frames}x{cfg.input_size}x{cfg.input_size}",
@@ -315,14 +327,14 @@ def _cmd_train(args):
         weight_decay=args.weight_decay,
         label_drop=args.label_drop,
         seed=args.seed,
+        init=init,
     )
     minutes = (time.perf_counter() - tic) / 60
     print(f"trained {args.steps} steps in {minutes:.1f} min", flush=True)
     print("choosing the guidance on the checker:", flush=True)
     cfg.sampling = select_sampling(model, [float(g) for g in args.guidance.split()], per_class=args.select_per_class)
     print(f"sampling defaults: {cfg.sampling}", flush=True)
-    training = {
-        "command": "python -m mlx_starflow.demo_video train",
+    stage = {
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -331,8 +343,13 @@ def _cmd_train(args):
         "label_drop": args.label_drop,
         "seed": args.seed,
         "minutes": round(minutes, 1),
+        "init": args.init,
         "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4),
     }
+    # A continued run keeps the record of the runs it started from.
+    previous = Path(args.init or "", "training.json")
+    stages = json.loads(previous.read_text()).get("stages", []) if args.init and previous.is_file() else []
+    training = {"stages": stages + [stage]}
     save_model(
         out,
         cfg,
@@ -395,6 +412,7 @@ def main(argv=None):
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--label-drop", type=float, default=0.1, help="share of labels replaced by the unconditional one")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", help="continue training this model folder (use another --seed: new clips)")
     t.add_argument("--channels", type=int, default=128)
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--layers", default="1 1 4", help="layers per flow block, the deep (class-conditioned) block last")

@@ -106,9 +106,10 @@ def draw(cls: int, rng: np.random.Generator, size: int = SIZE, frames: int = FRA
 
 def make_dataset(n: int, seed: int, size: int = SIZE, frames: int = FRAMES):
     """`n` clips (n, frames, size, size, 3) uint8 and their labels from one seed; class
-    counts differ by at most one."""
+    counts differ by at most one, and a set smaller than the 48 classes starts at a
+    random class (so batches of 32 cover them all)."""
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % len(PROMPTS))
+    labels = rng.permutation((rng.integers(len(PROMPTS)) + np.arange(n)) % len(PROMPTS))
     clips = np.empty((n, frames, size, size, 3), dtype=np.uint8)
     for i, c in enumerate(labels):
         clips[i] = draw(int(c), rng, size, frames)
