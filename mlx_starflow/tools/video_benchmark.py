@@ -251,10 +251,11 @@ def measure_frame(
         info["seconds_1_layer"], info[f"seconds_{n}_layers"] = t1, tn
         info["layers_timed"] = n
         info["seconds"] = per_layer(t1, tn, n, full[name]) + extra
-        info["activations"] = max(0, info["peak_memory"] - weights_built - caches_built)
+        info["activations"] = max(0, info["peak_memory"] - info.pop("before") - caches_built)
         info["caches_built"], info["caches_full"] = caches_built, caches_full
         out["stages"][name] = info
 
+    block = den = None
     if "deep" in stages:
         block = flow.blocks[-1]
         n = len(block.attn_blocks)
@@ -273,7 +274,7 @@ def measure_frame(
 
             t1, tn = _timed_layers(block, n, run)
         built = sum(c.nbytes for c in caches)
-        info = {"peak_memory": pk.peak, "positions": positions, "prefix": prefix, "rows": rows}
+        info = {"peak_memory": pk.peak, "positions": positions, "prefix": prefix, "rows": rows, "before": pk.before}
         finish("deep", info, t1, tn, n, _nbytes(flow), built, deep_cache_bytes(s, latent, window, rows, act))
         del caches
         log(
@@ -297,7 +298,7 @@ def measure_frame(
 
                 t1, tn = _timed_layers(block, n, run)
             built = sum(c.nbytes for c in caches)
-            info = {"peak_memory": pk.peak, "rows": latent, "blocks": len(s.shallow_layers)}
+            info = {"peak_memory": pk.peak, "rows": latent, "blocks": len(s.shallow_layers), "before": pk.before}
             finish("shallow", info, t1, tn, n, _nbytes(flow), built, built)
             info["seconds_clip"] = info["seconds"] * len(s.shallow_layers)
             info["seconds"] = info["seconds_clip"] / latent  # a frame's share of the batched steps
@@ -324,13 +325,13 @@ def measure_frame(
         with Peak() as pk:
             t1, tn = _timed_layers(den, n, run)
         S = L + F
-        info = {"peak_memory": pk.peak, "positions": S, "macs": denoise_macs(s, 1)}
+        info = {"peak_memory": pk.peak, "positions": S, "macs": denoise_macs(s, 1), "before": pk.before}
         finish("denoise", info, t1, tn, n, _nbytes(flow), 0, 0)
         info["macs_per_second"] = info["macs"] / info["seconds"]
         log(f"self-denoiser over one latent frame: {info['seconds']:.2f} s, peak {pk.peak / GB:.2f} GB")
 
     if "decode" in stages:
-        del flow
+        del flow, block, den  # the VAE's peak is measured above what is left resident
         gc.collect()
         vae = random_wan_vae(arch, seed)
         h = max(1, s.height // 16 // vae_scale) if arch == "7b" else max(1, s.height // vae.config.spatial_factor)
@@ -351,8 +352,8 @@ def measure_frame(
             "video_frames": int(frame4.shape[1]),
             "seconds_measured": seconds,
             "seconds": seconds * scale,
-            "activations": max(0, pk.peak - _nbytes(vae)) * scale,
-            "bytes_per_pixel": max(0, pk.peak - _nbytes(vae)) / (h * w * f * f),
+            "activations": max(0, pk.peak - pk.before) * scale,
+            "bytes_per_pixel": max(0, pk.peak - pk.before) / (h * w * f * f),
             "pixel_scale": scale,
         }
         out["stages"]["decode"] = info
