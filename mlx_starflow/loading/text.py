@@ -204,6 +204,8 @@ def text_tokenizer(path):
     try:
         folder, tok_folder = _resolve(folder)
         family = json.loads((folder / "config.json").read_text()).get("model_type", "gemma")
+        if family == "t5":  # T5 reads any text (SentencePiece); the check is for language models' vocabularies
+            return None
         return Tokenizer(tok_folder, family) if has_tokenizer(tok_folder) else None
     except (FileNotFoundError, ValueError, OSError):
         return None
