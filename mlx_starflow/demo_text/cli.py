@@ -39,8 +39,14 @@ def _cmd_train(args):
         lm_folder=args.lm,
         stop_after=args.stop_after,
     )
+    write_examples(folder)
     if not args.no_select:
         _select(folder)
+
+
+def write_examples(folder):
+    """The example prompts the web page offers, beside the model (examples.txt)."""
+    (Path(folder) / "examples.txt").write_text("\n".join(EXAMPLES) + "\n")
 
 
 def _select(folder, guidances=(0.5, 1.0, 2.0, 3.0), n=48):
@@ -77,15 +83,16 @@ def _cmd_evaluate(args):
         r = evaluate.checker_accuracy(pipe, args.n, objects=objects, held_phrasing=phrasing, **opts)
         print(f"{name}: {_fmt(r)}  ({time.perf_counter() - tic:.0f} s)", flush=True)
         report[name] = {k: v for k, v in r.items() if k not in ("images", "prompts")}
-    for source in ("drawn", "generated"):
+    for source, held in (("drawn", True), ("generated", True), ("drawn", False)):
         tic = time.perf_counter()
-        r = evaluate.rank_captions(pipe, args.rank_n, source=source, **opts)
+        r = evaluate.rank_captions(pipe, args.rank_n, source=source, held=held, **opts)
+        what = f"{source} images, {'held-out' if held else 'training'} combinations"
         print(
-            f"zero-shot, own caption first among ten ({source} images): {r['first']:.1%}  "
+            f"zero-shot, own caption first among ten ({what}): {r['first']:.1%}  "
             f"mean rank {r['mean_rank']:.2f}  (n={r['n']}, {time.perf_counter() - tic:.0f} s)",
             flush=True,
         )
-        report[f"zero-shot {source}"] = r
+        report[f"zero-shot {what}"] = r
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -124,7 +131,7 @@ def main(argv=None):
     t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lm-steps", type=int, default=300)
-    t.add_argument("--steps", type=int, default=700)
+    t.add_argument("--steps", type=int, default=1600)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")

@@ -37,9 +37,10 @@ def prompts(n, seed, objects=1, held_phrasing=None):
 
 def generate(pipe: Pipeline, texts, seed, batch=48, **options):
     images = []
-    for i in range(0, len(texts), batch):
-        r = pipe.generate(texts[i : i + batch], seed=seed + i, **options)
-        images += [np.asarray(im) for im in r.images]
+    with pipe.exclusive(keep_text_encoder=True):  # the text encoder loaded once
+        for i in range(0, len(texts), batch):
+            r = pipe.generate(texts[i : i + batch], seed=seed + i, **options)
+            images += [np.asarray(im) for im in r.images]
     return images
 
 
@@ -105,12 +106,18 @@ def distractors(scene: scenes.Scene, rng, k=9):
     return out
 
 
-def rank_captions(pipe, n=50, seed=RANK_SEED, source="drawn", objects=1, **options):
-    """Share of images whose own caption is the most likely of ten (and the mean rank)."""
+def rank_captions(pipe, n=50, seed=RANK_SEED, source="drawn", objects=1, held=True, **options):
+    """Share of images whose own caption is the most likely of ten (and the mean rank);
+    held: scenes of held-out combinations (else of training ones)."""
+    with pipe.exclusive(keep_text_encoder=True):
+        return _rank(pipe, n, seed, source, objects, held, **options)
+
+
+def _rank(pipe, n, seed, source, objects, held, **options):
     rng = np.random.default_rng(seed)
     firsts, ranks = [], []
     for j in range(n):
-        scene = scenes.random_scene(rng, n=objects, held=True)
+        scene = scenes.random_scene(rng, n=objects, held=held)
         phr = int(rng.integers(2**31))
         captions = [
             scenes.caption(s, np.random.default_rng(phr), held_phrasing=None, full=True).text
