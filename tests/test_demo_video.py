@@ -1,10 +1,23 @@
 """The video demo: its procedural clips, the checker that judges clips from their
 pixels (written apart from the drawing code), and the shipped model's samples."""
 
+import json
+import time
+
 import numpy as np
 import pytest
 
+from mlx_starflow import demo_video
 from mlx_starflow.demo_video import checker, clips
+from mlx_starflow.loading.resolve import resolve
+from mlx_starflow.loading.video import load_video_flow
+
+# The issue's bars: the prompted colour in >= 90% of frames, the prompted direction in
+# >= 80% of clips. The shipped model measures 91.6% / 54.9% on 8 clips per prompt and
+# 85.4% / 54.2% on this test's 48 clips (docs/demo.md): the direction bar is not met yet.
+ISSUE_COLOUR, ISSUE_DIRECTION = 0.9, 0.8
+# What the shipped model holds: a bit under its measured figures, far above chance (25%).
+COLOUR_BAR, DIRECTION_BAR = 0.8, 0.45
 
 # -- the data set and the checker -------------------------------------------------------
 
@@ -27,6 +40,12 @@ def test_clips():
     with pytest.raises(ValueError, match="moving"):
         clips.prompt_to_class("purple circle moving right")
     np.testing.assert_array_equal(clips.from_model(clips.to_model(x)), x)
+    # Batches smaller than the 48 classes still cover them all (the first training run
+    # drew only classes 0-31 in its batches of 32).
+    seen = set()
+    for seed in range(10):
+        seen |= set(clips.make_dataset(32, seed)[1].tolist())
+    assert seen == set(range(48))
 
 
 def test_checker_on_drawn_clips(drawn):
@@ -72,3 +91,67 @@ def test_checker_is_not_fooled(drawn):
 def test_checker_is_apart_from_the_drawing():
     source = open(checker.__file__).read()
     assert "import clips" not in source and "from .clips" not in source and "from . import" not in source
+
+
+# -- the shipped model ---------------------------------------------------------------------
+
+PER_PROMPT = 1  # 48 clips, 384 frames
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_video_flow(demo_video.DEMO_VIDEO_DIR)
+
+
+def test_shipped_model(model):
+    cfg, video = model.config, model.video
+    assert cfg.class_names == list(clips.PROMPTS) and cfg.txt_size == 1 and cfg.txt_dim == 49
+    assert cfg.vae is None and cfg.in_channels == 3 and cfg.input_size == clips.SIZE and cfg.patch_size == 4
+    assert video.frames == clips.FRAMES and video.shallow_block_local
+    s = cfg.sampling
+    assert s["sampler"] == "sequential" and s["denoise"] == "score" and s["guidance"] > 0
+    size = (demo_video.DEMO_VIDEO_DIR / "model.safetensors").stat().st_size
+    assert size < 5e6  # a few MB
+    training = json.loads((demo_video.DEMO_VIDEO_DIR / "training.json").read_text())
+    assert [st["seed"] for st in training["stages"]] == [0, 1] and training["stages"][1]["init"]
+
+
+def test_resolve_names_the_shipped_model():
+    r = resolve("demo-video")
+    assert r.flow == demo_video.DEMO_VIDEO_DIR and r.text_encoder is None and r.vae is None
+
+
+@pytest.fixture(scope="module")
+def checked(model):
+    d = demo_video.sampling_defaults(model)
+    tic = time.perf_counter()
+    r = demo_video.checker_accuracy(model, PER_PROMPT, guidance=d["guidance"])
+    print(f"\n{48 * PER_PROMPT} clips in {time.perf_counter() - tic:.1f} s\n" + checker.format_report(r))
+    return r
+
+
+def test_samples_pass_the_checker(checked):
+    r = checked
+    assert r["clips_uint8"].shape == (48 * PER_PROMPT, clips.FRAMES, clips.SIZE, clips.SIZE, 3)
+    assert r["colour_accuracy"] >= COLOUR_BAR, checker.format_report(r)
+    assert r["direction_accuracy"] >= DIRECTION_BAR, checker.format_report(r)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model moves in the prompted direction in ~55% of clips, not 80%")
+def test_samples_meet_the_issue_bars(checked):
+    r = checked
+    assert r["colour_accuracy"] >= ISSUE_COLOUR and r["direction_accuracy"] >= ISSUE_DIRECTION
+
+
+def test_sampling_is_reproducible(model):
+    a = demo_video.sample(model, [0, 29], guidance=1.0, seed=5)
+    b = demo_video.sample(model, [0, 29], guidance=1.0, seed=5)
+    np.testing.assert_array_equal(a, b)
+    c = demo_video.sample(model, [0, 29], guidance=1.0, seed=6)
+    assert not np.array_equal(a, c)
+
+
+def test_training_runs():
+    cfg, video = demo_video.demo_config(channels=32, head_dim=32, layers=(1, 1))
+    _, losses = demo_video.train(cfg, video, steps=2, batch_size=2, log=None)
+    assert len(losses) == 2 and all(np.isfinite(losses))
