@@ -631,8 +631,16 @@ class Pipeline:
             t0 = time.perf_counter()
             if opts.denoise == "learned":
                 x = flow.learned_denoise(x, y_cond)
-            else:
-                x = flow.denoise(x, y_cond, cfg.noise_std)
+            else:  # block by block: a call can be stopped between blocks
+                steps = flow.denoise_steps(x, y_cond, cfg.noise_std)
+                while True:
+                    try:
+                        done, total = next(steps)
+                    except StopIteration as stop:
+                        x = stop.value
+                        break
+                    if done < total:
+                        yield Event("denoise", done, total)
             mx.eval(x)
             timings["denoise"] = time.perf_counter() - t0
             measured("denoise")

@@ -485,3 +485,23 @@ def test_decoding_reports_each_image_and_stops_between_them(pipe):
     assert [e for e in seen if e[0] == "decode"] == [("decode", 0, 3), ("decode", 1, 3)]
     r = pipe.generate("a cat", num_images=3, seed=2, sampler="sequential", denoise="none")  # still usable
     assert len(r.images) == 3
+
+
+def test_the_score_step_reports_each_block_and_stops_between_them(pipe):
+    seen = []
+
+    def stop_in_denoise(stage, done, total):
+        seen.append((stage, done, total))
+        return not (stage == "denoise" and done >= 1)
+
+    with pytest.raises(Cancelled):
+        pipe.generate("a cat", seed=3, sampler="sequential", denoise="score", progress=stop_in_denoise)
+    steps = [e for e in seen if e[0] == "denoise"]
+    assert steps[0][1] == 0 and steps[-1][1] == 1 and steps[-1][2] > 1  # stopped after the first block
+    # block by block equals the one-graph gradient of log p
+    flow, cfg = pipe.flow, pipe.config
+    x = mx.random.normal((1, cfg.input_size, cfg.input_size, cfg.in_channels), key=mx.random.key(0))
+    y = pipe.encode(["a cat"])
+    s = cfg.noise_std
+    want = x + s * s * mx.grad(lambda v: flow.log_prob(v, y).sum())(x)
+    np.testing.assert_allclose(np.array(flow.denoise(x, y)), np.array(want), rtol=1e-5, atol=1e-5)

@@ -191,6 +191,11 @@ class PipelineFlow(Flow):
     """Rank 0's flow in a pipeline: the score denoising step takes the deep block's
     gradient across the ranks (the others take part with follow_denoise)."""
 
+    def denoise_steps(self, x, y=None, noise_std=None):
+        """The step in one go (its exchanges cross the ranks as one): one report, then the result."""
+        yield 0, 1
+        return self.denoise(x, y, noise_std)
+
     def denoise(self, x, y=None, noise_std=None):
         """x + noise_std^2 * d/dx log p(x | y), as Flow.denoise: the shallow blocks here,
         the deep block's density over the ranks, its gradient passed back."""

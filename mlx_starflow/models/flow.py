@@ -496,14 +496,52 @@ class Flow(nn.Module):
 
     # -- denoising -------------------------------------------------------------------
 
-    def denoise(self, x, y=None, noise_std: Optional[float] = None):
-        """Score step: x + noise_std^2 * d/dx log p(x | y), y the conditional rows.
+    def denoise_steps(self, x, y=None, noise_std: Optional[float] = None):
+        """The score step x + noise_std^2 * d/dx log p(x | y) (y the conditional rows), block
+        by block: yields (blocks done, blocks) after each block's gradient, so a caller can
+        stop between blocks; returns the denoised x.
 
-        The gradient recomputes each layer's activations instead of keeping them
-        all: at 3B they would be several times the memory of the weights."""
+        The blocks below the last are run forward once to keep their inputs (tokens, small);
+        the last block's gradient includes the prior, and each block's vector-Jacobian
+        product passes the gradient down. Each layer's activations are recomputed in the
+        backward pass instead of kept: at 3B they would be several times the weights."""
         s = self.config.noise_std if noise_std is None else noise_std
-        grad = mx.grad(lambda v: self.log_prob(v, y, recompute=True).sum())(x.astype(mx.float32))
-        return x + (s * s) * grad
+        self.check_input(x, "x")
+        self.check_text(y, x.shape[0])
+        h, w = self.grid(x)
+        blocks = [b for b in self.blocks if not isinstance(b, IdentityBlock)]
+        t = self.patchify(x.astype(mx.float32))
+        inputs = []
+        for block in blocks[:-1]:
+            inputs.append(t)
+            t = self.through(t, y, h, w, blocks=[block])[0]
+            mx.eval(t)
+
+        def top(v):  # the last block with the standard normal prior: log p up to a constant
+            z, logdet = self.through(v, y, h, w, blocks=blocks[-1:], recompute=True)
+            return -0.5 * mx.sum(z * z) + mx.sum(logdet)
+
+        g = mx.grad(top)(t)
+        mx.eval(g)
+        yield 1, len(blocks)
+        ones = mx.ones((x.shape[0],), dtype=mx.float32)
+        for k, (block, t_in) in enumerate(zip(reversed(blocks[:-1]), reversed(inputs))):
+            _, (g,) = mx.vjp(
+                lambda v, block=block: list(self.through(v, y, h, w, blocks=[block], recompute=True)), [t_in], [g, ones]
+            )
+            mx.eval(g)
+            yield k + 2, len(blocks)
+        return x + (s * s) * self.unpatchify(g, h, w)
+
+    def denoise(self, x, y=None, noise_std: Optional[float] = None):
+        """Score step: x + noise_std^2 * d/dx log p(x | y), y the conditional rows (denoise_steps
+        run to the end)."""
+        steps = self.denoise_steps(x, y, noise_std)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
 
     def learned_denoise(self, x, y=None):
         """The learnable self-denoiser: x - 0.3 * denoiser(x, y)."""
