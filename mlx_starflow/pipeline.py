@@ -30,7 +30,7 @@ from .loading.text import load_text_encoder, text_tokenizer
 from .loading.vae import load_vae, vae_config
 from .loading.weights import DTYPES, load_flow, read_config
 from .models.flow import Flow
-from .models.vae import decode_latents, encode_image
+from .models.vae import encode_image, unscale
 from .options import (
     DEFAULT_GUIDANCE,
     MAX_BATCH,
@@ -432,11 +432,19 @@ class Pipeline:
             return to_pil(mx.clip(latents, -1.0, 1.0))
         out = []
         try:
-            for i in range(latents.shape[0]):
-                image = mx.clip(decode_latents(self.vae, latents[i : i + 1], tile=self.vae_tile), -1.0, 1.0)
+            n = latents.shape[0]
+            for i in range(n):
+                tiles = self.vae.decode_steps(unscale(self.vae, latents[i : i + 1]), tile=self.vae_tile)
+                while True:
+                    try:
+                        next(tiles)
+                    except StopIteration as stop:
+                        image = mx.clip(stop.value, -1.0, 1.0)
+                        break
+                    yield i, n  # a tile done: a caller may stop here
                 mx.eval(image)
                 out += to_pil(image)
-                yield i + 1, latents.shape[0]
+                yield i + 1, n
         finally:
             self._release_vae()
         return out

@@ -505,3 +505,20 @@ def test_the_score_step_reports_each_block_and_stops_between_them(pipe):
     s = cfg.noise_std
     want = x + s * s * mx.grad(lambda v: flow.log_prob(v, y).sum())(x)
     np.testing.assert_allclose(np.array(flow.denoise(x, y)), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_decoding_stops_between_tiles(release):
+    tiled = Pipeline.from_pretrained(str(release), vae_tile=2)
+    seen = []
+    r = tiled.generate("a cat", seed=4, sampler="sequential", denoise="none", progress=lambda *e: seen.append(e))
+    decode = [e for e in seen if e[0] == "decode"]
+    assert len(decode) > 3 and decode[-1] == ("decode", 1, 1)  # a report per tile, then the image
+    calls = []
+
+    def stop_at_second_tile(stage, done, total):
+        calls.append(stage)
+        return not (stage == "decode" and calls.count("decode") == 2)
+
+    with pytest.raises(Cancelled):
+        tiled.generate("a cat", seed=4, sampler="sequential", denoise="none", progress=stop_at_second_tile)
+    assert calls.count("decode") == 2 and len(r.images) == 1

@@ -316,13 +316,21 @@ class VAE(nn.Module):
         (default tile // 4) and blend them linearly: lower peak memory, close to but
         not bit-equal to a full decode (group norm and attention see one tile only).
         """
+        steps = self.decode_steps(z, tile, overlap)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def decode_steps(self, z, tile: Optional[int] = None, overlap: Optional[int] = None):
+        """`decode` as a generator: yields (tiles done, tiles) after each tile (one step
+        untiled), so a caller can stop between tiles; returns the images."""
         z = mx.array(z) if not isinstance(z, mx.array) else z
         self._check_latents(z)
         if tile is None:
             return self._decode(z)
-        return self._decode_tiled(z, tile, tile // 4 if overlap is None else overlap)
-
-    def _decode_tiled(self, z, tile: int, overlap: int):
+        overlap = tile // 4 if overlap is None else overlap
         if tile < 1 or overlap < 0 or 2 * overlap > tile:
             raise ValueError(f"tiled decode needs tile >= 1 and 0 <= overlap <= tile / 2; got {tile=}, {overlap=}")
         B, h, w, _ = z.shape
@@ -332,17 +340,17 @@ class VAE(nn.Module):
             return self._decode(z)
         out = mx.zeros((B, h * f, w * f, self.config.out_channels), dtype=mx.float32)
         total = mx.zeros((1, h * f, w * f, 1), dtype=mx.float32)
-        for y in ys:
-            for x in xs:
-                th, tw = min(tile, h - y), min(tile, w - x)
-                img = self._decode(z[:, y : y + th, x : x + tw]).astype(mx.float32)
-                wy = _ramp(th * f, y, y + th, h, overlap * f)
-                wx = _ramp(tw * f, x, x + tw, w, overlap * f)
-                weight = mx.array(wy[:, None] * wx[None, :])[None, :, :, None]
-                out[:, y * f : (y + th) * f, x * f : (x + tw) * f] += img * weight
-                total[:, y * f : (y + th) * f, x * f : (x + tw) * f] += weight
-                # Evaluate each tile now so only one tile's activations are alive.
-                mx.eval(out, total)
+        for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
+            th, tw = min(tile, h - y), min(tile, w - x)
+            img = self._decode(z[:, y : y + th, x : x + tw]).astype(mx.float32)
+            wy = _ramp(th * f, y, y + th, h, overlap * f)
+            wx = _ramp(tw * f, x, x + tw, w, overlap * f)
+            weight = mx.array(wy[:, None] * wx[None, :])[None, :, :, None]
+            out[:, y * f : (y + th) * f, x * f : (x + tw) * f] += img * weight
+            total[:, y * f : (y + th) * f, x * f : (x + tw) * f] += weight
+            # Evaluate each tile now so only one tile's activations are alive.
+            mx.eval(out, total)
+            yield k + 1, len(ys) * len(xs)
         return (out / total).astype(self.dtype)
 
     def encode(self, x):
@@ -367,13 +375,16 @@ class VAE(nn.Module):
         return h[..., : self.config.latent_channels]
 
 
-def decode_latents(vae: VAE, latents, **kwargs):
-    """Scaled latents as the flow samples them -> images in about [-1, 1]."""
+def unscale(vae: VAE, latents):
+    """Scaled latents as the flow samples them -> the VAE's own latents."""
     c = vae.config
     z = latents / c.scaling_factor
-    if c.shift_factor is not None:
-        z = z + c.shift_factor
-    return vae.decode(z, **kwargs)
+    return z + c.shift_factor if c.shift_factor is not None else z
+
+
+def decode_latents(vae: VAE, latents, **kwargs):
+    """Scaled latents as the flow samples them -> images in about [-1, 1]."""
+    return vae.decode(unscale(vae, latents), **kwargs)
 
 
 def encode_image(vae: VAE, x):
