@@ -1,4 +1,4 @@
-"""Prompt -> image, kept loaded for apps.
+"""Prompt -> image, kept loaded for apps (one concern: the resident pipeline and its stages).
 
     pipe = Pipeline.from_pretrained("apple/starflow", dtype="bfloat16")
     result = pipe.generate("a cat playing piano", seed=7)

@@ -1,4 +1,5 @@
-"""python -m mlx_starflow.server: the OpenAI images API and a web page, on one resident model.
+"""python -m mlx_starflow.server: the OpenAI images API and a web page, on one resident model
+(one concern: HTTP; requests are checked in api.py, run by worker.py).
 
     python -m mlx_starflow.server --model demo          # then open http://127.0.0.1:8080/
 

@@ -1,4 +1,5 @@
-"""Model configs: the flow's dataclass, and reading the reference YAML configs."""
+"""Model configs: the flow's dataclass, and reading the reference YAML configs (one concern:
+what a flow is, checked before anything is built)."""
 
 import dataclasses
 import math
