@@ -1,5 +1,6 @@
 """The Wan2.2 video VAE: parity on the reference fixture (wan_vae_tiny), and without
-fixtures: step sizes, shapes, config and input errors, strict loading."""
+fixtures: step sizes, shapes, decoding block by block and in strips, config and input
+errors, strict loading."""
 
 import importlib.util
 import json
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_starflow.loading import device
 from mlx_starflow.loading.wan_vae import load_wan_vae, save_wan_vae
-from mlx_starflow.models.wan_vae import WanVAE, WanVAEConfig
+from mlx_starflow.models.wan_vae import Decoder, WanVAE, WanVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "wan_vae_tiny"
@@ -219,3 +221,22 @@ def test_strict_folder(tmp_path):
         load_wan_vae(folder)
     with pytest.raises(ValueError, match="format"):
         load_wan_vae(folder, {**TINY, "format": "starflow"})
+
+
+@pytest.mark.parametrize("elements", [None, 64, 3000])
+def test_blocks_and_strips_agree(monkeypatch, elements):
+    # The decoder evaluated block by block, its convolutions in strips of rows (1 row at 64
+    # elements, a few at 3000; None: whole), gives what one graph for the step gave.
+    vae = tiny_vae()
+    x = video(9, h=32, w=40)
+    z = vae.encode(x)
+    with monkeypatch.context() as m:
+        m.setattr(Decoder, "eval_blocks", False)
+        want = np.array(vae.decode(z))
+    if elements is not None:
+        assert device.conv_strips(vae, elements) == 42  # every CausalConv3d and the resamplers' Conv2d
+    tol = 1e-6 * np.abs(want).max()
+    assert np.allclose(np.array(vae.decode(z)), want, rtol=0, atol=tol)
+    assert np.allclose(np.array(vae.encode(x)), np.array(z), rtol=0, atol=1e-6)
+    steps = list(vae.decode_steps(z))
+    assert np.allclose(np.array(mx.concatenate(steps, axis=1)), want, rtol=0, atol=tol)

@@ -10,8 +10,9 @@ and how much memory MLX may wire differs:
   nn.Linear is a plain row-major matrix for the BLAS, and the model can still be
   saved, quantized or converted again (those copy it back to the usual layout).
 - CPU: quantized products compute in float32 (CPUQuantizedLinear says why).
-- CPU: the VAE's convolutions of large inputs run in strips of rows (vae.Conv2d
-  says why): the decoder's memory stays near its weights.
+- CPU: the VAEs' convolutions of large inputs run in strips of rows (vae.Conv2d
+  says why; the Wan2.2 VAE's too, wan_vae.CausalConv3d): the decoder's memory stays
+  near its weights.
 - Metal: the wired memory limit is raised for models near the machine's
   recommended working set, as mlx-lm does, so the weights are not paged out
   between tokens.
@@ -78,7 +79,7 @@ CONV_STRIP_ELEMENTS = 2**24
 
 
 def conv_strips(model: nn.Module, elements: int = CONV_STRIP_ELEMENTS) -> int:
-    """Let the convolutions that can (vae.Conv2d) work in strips; returns how many."""
+    """Let the convolutions that can (vae.Conv2d, wan_vae's) work in strips; returns how many."""
     n = 0
     for _, m in model.named_modules():
         if hasattr(type(m), "strip_elements"):

@@ -11,6 +11,15 @@ first frame, then 4 frames at a time; decode: one latent frame at a time), each
 temporal layer keeping the last frames it saw in a `FrameCache`, so memory stays
 bounded whatever the clip length. Any step size gives the same result (up to
 float rounding): the first step alone is special (its frame is not paired in time).
+
+Within a decode step the decoder is evaluated block by block (`Decoder.eval_blocks`),
+and on a CPU (device.prepare sets `strip_elements`) its convolutions run in strips
+of rows, each with its kernel's halo: MLX unfolds a convolution's input (27 times
+for a 3x3x3 kernel) and allocates a graph's buffers when it schedules them, so one
+graph for the step held every layer's unfolded input at once (177 KB a pixel of
+output at the released widths; 107 KB block by block, 7.3 KB in strips too, plus
+7 KB of frame caches; BENCHMARKS.md). Neither changes the numbers (strips: up to
+float rounding).
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -179,9 +188,50 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
+def _row_strips(conv, rows_of, n: int, axis: int, pad: int, rows: int):
+    """The output of `conv` (padding nothing along `axis`) on an input of `n` rows along `axis`
+    zero-padded by `pad` either side, computed `rows` output rows at a time: rows_of(lo, hi)
+    gives the input's rows lo:hi, each strip takes its `pad` rows of context, and each is
+    evaluated into the output before the next, so no more than one strip is unfolded at once."""
+    out = None
+    for top in range(0, n, rows):
+        bottom = min(top + rows, n)
+        lo, hi = max(top - pad, 0), min(bottom + pad, n)
+        v = rows_of(lo, hi)
+        widths = [(0, 0)] * v.ndim
+        widths[axis] = (pad - (top - lo), pad - (hi - bottom))
+        y = conv(mx.pad(v, widths))
+        if out is None:
+            out = mx.zeros((*y.shape[:axis], n, *y.shape[axis + 1 :]), y.dtype)
+        out[(slice(None),) * axis + (slice(top, bottom),)] = y  # in place: the output's buffer is reused
+        mx.eval(out)
+    return out
+
+
+def _strip_rows(elements: Optional[int], per_row: int, kernel_rows: int, pad: int, stride: int, height: int) -> int:
+    """Output rows per strip for an unfolded input of at most `elements` (per_row elements an
+    output row), or 0: convolve whole (no limit, nothing unfolded, or it fits, or rows not
+    'same'-padded with stride 1)."""
+    if elements is None or per_row <= 0 or stride != 1 or 2 * pad != kernel_rows - 1:
+        return 0
+    rows = max(1, elements // per_row)
+    return rows if rows < height else 0
+
+
+def _identity(x):
+    return x
+
+
 class CausalConv3d(nn.Module):
     """Conv3d on (B, T, H, W, C), padded only in the past along time: the
-    previous step's last frames (zeros before the first) stand in front."""
+    previous step's last frames (zeros before the first) stand in front.
+
+    `pre`, a function of each position's channels alone (a norm and an activation), is
+    applied to the input first, strip by strip when the convolution runs in strips of
+    rows (`strip_elements`, as vae.Conv2d: set by device.prepare on a CPU), so neither
+    it nor the input padded in time is ever whole. The cache keeps `pre`'s output."""
+
+    strip_elements = None  # the largest unfolded input convolved at once, in elements
 
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
         super().__init__()
@@ -192,16 +242,63 @@ class CausalConv3d(nn.Module):
         self.weight = mx.zeros((cout, kt, kh, kw, cin))
         self.bias = mx.zeros((cout,))
 
-    def __call__(self, x, cache: Optional[FrameCache] = None):
+    def __call__(self, x, cache: Optional[FrameCache] = None, pre=_identity):
+        b, t, h, w, _ = x.shape
+        prev = None
         if self.past:
             prev = cache.read() if cache is not None else None
             if prev is None:
-                prev = mx.zeros((x.shape[0], self.past, *x.shape[2:]), x.dtype)
-            x = mx.concatenate([prev, x], axis=1)
+                prev = mx.zeros((b, self.past, *x.shape[2:]), x.dtype)
             if cache is not None:
-                cache.write(x[:, -self.past :])
-        y = mx.conv3d(x, self.weight, stride=self.stride, padding=(0, self.ph, self.pw))
-        return y + self.bias
+                # The last frames of [prev, pre(x)], copied (a slice would keep its whole buffer).
+                last = pre(x[:, t - self.past :]) if t >= self.past else mx.concatenate([prev[:, t:], pre(x)], axis=1)
+                cache.write(mx.contiguous(last))
+
+        def rows_of(lo, hi):
+            v = pre(x[:, :, lo:hi])
+            return v if prev is None else mx.concatenate([prev[:, :, lo:hi], v], axis=1)
+
+        cout, kt, kh, kw, cin = self.weight.shape
+        if kt * kh * kw == 1 and self.stride == (1, 1, 1):
+            # A product (the same numbers as conv3d, which copies its input twice first).
+            return rows_of(0, h) @ self.weight.reshape(cout, cin).T + self.bias
+        unfolded = kt * kh * kw * cin
+        per_row = b * ((t + self.past - kt) // self.stride[0] + 1) * w * unfolded
+        rows = _strip_rows(self.strip_elements, per_row, kh, self.ph, self.stride[1], h)
+        if not rows:
+            y = mx.conv3d(rows_of(0, h), self.weight, stride=self.stride, padding=(0, self.ph, self.pw))
+            return y + self.bias
+
+        def conv(v):
+            return mx.conv3d(v, self.weight, stride=self.stride, padding=(0, 0, self.pw)) + self.bias
+
+        return _row_strips(conv, rows_of, h, 2, self.ph, rows)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters) that convolves a large input in strips of rows
+    when `strip_elements` is set, as CausalConv3d; `up` upsamples the input 2x first
+    (nearest), strip by strip in strips."""
+
+    strip_elements = None
+
+    def __call__(self, x, up: bool = False):
+        n, h, w, c = x.shape
+        h, w = (2 * h, 2 * w) if up else (h, w)
+        k, p = self.weight.shape[1], self.padding[0]
+        rows = _strip_rows(self.strip_elements, n * w * c * k * k if k > 1 else 0, k, p, self.stride[0], h)
+        if not rows:
+            return super().__call__(_upsample2x(x) if up else x)
+
+        def rows_of(lo, hi):
+            if not up:
+                return x[:, lo:hi]
+            return _upsample2x(x[:, lo // 2 : (hi + 1) // 2])[:, lo % 2 : lo % 2 + hi - lo]
+
+        def conv(v):
+            return mx.conv2d(v, self.weight, stride=self.stride, padding=(0, self.padding[1])) + self.bias
+
+        return _row_strips(conv, rows_of, h, 1, p, rows)
 
 
 class RMSNorm(nn.Module):
@@ -234,8 +331,8 @@ class ResidualBlock(nn.Module):
 
     def __call__(self, x, cache):
         h = self.shortcut(x) if "shortcut" in self else x
-        x = self.conv1(nn.silu(self.norm1(x)), cache)
-        x = self.conv2(nn.silu(self.norm2(x)), cache)
+        x = self.conv1(x, cache, lambda v: nn.silu(self.norm1(v)))
+        x = self.conv2(x, cache, lambda v: nn.silu(self.norm2(v)))
         return x + h
 
 
@@ -262,11 +359,11 @@ class Resample(nn.Module):
         super().__init__()
         self.up, self.temporal = up, temporal
         if up:
-            self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+            self.conv = Conv2d(dim, dim, 3, padding=1)
             if temporal:  # each frame becomes two: the two halves of the output channels
                 self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
         else:
-            self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+            self.conv = Conv2d(dim, dim, 3, stride=2)
             if temporal:  # frames paired with stride 2, each pair with the frame before
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
@@ -279,7 +376,7 @@ class Resample(nn.Module):
                     y = self.time_conv(x, cache)
                     b, t, h, w, _ = x.shape
                     x = y.reshape(b, t, h, w, 2, -1).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, -1)
-            return _per_frame(lambda f: self.conv(_upsample2x(f)), x)
+            return _per_frame(lambda f: self.conv(f, up=True), x)
         x = _per_frame(lambda f: self.conv(mx.pad(f, [(0, 0), (0, 1), (0, 1), (0, 0)])), x)
         if self.temporal:
             prev = cache.read()
@@ -344,9 +441,11 @@ class UpBlock(nn.Module):
         h = x
         for layer in self.upsamples:
             h = layer(h, cache)
-        if not self.up:
-            return h
-        return h + dup_up(x, self.cout, self.ft, 2, cache.first)
+        return self.shortcut(x, h, cache)
+
+    def shortcut(self, x, h, cache):
+        """The block's output from its input x and its layers' output h."""
+        return h + dup_up(x, self.cout, self.ft, 2, cache.first) if self.up else h
 
 
 class Encoder(nn.Module):
@@ -368,7 +467,7 @@ class Encoder(nn.Module):
         x = self.conv1(x, cache)
         for layer in self.downsamples + self.middle:
             x = layer(x, cache)
-        return self.head_conv(nn.silu(self.head_norm(x)), cache)
+        return self.head_conv(x, cache, lambda v: nn.silu(self.head_norm(v)))
 
 
 class Decoder(nn.Module):
@@ -386,11 +485,27 @@ class Decoder(nn.Module):
         self.head_norm = RMSNorm(dims[-1])
         self.head_conv = CausalConv3d(dims[-1], 3 * config.patch_size**2, 3, padding=1)
 
+    # Evaluate after each block (residual, attention, upsample), so only what the next block
+    # needs is alive; False builds the step as one graph (the same numbers, every buffer at once).
+    eval_blocks = True
+
+    def _settle(self, x, cache):
+        if self.eval_blocks:
+            mx.eval(x, cache.arrays())
+        return x
+
     def __call__(self, x, cache):
-        x = self.conv1(x, cache)
-        for layer in self.middle + self.upsamples:
-            x = layer(x, cache)
-        return self.head_conv(nn.silu(self.head_norm(x)), cache)
+        x = self._settle(self.conv1(x, cache), cache)
+        for layer in self.middle:
+            x = self._settle(layer(x, cache), cache)
+        for block in self.upsamples:
+            # UpBlock's steps, each evaluated; without upsampling the block's input is not kept.
+            h, x = x, x if block.up else None
+            for layer in block.upsamples:
+                h = self._settle(layer(h, cache), cache)
+            x = self._settle(block.shortcut(x, h, cache), cache)
+            del h
+        return self.head_conv(x, cache, lambda v: nn.silu(self.head_norm(v)))
 
 
 def patchify(x, p):

@@ -49,10 +49,11 @@ from .what_fits import gpu_memory
 # about 20 widths per position at peak, in the activations' bytes (float32 for the rotated parts).
 DENOISE_ACT = 20
 # The Wan2.2 VAE's decode of one latent frame (four 480x848 frames out) above its weights, per pixel of
-# one output frame: float32, measured on a CPU at the released widths (tools/video_benchmark.py).
-# 184 KB a pixel at 64x128 and 128x224 (1.54 and 5.27 GB): 75 GB at 480x848, MLX evaluating the step as one
-# graph. Not measured on Metal.
-DECODE_BYTES_PER_PIXEL = 184_000.0
+# one output frame: float32, measured on a CPU at the released widths (BENCHMARKS.md), the frame caches
+# included: 14.3 KB a pixel at 128x224 and 256x448 (5.8 GB at 480x848) with the decoder evaluated block by
+# block and its convolutions in strips (device.prepare on a CPU); block by block without strips 114 KB, as
+# one graph 187 KB. Not measured on Metal.
+DECODE_BYTES_PER_PIXEL = 14_300.0
 MACS = (16, 32, 64)
 PRECISIONS = ("float32", "bfloat16", "8-bit", "4-bit")
 RELEASED = "starflow-v_7B_t2v_caus_480p"
