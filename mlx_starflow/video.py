@@ -305,7 +305,8 @@ class VideoPipeline:
             def loader():
                 return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td)
 
-        wan = load_wan_vae(where.vae, dtype=DTYPES[vae_dtype]) if where.vae is not None else None
+        # device.prepare: on a CPU the decoder's convolutions run in strips of rows (bounded memory)
+        wan = device.prepare(load_wan_vae(where.vae, dtype=DTYPES[vae_dtype])) if where.vae is not None else None
         info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder, "vae": where.vae}
         return cls(flow, loader, wan, info, keep_text_encoder)
 

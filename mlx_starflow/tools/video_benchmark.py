@@ -35,6 +35,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..loading import device
 from ..loading.video import RELEASED_VIDEO, video_config_from_args
 from ..loading.weights import quantize_model
 from ..models.t5 import T5Config, T5Encoder
@@ -148,7 +149,7 @@ def random_wan_vae(arch: str, seed: int = 0) -> WanVAE:
     vae.encoder = None  # generation decodes only
     randomize(vae, mx.float32, seed)
     mx.eval(vae.parameters())
-    return vae
+    return device.prepare(vae)  # as the pipeline holds it: strips of rows on a CPU
 
 
 def per_layer(t1: float, tn: float, n: int, full: int) -> float:
