@@ -253,3 +253,11 @@ def test_init_from_an_mlx_lm_gemma2_folder(tmp_path):
         np.array(ours.mlp.post_norm.weight), np.array(theirs.post_feedforward_layernorm.weight)
     )
     np.testing.assert_array_equal(np.array(ours.mlp.norm.weight), np.array(theirs.pre_feedforward_layernorm.weight))
+
+
+def test_pipeline_parallel_refuses_a_language_model_deep_block():
+    from mlx_starflow.distributed import rank_bytes
+
+    cfg = starflow_config_from_args(lm_args("gemma3_1b"), lm=SIZES)
+    with pytest.raises(ValueError, match="pipeline parallel does not split a gemma3_1b deep block"):
+        rank_bytes(cfg, 2)

@@ -298,6 +298,11 @@ def _part(cfg, rank: int, size: int, group=None):
     neither the shallow blocks, the denoiser nor the text projection (rank 0's flow is
     a PipelineFlow). Returns (flow, the range of layers). Parameters are lazy: nothing
     dropped is ever computed."""
+    if cfg.pretrained_lm is not None:  # its deep block is a language model's, not a FlowBlock
+        raise ValueError(
+            f"pipeline parallel does not split a {cfg.pretrained_lm} deep block yet: run this model batch "
+            "parallel (without --pipeline-parallel)"
+        )
     top = cfg.num_blocks - 1
     layers = placement(Flow(cfg), size)[rank]
     deep = PipelineBlock(cfg, top, group, layers, text=rank == 0)
