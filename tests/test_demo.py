@@ -11,6 +11,8 @@ import pytest
 
 from mlx_starflow import demo
 from mlx_starflow.demo import shapes
+from mlx_starflow.demo_common import training
+from mlx_starflow.demo_common.drawing import labelled_rows
 from mlx_starflow.loading.weights import load_flow
 
 PER_CLASS = 12
@@ -100,3 +102,47 @@ def test_training_smoke(tmp_path):
     np.testing.assert_allclose(np.array(loaded.log_prob(x, y)), np.array(model.log_prob(x, y)), rtol=1e-5)
     images = demo.sample(loaded, [0, 5], guidance=2.0, sampler="jacobi")
     assert images.shape == (2, 32, 32, 3)
+
+
+def test_train_command_writes_and_continues_a_model_folder(tmp_path, capsys):
+    tiny = ["--channels", "32", "--head-dim", "32", "--layers", "1 1", "--expansion", "1", "--batch-size", "4"]
+    fast = ["--steps", "3", "--warmup", "1", "--guidance", "1 2", "--select-per-class", "1"]
+    demo.main(["train", "--out", str(tmp_path / "a"), *tiny, *fast, "--seed", "2"])
+    with pytest.raises(SystemExit, match="already exists"):
+        demo.main(["train", "--out", str(tmp_path / "a"), *tiny, *fast])
+    demo.main(["train", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), *fast, "--seed", "3"])
+    out = capsys.readouterr().out
+    assert "step 3/3" in out and "bits/dim" in out and "sampling defaults" in out and "saved" in out
+    stages = json.loads((tmp_path / "b" / "training.json").read_text())["stages"]
+    assert [st["seed"] for st in stages] == [2, 3] and stages[0]["init"] is None
+    assert stages[1]["init"] == str(tmp_path / "a") and stages[1]["steps"] == 3 and stages[1]["batch_size"] == 32
+    keys = ["steps", "batch_size", "lr", "warmup", "weight_decay", "label_drop", "seed", "init", "minutes"]
+    assert list(stages[0]) == keys + ["final_loss_nats_per_dim"]
+    model = load_flow(tmp_path / "b")
+    assert model.config.sampling["guidance"] in (1.0, 2.0) and model.config.layers_per_block == [1, 1]
+
+
+def test_shared_schedule_and_selection():
+    # Linear warmup from lr / warmup to lr at step `warmup`, then a cosine down to lr * min_lr_ratio at `steps`.
+    opt = training.adamw(1e-3, steps=11, warmup=4, min_lr_ratio=0.1)
+    params = {"w": mx.zeros(1)}
+    opt.init(params)
+    rates = []  # the rate of steps 0, 1, ..., 11
+    for _ in range(12):
+        params = opt.apply_gradients({"w": mx.zeros(1)}, params)
+        rates.append(opt.learning_rate.item())
+    assert rates[:5] == pytest.approx([2.5e-4, 4.375e-4, 6.25e-4, 8.125e-4, 1e-3])
+    assert rates[11] == pytest.approx(1e-4) and all(a > b for a, b in zip(rates[4:11], rates[5:12]))
+    # Ties go to the first tried: the lower guidance, then the earlier sampler.
+    scores = {(1.0, "sequential"): 0.5, (2.0, "sequential"): 0.7, (1.0, "jacobi"): 0.7, (2.0, "jacobi"): 0.2}
+    best = training.select_sampling(lambda g, s: (scores[g, s], ""), [1.0, 2.0], ("sequential", "jacobi"), log=None)
+    assert best == {"guidance": 2.0, "sampler": "sequential", "denoise": "score"}
+
+
+def test_labelled_rows():
+    tiles = np.zeros((2, 3, 4, 5, 3), np.uint8)
+    tiles[1, 2] = 200
+    img = np.asarray(labelled_rows(tiles, ["a", "b"], left=20, scale=2, gap=1))
+    assert img.shape == (1 + 2 * (8 + 1), 20 + 3 * (10 + 1), 3)
+    assert (img[1 + 9 : 1 + 9 + 8, 20 + 2 * 11 : 20 + 2 * 11 + 10] == 200).all()
+    assert (np.asarray(demo.grid_image(tiles.reshape(6, 4, 5, 3), 2, scale=2, gap=1))[1:9, 1:11] == 0).all()

@@ -1,5 +1,7 @@
 """The text demo: its data (captions, held-out parts), its checker, and the shipped model."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,7 +9,7 @@ from PIL import Image
 from mlx_starflow import Pipeline
 from mlx_starflow.cli import edit as edit_cli
 from mlx_starflow.cli import score as score_cli
-from mlx_starflow.demo_text import checker, lm, scenes
+from mlx_starflow.demo_text import checker, cli, lm, scenes
 from mlx_starflow.loading.hub import DEMO_TEXT
 from mlx_starflow.loading.text import EMBED_TEMPLATE
 
@@ -135,3 +137,16 @@ def test_score_and_edit_commands(tmp_path, capsys):
     assert out.is_file()
     assert edit_cli.main(argv[:-1] + ["a large blue unicorn", "--output", str(tmp_path / "x.png")]) != 0
     assert 'does not know: "unicorn"' in capsys.readouterr().err
+
+
+def test_train_command(tmp_path, capsys):
+    small = ["--steps", "4", "--batch-size", "2", "--channels", "32", "--no-select"]
+    cli.main(["train", "--out", str(tmp_path / "a"), "--lm-steps", "2", *small])
+    cli.main(["train", "--out", str(tmp_path / "b"), "--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", *small])
+    out = capsys.readouterr().out
+    assert "flow step 4/4" in out and "saved" in out
+    record = json.loads((tmp_path / "b" / "model" / "training.json").read_text())
+    assert record["flow"]["steps"] == 4 and record["flow"]["stop_after"] == 2
+    assert len(record["losses_per_100_steps"]) == 1 and record["lm"]["steps"] == 300  # the --lm folder's
+    assert (tmp_path / "b" / "model" / "examples.txt").is_file()
+    assert (tmp_path / "b" / "model" / "text_encoder" / "tokenizer.json").is_file()

@@ -155,3 +155,15 @@ def test_training_runs():
     cfg, video = demo_video.demo_config(channels=32, head_dim=32, layers=(1, 1))
     _, losses = demo_video.train(cfg, video, steps=2, batch_size=2, log=None)
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_train_command(tmp_path, capsys):
+    tiny = ["--channels", "32", "--head-dim", "32", "--layers", "1 1", "--expansion", "1", "--batch-size", "2"]
+    fast = ["--steps", "2", "--warmup", "1", "--guidance", "1", "--select-per-class", "1"]
+    demo_video.main(["train", "--out", str(tmp_path / "a"), *tiny, *fast])
+    demo_video.main(["train", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), *fast, "--seed", "1"])
+    assert "clips/s" in capsys.readouterr().out
+    stages = json.loads((tmp_path / "b" / "training.json").read_text())["stages"]
+    assert [st["seed"] for st in stages] == [0, 1] and stages[1]["init"] == str(tmp_path / "a")
+    model = load_video_flow(tmp_path / "b")
+    assert model.video.frames == clips.FRAMES and model.config.sampling["guidance"] == 1.0

@@ -23,7 +23,10 @@ import colorsys
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from ..demo_common.drawing import draw_shape, jittered_colours
+from ..demo_common.drawing import from_model as from_model
+from ..demo_common.drawing import to_model as to_model
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -37,8 +40,7 @@ PROMPTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 # Hue (degrees) the checker expects for each colour; the nearest one wins.
 _HUES = {"red": 0.0, "yellow": 50.0, "green": 125.0, "blue": 225.0}
 
-# Drawing: 4x supersampling, then a box filter, which is exact area coverage.
-_SUPERSAMPLE = 4
+# Drawing (demo_common.drawing): 4x supersampling, then a box filter, which is exact area coverage.
 _MIN_SCALE, _MAX_SCALE = 0.35, 0.75
 _MARGIN = 1.0  # pixels kept free at the border so it shows only background
 _MIN_AREA = 16 / 1024  # checker: smallest foreground, as a fraction of the image
@@ -69,33 +71,15 @@ def draw(cls: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """One anti-aliased (size, size, 3) uint8 image of class `cls`."""
     colour, shape = _split(cls)
 
-    # Off-white background: a shared brightness shift plus a faint tint.
-    bg = 234 + rng.uniform(-8, 8) + rng.uniform(-4, 4, size=3)
-    # Mild colour jitter; small enough that every hue stays far from its neighbours.
-    fg = np.array(COLOURS[colour]) + rng.uniform(-12, 12, size=3)
-    bg = tuple(int(v) for v in np.clip(np.round(bg), 0, 255))
-    fg = tuple(int(v) for v in np.clip(np.round(fg), 0, 255))
+    # Off-white background, mildly jittered colour (demo_common.drawing.jittered_colours).
+    bg, fg = jittered_colours(rng, COLOURS[colour])
 
     s = rng.uniform(_MIN_SCALE, _MAX_SCALE) * size
     w = s
     h = s * math.sqrt(3) / 2 if shape == "triangle" else s
     x0 = rng.uniform(_MARGIN, size - _MARGIN - w)
     y0 = rng.uniform(_MARGIN, size - _MARGIN - h)
-
-    k = _SUPERSAMPLE
-    big = Image.new("RGB", (size * k, size * k), bg)
-    d = ImageDraw.Draw(big)
-    # Pixel (i, j) covers [i, i+1) at 4x, so the last covered pixel is the end minus one.
-    box = [x0 * k, y0 * k, (x0 + w) * k - 1, (y0 + h) * k - 1]
-    if shape == "circle":
-        d.ellipse(box, fill=fg)
-    elif shape == "square":
-        d.rectangle(box, fill=fg)
-    else:
-        left, t, r, b = box
-        d.polygon([((left + r) / 2, t), (r, b), (left, b)], fill=fg)
-    small = big.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.uint8).copy()
+    return draw_shape(shape, fg, bg, x0, y0, w, h, size)
 
 
 def make_dataset(n: int, seed: int, size: int = 32):
@@ -106,17 +90,6 @@ def make_dataset(n: int, seed: int, size: int = 32):
     for i, c in enumerate(labels):
         images[i] = draw(int(c), rng, size)
     return images, labels.astype(np.int64)
-
-
-def to_model(images) -> np.ndarray:
-    """uint8 NHWC images to the model's float32 range [-1, 1]."""
-    return np.asarray(images, dtype=np.float32) / 127.5 - 1.0
-
-
-def from_model(x) -> np.ndarray:
-    """Model output in [-1, 1] (numpy or mlx) back to uint8."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- checker

@@ -1,13 +1,13 @@
 """python -m mlx_starflow.demo_text: train, select, evaluate, grid."""
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from ..demo_common import training
+from ..demo_common.drawing import labelled_rows
 from ..loading.weights import read_config
 from ..pipeline import Pipeline
 from . import evaluate, train
@@ -61,7 +61,7 @@ def _select(folder, guidances=(0.5, 1.0, 2.0, 3.0), n=48):
 
 
 def _cmd_select(args):
-    _select(args.model, [float(g) for g in args.guidance.split()], args.n)
+    _select(args.model, training.words(args.guidance), args.n)
 
 
 def _fmt(r):
@@ -104,36 +104,21 @@ def _cmd_grid(args):
     for p in prompts:
         images += [np.asarray(im) for im in pipe.generate([p], num_images=args.cols, seed=args.seed).images]
     grid = grid_image(np.stack(images), len(prompts), args.scale, prompts)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(args.out)
-    print(f"saved {args.out}")
+    training.save_picture(grid, args.out)
 
 
 def grid_image(images, rows, scale, labels):
+    """A PIL image of `images` (rows * cols) upscaled by `scale`, prompts on the left."""
     n, h, w, _ = images.shape
-    cols, gap, left = n // rows, 2, 330
-    canvas = Image.new("RGB", (left + cols * (w * scale + gap), gap + rows * (h * scale + gap)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r in range(rows):
-        y0 = gap + r * (h * scale + gap)
-        draw.text((6, y0 + h * scale // 2 - 6), labels[r], fill=(0, 0, 0))
-        for c in range(cols):
-            tile = Image.fromarray(images[r * cols + c]).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            canvas.paste(tile, (left + c * (w * scale + gap), y0))
-    return canvas
+    cols = n // rows
+    return labelled_rows(images[: rows * cols].reshape(rows, cols, h, w, 3), labels, left=330, scale=scale, gap=2)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mlx_starflow.demo_text", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _commands(sub):
     t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
-    t.add_argument("--out", required=True, help="folder to write: lm/ (mlx-lm) and model/ (the flow)")
+    training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=1600, lr=1e-3)
     t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lm-steps", type=int, default=300)
-    t.add_argument("--steps", type=int, default=1600)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
     t.add_argument("--stop-after", type=int, help="stop the flow's training after this many steps (comparisons)")
@@ -162,5 +147,7 @@ def main(argv=None):
     g.add_argument("--scale", type=int, default=3)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_grid)
-    args = p.parse_args(argv)
-    args.func(args)
+
+
+def main(argv=None):
+    training.run_commands("python -m mlx_starflow.demo_text", __doc__, _commands, argv)

@@ -11,11 +11,11 @@
   (Pipeline.score); right = its own caption first.
 """
 
-import time
 from dataclasses import replace
 
 import numpy as np
 
+from ..demo_common import training
 from ..pipeline import Pipeline
 from . import checker, scenes
 
@@ -73,20 +73,13 @@ def checker_accuracy(pipe, n=96, seed=EVAL_SEED, objects=1, held_phrasing=None, 
 def select_sampling(pipe, guidances=(0.5, 1.0, 2.0, 3.0), n=48, log=print):
     """The guidance whose samples the checker likes best (mean of the four attribute
     accuracies on held-out single objects, noise apart from the evaluation's)."""
-    best, best_score = None, -1.0
-    for g in guidances:
-        tic = time.perf_counter()
-        r = checker_accuracy(pipe, n, SELECT_SEED, guidance=g, sampler="sequential", denoise="score")
+
+    def measure(g, sampler):
+        r = checker_accuracy(pipe, n, SELECT_SEED, guidance=g, sampler=sampler, denoise="score")
         score = float(np.mean([r[a] for a in ATTRIBUTES]))
-        if log:
-            log(
-                f"guidance {g:g}: "
-                + "  ".join(f"{a} {r[a]:.1%}" for a in ATTRIBUTES)
-                + f"  ({time.perf_counter() - tic:.0f} s)"
-            )
-        if score > best_score:
-            best, best_score = {"guidance": g, "sampler": "sequential", "denoise": "score"}, score
-    return best
+        return score, f"guidance {g:g}: " + "  ".join(f"{a} {r[a]:.1%}" for a in ATTRIBUTES)
+
+    return training.select_sampling(measure, guidances, log=log)
 
 
 def distractors(scene: scenes.Scene, rng, k=9):

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import gemma3_text
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
+from ..demo_common import training
 from ..loading.text import EMBED_TEMPLATE
 from . import scenes
 
@@ -98,11 +99,7 @@ def pretrain(tok: Tokenizer, args: dict, steps=1500, batch_size=64, lr=2e-3, see
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(args))
     model.sanitize({})  # tied embeddings: no lm_head
     mx.eval(model.parameters())
-    warm = min(100, steps // 10 + 1)
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, max(steps - warm, 1), lr * 0.05)], [warm]
-    )
-    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=0.01)
+    opt = training.adamw(lr, steps, warmup=min(100, steps // 10 + 1), min_lr_ratio=0.05, weight_decay=0.01)
 
     def loss_fn(ids, mask):
         logits = model(ids[:, :-1]).astype(mx.float32)

@@ -22,6 +22,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..demo_common.drawing import from_model as from_model
+from ..demo_common.drawing import to_model as to_model
+
 SIZE = 36
 CELL = 12
 COLOURS = {
@@ -138,15 +141,6 @@ def draw(scene: Scene, rng) -> np.ndarray:
             pts = [(cx, cy - h / 2), (cx + s / 2, cy + h / 2), (cx - s / 2, cy + h / 2)]
             d.polygon([(x * _SS, y * _SS) for x, y in pts], fill=fill)
     return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX))
-
-
-def to_model(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 # -- captions ------------------------------------------------------------------------

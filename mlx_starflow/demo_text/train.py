@@ -10,20 +10,16 @@ prompt entering as the LM's token embeddings times sqrt(hidden) after STARFlow's
 template (the embedding table stays as the LM learnt it). The unconditional prompt is "".
 """
 
-import json
-import math
 import time
 from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
+from ..demo_common import training
 from ..loading.text import EMBED_TEMPLATE, load_text_encoder, tokenize
-from ..loading.weights import init_from_lm, save_model
+from ..loading.weights import init_from_lm
 from ..models.config import FlowConfig
 from ..models.flow import Flow
 from . import lm, scenes
@@ -65,15 +61,7 @@ def flow_config(lm_args: dict, channels=64, shallow=(1, 1), noise_std=0.1) -> Fl
     return cfg
 
 
-def init_heads(model: Flow):
-    """Each block starts as the identity: output projections at zero, small SOS embeddings."""
-    for block in model.blocks:
-        if "proj_out" not in block:
-            continue
-        block.proj_out.weight = mx.zeros_like(block.proj_out.weight)
-        block.proj_out.bias = mx.zeros_like(block.proj_out.bias)
-        block.sos_embed = 0.02 * mx.random.normal(block.sos_embed.shape)
-    mx.eval(model.parameters())
+init_heads = training.init_identity  # each block starts as the identity, small SOS embeddings
 
 
 def train_flow(
@@ -92,11 +80,7 @@ def train_flow(
     cfg = model.config
     mx.random.seed(seed + 1)
     rng = np.random.default_rng(seed + 1)
-    warm = min(warmup, max(steps - 1, 1))
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, max(steps - warm, 1), lr * 0.02)], [warm]
-    )
-    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=1e-4)
+    opt = training.adamw(lr, steps, warmup)
     D = cfg.in_channels * cfg.input_size**2
     table = encoder.model.embed_tokens.weight  # frozen: the LM's, as the pipeline reads it
     scale = cfg.txt_dim**0.5
@@ -105,43 +89,15 @@ def train_flow(
         y = table[ids] * scale
         return -model.log_prob(x, y).mean() / D
 
-    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
-    def gradients(images, ids):
-        x = images + cfg.noise_std * mx.random.normal(images.shape)
-        loss, grads = nn.value_and_grad(model, loss_fn)(x, ids)
-        grads, norm = optim.clip_grad_norm(grads, 1.0)
-        return loss, grads, norm
-
-    opt.init(model.trainable_parameters())
-    state = [model.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update(grads):
-        opt.update(model, grads)
-
-    losses, skipped, tic = [], 0, time.perf_counter()
-    for i in range(steps if stop_after is None else min(stop_after, steps)):
+    def next_batch():  # label dropout: a share of the captions become the unconditional ""
         images, texts = scenes.make_batch(batch_size, int(rng.integers(2**31)))
         texts = ["" if rng.random() < label_drop else t for t in texts]
         ids, _ = encoder.token_ids(texts)
-        loss, grads, norm = gradients(mx.array(scenes.to_model(images)), mx.array(ids))
-        mx.eval(loss, grads, norm)
-        loss = loss.item()
-        if not (math.isfinite(loss) and math.isfinite(norm.item())):
-            skipped += 1
-            if skipped > max(10, steps // 50):
-                raise FloatingPointError(f"{skipped} non-finite steps by step {i + 1}")
-            continue
-        update(grads)
-        mx.eval(state)
-        losses.append(loss)
-        if log and ((i + 1) % log_every == 0 or i == steps - 1):
-            dt = time.perf_counter() - tic
-            log(
-                f"flow step {i + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f} nats/dim  "
-                f"grad norm {norm.item():.2f}  lr {opt.learning_rate.item():.2e}  skipped {skipped}  "
-                f"{(i + 1) * batch_size / dt:.1f} img/s  {dt / 60:.1f} min"
-            )
+        return mx.array(scenes.to_model(images)), mx.array(ids)
+
+    gradients = training.noisy_gradients(model, loss_fn, cfg.noise_std)
+    line = partial(training.Progress.line, prefix="flow ", bits=False, rate="{drawn:.1f} img/s")
+    losses = training.fit(model, opt, gradients, next_batch, steps, log, log_every, line, stop_after)
     return model, losses
 
 
@@ -182,8 +138,7 @@ def run(
     init_heads(model)
     if deep_init == "lm":
         init_from_lm(model, out / "lm")
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    log(f"flow: {n / 1e6:.2f}M parameters, deep block from {deep_init}")
+    log(f"flow: {training.parameter_count(model) / 1e6:.2f}M parameters, deep block from {deep_init}")
     encoder = TokenEncoder(out / "lm", cfg.txt_size)
     tic = time.perf_counter()
     model, losses = train_flow(
@@ -193,14 +148,13 @@ def run(
     record = {
         "seed": seed,
         "deep_init": deep_init,
-        "lm": {"steps": lm_steps, "final_loss": round(float(np.mean(lm_losses[-100:])), 4), "held_out_loss": held},
+        "lm": {"steps": lm_steps, "final_loss": training.final_loss(lm_losses), "held_out_loss": held},
         "flow": {"steps": steps, "stop_after": stop_after, "batch_size": batch_size, "lr": lr, "label_drop": 0.1},
         "losses_per_100_steps": [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)],
         "minutes": {"lm": round(lm_minutes, 1), "flow": round(minutes, 1)},
-        "final_loss_nats_per_dim": round(float(np.mean(losses[-100:])), 4),
+        "final_loss_nats_per_dim": training.final_loss(losses),
     }
-    weights = dict(tree_flatten(model.parameters()))
-    save_model(out / "model", cfg, weights, force=True, files={"training.json": json.dumps(record, indent=2) + "\n"})
+    training.save_folder(out / "model", cfg, model, record, force=True)
     lm.save(out / "model" / "text_encoder", lm_model, tok, args, embed_only=True)
     log(f"saved {out / 'model'} ({minutes:.1f} min of flow training)")
     return out / "model"

@@ -16,7 +16,10 @@ checker.py, written apart from this file: it shares none of its code or constant
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from ..demo_common.drawing import draw_shape, jittered_colours
+from ..demo_common.drawing import from_model as from_model
+from ..demo_common.drawing import to_model as to_model
 
 SIZE = 16  # pixels along a side of a frame
 FRAMES = 8
@@ -33,9 +36,8 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = tuple(f"{c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS)
 
-# Drawing: 4x supersampling, then a box filter (exact area coverage), so motion below a
-# pixel shows as a change of the edges.
-_SUPERSAMPLE = 4
+# Drawing (demo_common.drawing): 4x supersampling, then a box filter (exact area coverage),
+# so motion below a pixel shows as a change of the edges.
 _MIN_SIDE, _MAX_SIDE = 4.5, 6.0  # the shape's width in pixels
 _MIN_SPEED, _MAX_SPEED = 0.8, 1.2  # pixels per frame
 _MARGIN = 0.5  # pixels kept free at the border
@@ -64,29 +66,10 @@ def split_prompt(i: int):
     return colour, shape, direction
 
 
-def _draw_frame(shape: str, fg, bg, x0: float, y0: float, w: float, h: float, size: int) -> np.ndarray:
-    k = _SUPERSAMPLE
-    big = Image.new("RGB", (size * k, size * k), bg)
-    d = ImageDraw.Draw(big)
-    # Pixel (i, j) covers [i, i+1) at 4x, so the last covered pixel is the end minus one.
-    box = [x0 * k, y0 * k, (x0 + w) * k - 1, (y0 + h) * k - 1]
-    if shape == "circle":
-        d.ellipse(box, fill=fg)
-    elif shape == "square":
-        d.rectangle(box, fill=fg)
-    else:
-        left, top, right, bottom = box
-        d.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fg)
-    return np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
-
-
 def draw(cls: int, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
     """One clip (frames, size, size, 3) uint8 of class `cls`."""
     colour, shape, direction = split_prompt(cls)
-    bg = 234 + rng.uniform(-8, 8) + rng.uniform(-4, 4, size=3)
-    fg = np.array(COLOURS[colour]) + rng.uniform(-12, 12, size=3)
-    bg = tuple(int(v) for v in np.clip(np.round(bg), 0, 255))
-    fg = tuple(int(v) for v in np.clip(np.round(fg), 0, 255))
+    bg, fg = jittered_colours(rng, COLOURS[colour])
 
     w = rng.uniform(_MIN_SIDE, _MAX_SIDE) * size / 16
     h = w * math.sqrt(3) / 2 if shape == "triangle" else w
@@ -100,7 +83,7 @@ def draw(cls: int, rng: np.random.Generator, size: int = SIZE, frames: int = FRA
     y0 = start if dy > 0 else size - along - start if dy < 0 else rng.uniform(_MARGIN, size - _MARGIN - h)
     clip = np.empty((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
-        clip[t] = _draw_frame(shape, fg, bg, x0 + dx * speed * t, y0 + dy * speed * t, w, h, size)
+        clip[t] = draw_shape(shape, fg, bg, x0 + dx * speed * t, y0 + dy * speed * t, w, h, size)
     return clip
 
 
@@ -114,14 +97,3 @@ def make_dataset(n: int, seed: int, size: int = SIZE, frames: int = FRAMES):
     for i, c in enumerate(labels):
         clips[i] = draw(int(c), rng, size, frames)
     return clips, labels.astype(np.int64)
-
-
-def to_model(clips) -> np.ndarray:
-    """uint8 clips to the model's float32 range [-1, 1]."""
-    return np.asarray(clips, dtype=np.float32) / 127.5 - 1.0
-
-
-def from_model(x) -> np.ndarray:
-    """Model output in [-1, 1] (numpy or mlx) back to uint8."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
