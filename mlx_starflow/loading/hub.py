@@ -4,12 +4,25 @@ cannot be had. Downloads honour HF_HOME and HF_HUB_OFFLINE."""
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_MODEL = "apple/starflow"
 DEFAULT_CHECKPOINT = "starflow_3B_t2i_256x256.pth"
 DEMO = Path(__file__).parents[1] / "demo" / "model"  # the demo subpackage's weights
 DEMO_VIDEO = Path(__file__).parents[1] / "demo_video" / "model"  # the video demo's weights
 DEMO_TEXT = Path(__file__).parents[1] / "demo_text" / "model"  # the text demo's flow and its LM's embedding
+# The models that ship inside the package, by the name --model takes.
+SHIPPED = {"demo": DEMO, "demo-text": DEMO_TEXT, "demo-video": DEMO_VIDEO}
+
+
+def shipped(name: str) -> Optional[Path]:
+    """The folder of a model that ships in the package, None for other names."""
+    folder = SHIPPED.get(name)
+    if folder is not None and not (folder / "model.safetensors").is_file():
+        raise ModelNotFound(f"the {name} model is missing from the package ({folder}); reinstall mlx-starflow")
+    return folder
+
+
 TEXT_SUBFOLDERS = ("text_encoder", "t5", "flan-t5-xl")
 VAE_SUBFOLDERS = ("vae", "sd-vae-ft-ema")
 

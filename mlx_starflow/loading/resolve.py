@@ -23,9 +23,6 @@ from . import weights
 from .hub import (
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL,
-    DEMO,
-    DEMO_TEXT,
-    DEMO_VIDEO,
     TEXT_SUBFOLDERS,
     VAE_SUBFOLDERS,
     ModelNotFound,
@@ -34,6 +31,7 @@ from .hub import (
     is_repo_id,
     looks_like_path,
     patterns,
+    shipped,
 )
 from .vae import vae_config
 
@@ -142,22 +140,9 @@ def resolve(
     quantize=None,
 ) -> Resolved:
     """Where the flow (converted), the text encoder and the VAE of `model` are."""
-    if model == "demo":
-        if not (DEMO / "model.safetensors").is_file():
-            raise ModelNotFound(f"the demo model is missing from the package ({DEMO}); reinstall mlx-starflow")
-        return _with_components(DEMO, None, None, None)
-    if model == "demo-text":
-        if not (DEMO_TEXT / "model.safetensors").is_file():
-            raise ModelNotFound(
-                f"the text demo model is missing from the package ({DEMO_TEXT}); reinstall mlx-starflow"
-            )
-        return _with_components(DEMO_TEXT, None, text_encoder, None)
-    if model == "demo-video":
-        if not (DEMO_VIDEO / "model.safetensors").is_file():
-            raise ModelNotFound(
-                f"the video demo model is missing from the package ({DEMO_VIDEO}); reinstall mlx-starflow"
-            )
-        return _with_components(DEMO_VIDEO, None, None, None)
+    folder = shipped(model)
+    if folder is not None:  # the demos: the text demo's LM may be given another folder
+        return _with_components(folder, None, text_encoder if model == "demo-text" else None, None)
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():

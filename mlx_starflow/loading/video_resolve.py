@@ -12,7 +12,16 @@ from typing import Optional
 
 from ..models.config import read_reference_yaml
 from . import video
-from .hub import DEFAULT_MODEL, TEXT_SUBFOLDERS, ModelNotFound, cache_dir, download, is_repo_id, looks_like_path
+from .hub import (
+    DEFAULT_MODEL,
+    TEXT_SUBFOLDERS,
+    ModelNotFound,
+    cache_dir,
+    download,
+    is_repo_id,
+    looks_like_path,
+    shipped,
+)
 from .resolve import _find_config, _key
 
 # The release: `apple/starflow-v` names the video checkpoint of Apple's one STARFlow repo.
@@ -22,7 +31,6 @@ WAN_VAE_REPO = "Wan-AI/Wan2.2-TI2V-5B"
 WAN_VAE_FILE = "Wan2.2_VAE.pth"
 WAN_SUBFOLDERS = ("vae", "wan_vae")
 DEMO_VIDEO_NAME = "demo-video"
-DEMO_VIDEO = Path(__file__).parents[1] / "demo_video" / "model"  # the video demo's weights
 
 
 @dataclass
@@ -159,9 +167,7 @@ def resolve_video(
 ) -> VideoResolved:
     """Where the video flow (converted), its text encoder and its VAE are."""
     if model == DEMO_VIDEO_NAME:
-        if not (DEMO_VIDEO / "model.safetensors").is_file():
-            raise ModelNotFound(f"the video demo model is missing from the package ({DEMO_VIDEO})")
-        return _components(DEMO_VIDEO, None, None, None)
+        return _components(shipped(model), None, None, None)
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
