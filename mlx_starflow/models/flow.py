@@ -369,6 +369,19 @@ class Denoiser(nn.Module):
         return self.proj_out(h).astype(mx.float32)
 
 
+def check_text(cfg, y, batch: int):
+    """y as a flow of config cfg takes its text (None without text), or a ValueError saying its shape."""
+    if cfg.txt_dim == 0:
+        return None
+    if y is None or y.ndim != 3 or y.shape[-1] != cfg.txt_dim:
+        raise ValueError(
+            f"text embeddings must be (batch, tokens, {cfg.txt_dim}), got {None if y is None else tuple(y.shape)}"
+        )
+    if y.shape[0] != batch:
+        raise ValueError(f"{y.shape[0]} rows of text embeddings for a batch of {batch}")
+    return y
+
+
 def log_normal(z):
     """log N(z; 0, I) per sample, summed over every axis but the first."""
     D = math.prod(z.shape[1:])
@@ -444,16 +457,7 @@ class Flow(nn.Module):
             )
 
     def check_text(self, y, batch):
-        cfg = self.config
-        if cfg.txt_dim == 0:
-            return None
-        if y is None or y.ndim != 3 or y.shape[-1] != cfg.txt_dim:
-            raise ValueError(
-                f"text embeddings must be (batch, tokens, {cfg.txt_dim}), got {None if y is None else tuple(y.shape)}"
-            )
-        if y.shape[0] != batch:
-            raise ValueError(f"{y.shape[0]} rows of text embeddings for a batch of {batch}")
-        return y
+        return check_text(self.config, y, batch)
 
     # -- density -------------------------------------------------------------------
 

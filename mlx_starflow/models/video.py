@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ConfigError, FlowConfig
-from .flow import Attention, Denoiser, FlowBlock, IdentityBlock, Layer, log_normal
+from .flow import Attention, Denoiser, FlowBlock, IdentityBlock, Layer, check_text, log_normal
 from .rope import TEXT_DIMS, THETA, apply_rope
 
 
@@ -254,16 +254,7 @@ class VideoFlow(nn.Module):
             raise ValueError(f"{name} has no frames")
 
     def check_text(self, y, batch: int):
-        cfg = self.config
-        if cfg.txt_dim == 0:
-            return None
-        if y is None or y.ndim != 3 or y.shape[-1] != cfg.txt_dim:
-            raise ValueError(
-                f"text embeddings must be (batch, tokens, {cfg.txt_dim}), got {None if y is None else tuple(y.shape)}"
-            )
-        if y.shape[0] != batch:
-            raise ValueError(f"{y.shape[0]} rows of text embeddings for a batch of {batch}")
-        return y
+        return check_text(self.config, y, batch)
 
     def order(self, tokens, frames: int, flip: bool):
         """Tokens (B, frames*F, D) in a block's order and back: a flipped block reverses
