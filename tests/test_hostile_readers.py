@@ -5,6 +5,7 @@ a buffer."""
 import io
 import json
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -446,3 +447,33 @@ def test_convert_command_refuses_a_crafted_pth_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "'w'" in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
     assert yaml.safe_load(cfg.read_text())  # untouched
+
+
+@pytest.mark.parametrize(
+    "shapes, says",
+    [
+        ({"blocks.x.proj_in.weight": (8, 12)}, "blocks.x.proj_in.weight"),
+        ({"blocks.": (1,)}, "no layer number"),
+        ({"blocks.0.attn_blocks.a.w": (2, 2)}, "blocks.0.attn_blocks.a.w"),
+        (
+            {"blocks.0.proj_in.weight": (8,), "blocks.0.proj_out.weight": (24, 8), "blocks.0.pos_embed": (4, 8)},
+            "blocks.0.proj_in.weight",
+        ),
+        (
+            {
+                "blocks.0.proj_in.weight": (64, 12),
+                "blocks.0.proj_out.weight": (24, 64),
+                "blocks.0.pos_embed": (4, 64),
+                "blocks.0.attn_blocks.0.attn.qkv.weight": (192, 64),
+            },
+            "mlp.main.0.weight",
+        ),
+    ],
+)
+def test_tarflow_shapes_name_the_bad_key(shapes, says):
+    """A TarFlow state dict is read from its key names: a key without a layer number, a
+    missing or non-matrix tensor is a ConfigError naming it, never a bare ValueError."""
+    from mlx_starflow.models.config import tarflow_config_from_shapes
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        tarflow_config_from_shapes(shapes)

@@ -635,21 +635,32 @@ def _vae_downsample(vae: Optional[str], given: Optional[int]) -> int:
     return known
 
 
+def _index(key: str, at: int) -> int:
+    """The layer number at dotted position `at` of a checkpoint key ("blocks.3.x" -> 3 at 1)."""
+    parts = key.split(".")
+    if len(parts) <= at or not parts[at].isdigit():
+        raise ConfigError(f"not a TarFlow checkpoint: key '{key}' has no layer number at part {at + 1}")
+    return int(parts[at])
+
+
 def tarflow_config_from_shapes(
     shapes: dict, in_channels: int = 3, noise_std: float = 0.05, head_dim: int = 64
 ) -> FlowConfig:
     """Infer an apple/ml-tarflow architecture from its state-dict shapes."""
-    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")})
+    blocks = sorted({_index(k, 1) for k in shapes if k.startswith("blocks.")})
     if not blocks or blocks != list(range(len(blocks))):
         raise ConfigError("not a TarFlow checkpoint: no consecutive 'blocks.N.' keys")
     layers = []
     for i in blocks:
-        js = {int(k.split(".")[3]) for k in shapes if k.startswith(f"blocks.{i}.attn_blocks.")}
+        js = {_index(k, 3) for k in shapes if k.startswith(f"blocks.{i}.attn_blocks.")}
         layers.append(len(js))
     need = ["blocks.0.proj_in.weight", "blocks.0.proj_out.weight", "blocks.0.pos_embed"]
-    for k in need:
+    need += ["blocks.0.attn_blocks.0.mlp.main.0.weight"] if layers[0] else []
+    for k in need:  # all matrices: (out, in) weights, (positions, width) embeddings
         if k not in shapes:
             raise ConfigError(f"not a TarFlow checkpoint: missing '{k}'")
+        if len(shapes[k]) != 2:
+            raise ConfigError(f"'{k}' has shape {tuple(shapes[k])}; a TarFlow checkpoint has a matrix there")
     channels, token_dim = shapes["blocks.0.proj_in.weight"]
     if token_dim % in_channels:
         raise ConfigError(f"patch width {token_dim} is not a multiple of {in_channels} channels")
