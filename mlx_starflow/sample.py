@@ -217,16 +217,52 @@ def block_steps(
     once per block, so only for blocks of at least compile_min_tokens tokens); overlap
     builds token t+1's graph while token t computes (pays on a GPU, not on a 2-core
     CPU where both compete). Measured by `python -m mlx_starflow.benchmark --compare-loop`."""
-    loop = _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens)
-    last = 0
+    loop = block_points(
+        block,
+        z,
+        caches,
+        rope,
+        cond,
+        guidance,
+        jacobi=jacobi,
+        compile_step=compile_step,
+        overlap=overlap,
+        compile_min_tokens=compile_min_tokens,
+    )
     while True:
         try:
             done, _ = next(loop)
         except StopIteration as stop:
             return stop.value
+        yield done
+
+
+def block_points(
+    block: FlowBlock,
+    z,
+    caches,
+    rope=None,
+    cond=None,
+    guidance: float = 0.0,
+    *,
+    jacobi: Optional[Jacobi] = None,
+    compile_step: bool = True,
+    overlap: bool = False,
+    compile_min_tokens: int = 64,
+):
+    """block_steps with the tokens: yields (done, current) after each finished token or
+    Jacobi chunk, current() giving the block's tokens (B', N, D) in its order, the first
+    `done` of them final (video_sample hands a finished frame on while the block goes on)."""
+    loop = _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens)
+    last = 0
+    while True:
+        try:
+            done, current = next(loop)
+        except StopIteration as stop:
+            return stop.value
         if done > last:  # Jacobi's points within a chunk finish no token
             last = done
-            yield done
+            yield done, current
 
 
 def _run_block(block, z, rope, text, cond, guidance, jacobi, compile_step, overlap, kv_bits=None):

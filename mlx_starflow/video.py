@@ -16,6 +16,11 @@ one four, after undoing the VAE's temporal scale; memory stays one step's). A pi
 video flow (no VAE) gives its frames straight from the flow's output, in [-1, 1].
 
 One event per finished frame (stage "frame") carries it; stop iterating to cancel.
+With frame-local shallow blocks (the release's) the clip is streamed: each frame the
+deep block finishes goes through the shallow blocks at once and has a "preview" event
+before the deep block samples the next (with preview=True its picture before the
+denoising: the flow's pixels, or the latent frame decoded by a second, streaming Wan2.2
+decode).
 """
 
 import gc
@@ -49,7 +54,7 @@ from .options import (
 )
 from .pipeline import ClassEncoder
 from .sample import Jacobi, OptionError, check_guidance
-from .video_sample import sample_video_steps
+from .video_sample import sample_video_steps, streams
 from .videos import to_uint8
 
 __all__ = [
@@ -157,6 +162,14 @@ class VideoOptions(Options):
         high=MAX_FRAMES,
         request=True,
     )
+    preview: bool = option(
+        False,
+        'a picture with each "preview" event: every frame as soon as the sampler has it, before the '
+        "denoising; with the Wan2.2 VAE each latent frame is decoded then too (a second decode of the clip, "
+        "and a second set of the decoder's frame caches held while sampling)",
+        kind=bool,
+        cli=False,
+    )
 
     def validate(self) -> "VideoOptions":
         """Raises OptionError naming the option; returns self."""
@@ -172,6 +185,8 @@ class VideoOptions(Options):
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         Jacobi(self.jacobi_block_size, self.jacobi_threshold, self.jacobi_max_iter)
+        if not isinstance(self.preview, bool):
+            raise OptionError("preview", f"preview must be True or False, not {self.preview!r}")
         return self
 
 
@@ -195,8 +210,11 @@ class VideoResult:
 @dataclass
 class VideoEvent:
     """One report of `VideoPipeline.generate_steps`: `done` of `total` of a stage ("text",
-    "deep", "shallow", "denoise", "frame"). During "frame" `frame` is the frame just finished
-    (uint8 (H, W, 3)) and `index` its number; the last event carries the result."""
+    "deep", "shallow", "preview", "denoise", "frame"). During "frame" `frame` is the frame
+    just finished (uint8 (H, W, 3)) and `index` its number; the last event carries the
+    result. A streamed clip (VideoPipeline.streamed) has a "preview" event for each video
+    frame as soon as the sampler has it, between the deep block's tokens: `index` its
+    number, `frame` its picture before the denoising when asked (preview=True), else None."""
 
     stage: str
     done: int
@@ -481,6 +499,27 @@ class VideoPipeline:
         grad = mx.grad(lambda v: self.flow.log_prob(v, y_cond).sum())(x.astype(mx.float32))
         return x + s * s * grad
 
+    def streamed(self, opts: VideoOptions) -> bool:
+        """Whether a call's frames come out while it samples ("preview" events): frame-local
+        shallow blocks, and sequential sampling or previews asked for (with Jacobi the
+        previews take a pass of the shallow blocks of their own: video_sample)."""
+        return streams(self.flow) and (opts.jacobi is None or opts.preview)
+
+    def _previews(self, step, opts: VideoOptions, decoder) -> Iterator[VideoEvent]:
+        """The "preview" events of a latent frame the sampler has finished: its video frames
+        (1 for the first, temporal_factor after), decoded when previews are asked for."""
+        t, f = step.frame, self.temporal_factor
+        first, count = (0, 1) if t == 0 else (1 + (t - 1) * f, f)
+        pictures = [None] * count
+        if opts.preview and self.vae is None:
+            pictures = [to_uint8(np.array(mx.clip(step.frame_x[0, 0], -1.0, 1.0)))]
+        elif opts.preview:
+            z = step.frame_x if t == 0 else step.frame_x / self.video.temporal_scale
+            out = np.array(mx.clip(decoder(z).astype(mx.float32), -1.0, 1.0))
+            pictures = [to_uint8(v) for v in out[0]]
+        for j, picture in enumerate(pictures):
+            yield VideoEvent("preview", first + j + 1, opts.frames, picture, first + j)
+
     def frames_of(self, x) -> Iterator[np.ndarray]:
         """The clip's video frames, uint8, one after another: decoded one latent frame at a
         time with the Wan2.2 VAE (its temporal scale undone first), or the flow's own frames."""
@@ -538,6 +577,13 @@ class VideoPipeline:
         shallow = [i for i in range(top - 1, -1, -1) if not isinstance(self.flow.blocks[i], IdentityBlock)]
         window = opts.local_attn_window
         context = None if window is None else (opts.context_length or window - 1)
+        stream = self.streamed(opts)
+        decoder = self.vae.stream_decoder() if stream and opts.preview and self.vae is not None else None
+        # The shallow blocks' progress: each block's share done (Jacobi's previews: a pass of their own).
+        passes = 2 if stream and opts.jacobi is not None else 1
+        p = self.config.patch_size
+        clip_tokens = noise.shape[1] * (noise.shape[2] // p) * (noise.shape[3] // p)
+        shares = {}
         x = None
         steps = sample_video_steps(
             self.flow,
@@ -547,15 +593,20 @@ class VideoPipeline:
             jacobi=opts.jacobi,
             context_length=context,
             local_attn_window=window,
+            stream=stream,
         )
         for step in steps:
-            if step.block == top:
+            if step.frame is not None:
+                yield from self._previews(step, opts, decoder)
+            elif step.block == top:
                 yield VideoEvent("deep", step.done, step.total)
             else:
-                k = shallow.index(step.block) if step.block in shallow else 0
-                yield VideoEvent("shallow", k * step.total + step.done, max(len(shallow), 1) * step.total)
+                shares[step.block, step.preview] = step.done / step.total
+                total = max(len(shallow), 1) * passes * clip_tokens
+                yield VideoEvent("shallow", round(sum(shares.values()) * clip_tokens), total)
             if step.x is not None:
                 x = step.x
+        del decoder
         mx.eval(x)
         timings["sample"] = time.perf_counter() - t0
 

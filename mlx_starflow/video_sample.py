@@ -14,8 +14,13 @@ finished frames re-encoded (so they sit at the first frame positions), and the n
 W - context_length frames are sampled; clips may so be longer than the training
 ones. The reference samples a windowed model by Jacobi only, so does this.
 
-Frame-local shallow blocks sample every frame as an image of its own (all frames
-of the batch at once). Guidance is the image rule (sample.guided) on the deep block.
+Frame-local shallow blocks sample every frame as an image of its own. A clip is
+streamed (`streams`): each frame the deep block finishes goes through the shallow
+blocks alone, before the deep block's next token, so a frame is out (a preview) while
+the next ones are sampled; with Jacobi the clip itself still takes one pass of the
+shallow blocks over all frames at once (the reference's stopping rule). Models whose
+shallow blocks see the whole clip take the blocks in turn. Guidance is the image rule
+(sample.guided) on the deep block.
 """
 
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ import mlx.core as mx
 
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
-from .sample import Jacobi, OptionError, block_steps, check_guidance, guided, is_whole
+from .sample import Jacobi, OptionError, block_points, check_guidance, guided, is_whole
 
 
 @dataclass
@@ -37,6 +42,9 @@ class VideoStep:
     done: int
     total: int
     x: Optional[mx.array] = None
+    frame: Optional[int] = None  # streamed: frame `frame` has been through every block ...
+    frame_x: Optional[mx.array] = None  # ... and is this (B, 1, H, W, C)
+    preview: bool = False  # a step of a pass for previews only (Jacobi, streamed)
 
 
 def _doubled(s, mu, w):
@@ -45,8 +53,8 @@ def _doubled(s, mu, w):
 
 def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: int, window, context):
     """Jacobi over one block's tokens z (B', N, D) in its own order, `frame` tokens a
-    frame; window/context in tokens (None: no local window). Generator: yields the
-    tokens done after each chunk; returns x (B', N, D)."""
+    frame; window/context in tokens (None: no local window). Generator: yields (tokens
+    done, current) after each chunk, current() the tokens so far; returns x (B', N, D)."""
     B, N, _ = z.shape
     # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
     x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
@@ -69,7 +77,7 @@ def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: i
                 for cache in caches:
                     cache.rewind(size)
             start += size
-            yield start
+            yield start, lambda: x_full[:, 1:]
         if target >= N:
             break
         target = min(target + window - context, N)
@@ -101,6 +109,16 @@ def _check_window(flow: VideoFlow, frames: int, jacobi, local_attn_window, conte
     return window, context
 
 
+def streams(flow: VideoFlow) -> bool:
+    """Whether a clip leaves the sampler frame by frame: the shallow blocks frame-local
+    and the deep block's order keeping the frames in time (with `temporal_causal`, or
+    unflipped), so a frame the deep block has finished goes through the shallow blocks
+    alone, with the numbers it would have among all frames."""
+    deep = flow.blocks[-1]
+    in_time = bool(flow.video.temporal_causal) or not deep.flip
+    return flow.video.shallow_block_local and not isinstance(deep, IdentityBlock) and in_time
+
+
 def sample_video_steps(
     flow: VideoFlow,
     noise,
@@ -110,11 +128,22 @@ def sample_video_steps(
     jacobi: Optional[Jacobi] = None,
     context_length: Optional[int] = None,
     local_attn_window: Optional[int] = None,
+    stream: Optional[bool] = None,
 ) -> Iterator[VideoStep]:
     """Noise (B, T, H, W, C) -> clip, one VideoStep per token or Jacobi chunk. y: the
     text embeddings, B rows, or 2B rows [conditional; unconditional] when guidance > 0.
     local_attn_window (frames) overrides the model's; context_length (frames, default
-    the window less one) is what a full window keeps. Stop iterating to cancel."""
+    the window less one) is what a full window keeps. Stop iterating to cancel.
+
+    stream: each frame through the shallow blocks as soon as the deep block has
+    finished it, then a VideoStep with `frame` set, before the deep block's next token
+    (models that `stream` only). Sequential sampling streams by default: a frame alone
+    gives the numbers it gives among all frames. Jacobi streams when asked, for
+    previews: a frame's Jacobi chunks stop on its own change, where the reference's
+    stop on the change over all frames at once, so the clip itself still comes from
+    one pass of the shallow blocks over every frame after the deep block (about a
+    tenth more work at the release's shapes); its steps of the previews' passes have
+    `preview` set."""
     w_all = check_guidance(guidance)
     flow.check_input(noise, "noise")
     cfg = flow.config
@@ -126,46 +155,92 @@ def sample_video_steps(
             text = text[:B]
         elif w_all == 0 and text.shape[0] != B:
             raise ValueError(f"{text.shape[0]} rows of text embeddings for a batch of {B}")
+    if stream is None:
+        stream = jacobi is None and streams(flow)
+    elif stream and not streams(flow):
+        raise ValueError("this model cannot stream frames: its shallow blocks are not frame-local")
     h, w = flow.grid(noise)
     tokens = flow.patchify(noise).astype(mx.float32)
     _, T, F, D = tokens.shape
     window, context = _check_window(flow, T, jacobi, local_attn_window, context_length)
     n = len(flow.blocks)
     order = [i for i in [n - 1] + list(range(n - 2, -1, -1)) if not isinstance(flow.blocks[i], IdentityBlock)]
-    for k, i in enumerate(order):
+
+    def loop_of(i, seq, frames):
+        """Block i's loop over seq (rows, N, D) in natural order: yields (done, current),
+        returns x in the block's order (rows doubled when guided)."""
         block = flow.blocks[i]
         g = w_all if block.has_text else 0.0
         t = (text if g > 0 else text[:B]) if block.has_text else None
         L = 0 if t is None else t.shape[1]
-        if flow.is_local(i):
-            seq, frames = tokens.reshape(B * T, F, D), 1
-        else:
-            seq, frames = tokens.reshape(B, T * F, D), T
         rope = flow.rope(h, w, frames, L)
         z = flow.order(seq, frames, block.flip)
         if g > 0:
             z = mx.concatenate([z, z])
-        deep = i == n - 1
-        win = window * F if deep and window is not None else None
+        win = window * F if i == n - 1 and window is not None else None
         caches = block.new_caches(z.shape[0], L + (z.shape[1] if win is None else min(win, z.shape[1])))
         if t is not None:
             block.prefill(t, rope, caches)
         if jacobi is None:
-            loop = block_steps(block, z, caches, rope, None, g, compile_step=False)
-        else:
-            ctx = None if win is None else context * F
-            loop = _jacobi_frames(block, z, caches, rope, t, g, jacobi, F, win, ctx)
+            return block_points(block, z, caches, rope, None, g, compile_step=False)
+        return _jacobi_frames(block, z, caches, rope, t, g, jacobi, F, win, None if win is None else context * F)
+
+    def run(i, seq, frames, start=0, total=None, preview=False):
+        """Block i over seq (rows, N, D), a VideoStep per token (start + done of total);
+        returns its output (rows, N, D) in natural order."""
+        rows, N = seq.shape[:2]
+        loop = loop_of(i, seq, frames)
         while True:
             try:
-                done = next(loop)
+                done, _ = next(loop)
             except StopIteration as stop:
-                x = stop.value[: z.shape[0] // 2] if g > 0 else stop.value
-                break
-            if done < z.shape[1]:
-                yield VideoStep(i, done, z.shape[1])
-        tokens = flow.order(x, frames, block.flip).reshape(B, T, F, D)
-        last = k == len(order) - 1
-        yield VideoStep(i, z.shape[1], z.shape[1], flow.unpatchify(tokens, h, w) if last else None)
+                return flow.order(stop.value[:rows], frames, flow.blocks[i].flip)
+            if done < N:
+                yield VideoStep(i, start + done, total or N, preview=preview)
+
+    def every_frame(blocks, tokens):
+        """The blocks in turn over all frames at once; the last step carries the clip."""
+        for k, i in enumerate(blocks):
+            if flow.is_local(i):
+                seq, frames = tokens.reshape(B * T, F, D), 1
+            else:
+                seq, frames = tokens.reshape(B, T * F, D), T
+            tokens = (yield from run(i, seq, frames)).reshape(B, T, F, D)
+            last = k == len(blocks) - 1
+            yield VideoStep(i, seq.shape[1], seq.shape[1], flow.unpatchify(tokens, h, w) if last else None)
+
+    if not stream:
+        yield from every_frame(order, tokens)
+        return
+
+    # The deep block over the clip; each frame it finishes goes through the shallow blocks at once.
+    top, shallow = order[0], order[1:]
+    flip = flow.blocks[top].flip
+    loop = loop_of(top, tokens.reshape(B, T * F, D), T)
+    previews = jacobi is not None
+    finished = []  # each frame after every block (B, F, D)
+    while True:
+        try:
+            done, current = next(loop)
+        except StopIteration as stop:
+            deep = flow.order(stop.value[:B], T, flip)
+            break
+        yield VideoStep(top, done, T * F)
+        while (len(finished) + 1) * F <= done:
+            f = len(finished)
+            x = flow.order(current()[:B, f * F : (f + 1) * F], 1, flip)  # the deep block's order undone
+            for i in shallow:
+                x = yield from run(i, x, 1, f * F, T * F, previews)
+                yield VideoStep(i, (f + 1) * F, T * F, preview=previews)
+            mx.eval(x)
+            finished.append(x)
+            last = shallow[-1] if shallow else top
+            frame_x = flow.unpatchify(x[:, None], h, w)
+            yield VideoStep(last, (f + 1) * F, T * F, frame=f, frame_x=frame_x, preview=previews)
+    if previews and shallow:
+        yield from every_frame(shallow, deep.reshape(B, T, F, D))
+    else:
+        yield VideoStep(shallow[-1] if shallow else top, T * F, T * F, flow.unpatchify(mx.stack(finished, 1), h, w))
 
 
 def sample_video(

@@ -217,16 +217,37 @@ def unwrite_frames(paths) -> None:
     unwrite(paths)
 
 
+def _folder(folder, flag: str) -> Path:
+    """A folder for PNGs, created if missing (its parent must exist)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder}: a file, not a folder")
+    if not folder.exists():
+        if not (folder.parent if str(folder.parent) else Path(".")).is_dir():
+            raise ValueError(f"{flag} {folder}: its folder {folder.parent} does not exist")
+        folder.mkdir()
+    return folder
+
+
+def preview_paths(folder, count: int, overwrite: bool = False) -> List[Path]:
+    """`folder/preview-0000.png`, ... for a clip's previews, checked before sampling (the
+    folder created if missing)."""
+    paths = [_folder(folder, "--preview-dir") / f"preview-{i:04d}.png" for i in range(count)]
+    check_writable(paths, overwrite)
+    return paths
+
+
+def save_preview(path, frame) -> Path:
+    """One preview frame as a PNG, written whole (a temporary file renamed)."""
+    img = Image.fromarray(to_uint8(frame))
+    write_all([(Path(path), lambda tmp: img.save(tmp, format="PNG"))])
+    return Path(path)
+
+
 def save_frames(folder, frames: list, params: Optional[dict] = None, overwrite: bool = False) -> List[Path]:
     """Frames as PNGs `folder/frame-0000.png`, ... (each carrying the clip's parameters and
     its index): all written or none. The folder is created if missing (its parent must exist)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--frames-dir {folder}: a file, not a folder")
-    if not folder.exists():
-        if not (folder.parent if str(folder.parent) else Path(".")).is_dir():
-            raise ValueError(f"--frames-dir {folder}: its folder {folder.parent} does not exist")
-        folder.mkdir()
+    folder = _folder(folder, "--frames-dir")
     paths = frame_paths(folder, len(frames))
     check_writable(paths, overwrite)
     files = []

@@ -25,6 +25,7 @@ STAGES = {
     "shallow": "Shallow blocks",
     "denoise": "Denoising",
     "decode": "Decoding",
+    "sample": "Sampling",
 }
 
 
@@ -171,16 +172,18 @@ class Bars:
     def __init__(self, enabled):
         self.enabled, self.bar, self.stage = enabled and sys.stderr.isatty(), None, None
 
-    def __call__(self, stage, done, total):
+    def __call__(self, stage, done, total, note=None):
         if not self.enabled:
             return True
         if stage != self.stage:
             self.close()
             self.stage = stage
-            unit = "tok" if stage in ("deep", "shallow") else ""
+            unit = "tok" if stage in ("deep", "shallow", "sample") else ""
             self.bar = tqdm(total=total, desc=STAGES.get(stage, stage), unit=unit, leave=False, file=sys.stderr)
         self.bar.total = total
         self.bar.n = done
+        if note is not None:
+            self.bar.set_postfix_str(note, refresh=False)
         self.bar.refresh()
         return True
 

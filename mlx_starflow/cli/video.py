@@ -18,8 +18,10 @@ from ..videos import (
     check_codec,
     check_output,
     clip_metadata,
+    preview_paths,
     read_metadata,
     save_frames,
+    save_preview,
     unwrite_frames,
 )
 from .common import STAGES, Bars, add_fields, flag_of, new_parser, run_command
@@ -75,6 +77,14 @@ def parser():
     add_fields(p, LoadOptions, only=LOAD_FIELDS)
     p.add_argument("--output", metavar="MP4", default="starflow-v-{seed}.mp4", help="the MP4; {seed} is replaced")
     p.add_argument("--frames-dir", metavar="DIR", default=None, help="also write every frame as a PNG into DIR")
+    p.add_argument(
+        "--preview-dir",
+        metavar="DIR",
+        default=None,
+        help="write each frame as preview-NNNN.png into DIR as soon as it is sampled, before the denoising (the "
+        "previews stay when the clip stops; with the Wan2.2 VAE each is decoded then too: a second decode "
+        "of the clip, and its frame caches held while sampling)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--verbose", action="store_true", help="print stage timings and peak memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (only drawn on a terminal)")
@@ -83,7 +93,7 @@ def parser():
 
 def replayable() -> dict:
     """{option: flag} an MP4's metadata may set: settings (and the prompt and seed), never places."""
-    out = {n: flag_of(n, m) for n, _, m in specs(VideoOptions)}
+    out = {n: flag_of(n, m) for n, _, m in specs(VideoOptions) if m["cli"]}
     for n, _, m in specs(LoadOptions):
         if n in LOAD_FIELDS and not m["place"]:
             out[n] = flag_of(n, m)
@@ -113,7 +123,8 @@ def read_args(argv):
         args = p.parse_args(metadata_args(args.from_video) + argv)
     elif args.prompt is None:
         p.error("the following arguments are required: --prompt (or --from-video)")
-    values = {n: getattr(args, n) for n, _, _ in specs(VideoOptions)}
+    values = {n: getattr(args, n) for n, _, m in specs(VideoOptions) if m["cli"]}
+    values["preview"] = args.preview_dir is not None
     try:
         args.options = VideoOptions(**values).validate()
     except OptionError as e:
@@ -123,6 +134,24 @@ def read_args(argv):
     load["text_dtype"] = "float32" if load["text_dtype"] == "auto" else load["text_dtype"]
     args.load = load
     return args
+
+
+class Progress:
+    """The bars of a clip's events. A streamed clip (frames out while it samples) has one
+    "Sampling" bar over the deep block's tokens, saying how many frames are out."""
+
+    def __init__(self, bars, streamed: bool, frames: int):
+        self.bars, self.streamed, self.frames = bars, streamed, frames
+        self.out, self.deep = 0, (0, 1)
+
+    def __call__(self, event):
+        if not self.streamed or event.stage not in ("deep", "shallow", "preview"):
+            return self.bars(event.stage, event.done, event.total)
+        if event.stage == "preview":
+            self.out = event.done
+        elif event.stage == "deep":
+            self.deep = (event.done, event.total)
+        return self.bars("sample", *self.deep, note=f"{self.out}/{self.frames} frames sampled")
 
 
 def _frame_flag(e: OptionError) -> str:
@@ -163,11 +192,15 @@ def main(argv=None):
             raise ValueError(f"{_frame_flag(e)}: {e}") from None
         recorded = {k: v for k, v in args.load.items() if k in replayable() and v is not None}
         params = clip_metadata(opts.prompt, opts.seed, pipe.params(opts), recorded)
+        previews = preview_paths(args.preview_dir, opts.frames, args.overwrite) if args.preview_dir else None
+        progress = Progress(bars, pipe.streamed(opts), opts.frames)
         frames = []
         with Mp4Writer(out, opts.fps, params) as writer:
             for event in pipe.generate_steps(opts):
-                bars(event.stage, event.done, event.total)
-                if event.frame is not None:
+                progress(event)
+                if event.stage == "preview" and event.frame is not None and previews:
+                    save_preview(previews[event.index], event.frame)
+                elif event.stage == "frame":
                     writer.add(event.frame)
                     if args.frames_dir:
                         frames.append(event.frame)

@@ -166,8 +166,10 @@ class VideoJob:
         }
 
 
-# The share of a job's progress (percent) each stage spans.
-PROGRESS = {"text": (0, 2), "deep": (2, 60), "shallow": (60, 85), "denoise": (85, 90), "frame": (90, 100)}
+# The share of a job's progress (percent) each stage spans; a job's progress is the sum of
+# each stage's share times its part done, so a streamed clip, whose deep and shallow
+# blocks take turns frame by frame, moves forward as one that takes them one after the other.
+PROGRESS = {"text": 2, "deep": 58, "shallow": 25, "denoise": 5, "frame": 10}
 
 
 class VideoJobs:
@@ -244,13 +246,16 @@ class VideoJobs:
         try:
             with Mp4Writer(path, opts.fps, params) as writer:
                 steps = self.pipe.generate_steps(opts)
+                parts = {}
                 for event in steps:
                     if job.cancelled.is_set() or self._stop.is_set():
                         steps.close()
                         raise _Cancelled()
-                    lo, hi = PROGRESS.get(event.stage, (job.progress, job.progress))
-                    job.progress = max(job.progress, min(99, int(lo + (hi - lo) * event.done / max(event.total, 1))))
-                    if event.frame is not None:
+                    if event.stage in PROGRESS:
+                        parts[event.stage] = event.done / max(event.total, 1)
+                    done = sum(PROGRESS[stage] * part for stage, part in parts.items())
+                    job.progress = max(job.progress, min(99, int(done)))
+                    if event.stage == "frame":
                         writer.add(event.frame)
         except _Cancelled:
             job.status, job.error = "failed", {"code": "cancelled", "message": "the clip was cancelled"}

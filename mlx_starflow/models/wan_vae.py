@@ -590,9 +590,33 @@ class WanVAE(nn.Module):
             mx.eval(out, cache.arrays())
             yield out
 
+    def stream_decoder(self) -> "StreamDecoder":
+        """A decode fed one latent frame at a time as a sampler finishes them (previews)."""
+        return StreamDecoder(self)
+
     def decode(self, z: mx.array, frames_per_step: int = 1) -> mx.array:
         """Normalised latents (B, T', h, w, z_dim) -> videos (B, 1 + 4(T'-1), 16h, 16w, 3), unclipped."""
         return mx.concatenate(list(self.decode_steps(z, frames_per_step)), axis=1)
+
+
+class StreamDecoder:
+    """The causal decode with frame caches of its own, fed one normalised latent frame
+    (B, 1, h, w, z_dim) at a time: each call gives that frame's video frames (1 for the
+    first, then `temporal_factor`), as decode_steps(z, 1) gives them for the whole clip.
+    Its caches live as long as it does (about as much again as one decode step's memory)."""
+
+    def __init__(self, vae: WanVAE):
+        self.vae, self.cache, self.first = vae, FrameCache(), True
+
+    def __call__(self, z: mx.array) -> mx.array:
+        vae = self.vae
+        mean, inv_std = vae._scale()
+        x = vae.conv2((z.astype(mx.float32) / inv_std + mean).astype(vae.dtype))
+        self.cache.start(first=self.first)
+        self.first = False
+        out = unpatchify(vae.decoder(x, self.cache), vae.config.patch_size)
+        mx.eval(out, self.cache.arrays())
+        return out
 
 
 # Reference names (its nn.Sequential indices) -> ours.
