@@ -33,12 +33,14 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
-from .loading import device
+from .loading import device, precision_policy
+from .loading.quant import quant_args
 from .loading.text import load_text_encoder
-from .loading.video import load_video_flow
+from .loading.video import clip_shapes, load_video_flow, read_video_config
 from .loading.video_resolve import VIDEO_MODEL, resolve_video
 from .loading.wan_vae import load_wan_vae
 from .loading.weights import DTYPES
+from .models.cache import kv_group_size
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
 from .options import (
@@ -46,6 +48,7 @@ from .options import (
     SEED_LIMIT,
     Cancelled,
     GenerateOptions,
+    LoadOptions,
     Options,
     check_fields,
     check_seed,
@@ -161,6 +164,13 @@ class VideoOptions(Options):
         low=1,
         high=MAX_FRAMES,
         request=True,
+    )
+    kv_bits: Optional[int] = like(
+        GenerateOptions,
+        "kv_bits",
+        help="hold the deep block's KV cache at this many bits (keys and values quantized in groups of 64): about "
+        "half the cache of bf16, a quarter of float32 (26.5 GB in bf16 for the release's 81 frames) "
+        "(default: the flow's dtype)",
     )
     preview: bool = option(
         False,
@@ -295,37 +305,71 @@ class VideoPipeline:
     def from_pretrained(
         cls,
         model: str = VIDEO_MODEL,
-        dtype: Optional[str] = None,
+        dtype: Optional[str] = "auto",
+        quantize: Optional[int] = None,
+        q_group_size: int = 64,
         text_encoder: Optional[str] = None,
         vae: Optional[str] = None,
-        text_dtype: str = "float32",
+        text_dtype: str = "auto",
+        text_quantize: Optional[int] = None,
         vae_dtype: str = "float32",
         keep_text_encoder: bool = False,
         checkpoint: Optional[str] = None,
         config=None,
     ) -> "VideoPipeline":
         """Load a video model by name: a converted folder, a reference .pth (converted once
-        into the cache) or a folder holding one, or `apple/starflow-v` (the release). The text
-        encoder is loaded when needed and freed after encoding unless keep_text_encoder."""
-        for name, value, allowed in (
-            ("dtype", dtype, (None,) + tuple(DTYPES)),
-            ("text_dtype", text_dtype, ("float32", "bfloat16")),
-            ("vae_dtype", vae_dtype, ("float32", "bfloat16")),
-        ):
-            if value not in allowed:
-                raise OptionError(name, f"{name} must be one of {', '.join(str(a) for a in allowed)}, not {value!r}")
+        into the cache) or a folder holding one, or `apple/starflow-v` (the release). The
+        flow's weights in `dtype` (None: as stored; "auto": the precision policy for video,
+        precision_policy.choose_video: the device and its memory choose the flow's and the
+        text encoder's precision for the model's own clip, `info["precision"]` says which
+        and why), optionally quantized to `quantize` bits as image flows are; text_dtype
+        "auto" follows the flow's. The text encoder is loaded when needed and freed after
+        encoding unless keep_text_encoder."""
+        load = LoadOptions(
+            model=model,
+            dtype=dtype,
+            quantize=quantize,
+            q_group_size=q_group_size,
+            text_dtype=text_dtype,
+            text_quantize=text_quantize,
+            vae_dtype=vae_dtype,
+        )
+        load.validate()  # one OptionError naming the option
         where = resolve_video(model, checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae)
-        flow = device.prepare(load_video_flow(where.flow, dtype=dtype))
+        cfg, _ = read_video_config(where.flow)
+        choice = None
+        if dtype == "auto" or text_dtype == "auto":
+            side = cfg.image_size or cfg.input_size * cfg.pixels_per_latent
+            size = aspect_size(side, DEFAULT_ASPECT if cfg.mix_aspect else None, cfg.pixels_per_latent * cfg.patch_size)
+            shapes = clip_shapes(where.flow, where.text_encoder, where.vae, size)
+            choice = precision_policy.choose_video(
+                shapes, dtype=dtype, quantize=quantize, text_dtype=text_dtype, text_quantize=text_quantize
+            )
+            dtype, quantize = choice.dtype, choice.quantize
+            text_dtype, text_quantize = choice.text_dtype, choice.text_quantize
+        q, tq = (quant_args({"bits": b, "group_size": q_group_size} if b else None) for b in (quantize, text_quantize))
+        flow = device.prepare(load_video_flow(where.flow, dtype=dtype, quantize=q))
         loader = None
         if where.text_encoder is not None:
             txt_size, td = flow.config.txt_size, DTYPES[text_dtype]
 
             def loader():
-                return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td)
+                return load_text_encoder(where.text_encoder, txt_size=txt_size, dtype=td, quantize=tq)
 
         # device.prepare: on a CPU the decoder's convolutions run in strips of rows (bounded memory)
         wan = device.prepare(load_wan_vae(where.vae, dtype=DTYPES[vae_dtype])) if where.vae is not None else None
-        info = {"model": str(model), "flow": str(where.flow), "text_encoder": where.text_encoder, "vae": where.vae}
+        info = {
+            "model": str(model),
+            "flow": str(where.flow),
+            "text_encoder": where.text_encoder,
+            "vae": where.vae,
+            "dtype": dtype,
+            "quantize": quantize,
+            "text_dtype": text_dtype,
+            "text_quantize": text_quantize,
+        }
+        if choice is not None:
+            info["precision"], info["precision_peak"] = choice.line, choice.peak
         return cls(flow, loader, wan, info, keep_text_encoder)
 
     # -- sizes and defaults ------------------------------------------------------------------
@@ -411,6 +455,11 @@ class VideoPipeline:
             self.classes.index(opts.prompt)
             if opts.guidance > 0:
                 self.classes.index(opts.negative_prompt)
+        if opts.kv_bits:
+            try:
+                kv_group_size(cfg.top_head_size)
+            except ValueError as e:
+                raise OptionError("kv_bits", str(e)) from None
         if opts.seed is None:
             opts.seed = random_seed()
         return opts
@@ -437,6 +486,8 @@ class VideoPipeline:
                 jacobi_threshold=opts.jacobi_threshold,
                 jacobi_max_iter=opts.jacobi_max_iter,
             )
+        if opts.kv_bits:
+            p["kv_bits"] = opts.kv_bits
         if opts.local_attn_window is not None:
             p["local_attn_window"] = opts.local_attn_window
             if opts.context_length is not None:
@@ -594,6 +645,7 @@ class VideoPipeline:
             context_length=context,
             local_attn_window=window,
             stream=stream,
+            kv_bits=opts.kv_bits,
         )
         for step in steps:
             if step.frame is not None:

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
-from .sample import Jacobi, OptionError, block_points, check_guidance, guided, is_whole
+from .sample import Jacobi, OptionError, block_points, check_guidance, check_kv_bits, guided, is_whole
 
 
 @dataclass
@@ -129,11 +129,13 @@ def sample_video_steps(
     context_length: Optional[int] = None,
     local_attn_window: Optional[int] = None,
     stream: Optional[bool] = None,
+    kv_bits: Optional[int] = None,
 ) -> Iterator[VideoStep]:
     """Noise (B, T, H, W, C) -> clip, one VideoStep per token or Jacobi chunk. y: the
     text embeddings, B rows, or 2B rows [conditional; unconditional] when guidance > 0.
     local_attn_window (frames) overrides the model's; context_length (frames, default
-    the window less one) is what a full window keeps. Stop iterating to cancel.
+    the window less one) is what a full window keeps. kv_bits (8 or 4): the deep block's
+    KV cache quantized (cache.QuantizedKVCache). Stop iterating to cancel.
 
     stream: each frame through the shallow blocks as soon as the deep block has
     finished it, then a VideoStep with `frame` set, before the deep block's next token
@@ -145,6 +147,7 @@ def sample_video_steps(
     tenth more work at the release's shapes); its steps of the previews' passes have
     `preview` set."""
     w_all = check_guidance(guidance)
+    check_kv_bits(kv_bits)
     flow.check_input(noise, "noise")
     cfg = flow.config
     B = noise.shape[0]
@@ -177,8 +180,10 @@ def sample_video_steps(
         z = flow.order(seq, frames, block.flip)
         if g > 0:
             z = mx.concatenate([z, z])
-        win = window * F if i == n - 1 and window is not None else None
-        caches = block.new_caches(z.shape[0], L + (z.shape[1] if win is None else min(win, z.shape[1])))
+        deep = i == n - 1
+        win = window * F if deep and window is not None else None
+        length = L + (z.shape[1] if win is None else min(win, z.shape[1]))
+        caches = block.new_caches(z.shape[0], length, kv_bits if deep else None)
         if t is not None:
             block.prefill(t, rope, caches)
         if jacobi is None:

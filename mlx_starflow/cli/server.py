@@ -870,10 +870,13 @@ def _serve(args, api_key) -> int:
         if is_video_model(load.model, load.checkpoint, load.config):  # STARFlow-V: POST /v1/videos
             pipe = VideoPipeline.from_pretrained(
                 load.model,
-                dtype=None if load.dtype == "auto" else load.dtype,
+                dtype=load.dtype,
+                quantize=load.quantize,
+                q_group_size=load.q_group_size,
                 text_encoder=load.text_encoder,
                 vae=load.vae,
-                text_dtype="float32" if load.text_dtype == "auto" else load.text_dtype,
+                text_dtype=load.text_dtype,
+                text_quantize=load.text_quantize,
                 vae_dtype=load.vae_dtype,
                 keep_text_encoder=load.keep_text_encoder,
                 checkpoint=load.checkpoint,

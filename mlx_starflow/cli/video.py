@@ -24,12 +24,23 @@ from ..videos import (
     save_preview,
     unwrite_frames,
 )
-from .common import STAGES, Bars, add_fields, flag_of, new_parser, run_command
+from .common import STAGES, Bars, add_fields, flag_of, new_parser, run_command, say_precision
 
 # The flags that make a `generate` command line a clip's.
 VIDEO_FLAGS = ("--frames", "--fps", "--from-video", "--frames-dir", "--aspect-ratio")
-# Loading flags a video model takes (LoadOptions' fields); dtype "auto" keeps the weights as stored.
-LOAD_FIELDS = ("checkpoint", "config", "text_encoder", "vae", "dtype", "text_dtype", "vae_dtype")
+# Loading flags a video model takes (LoadOptions' fields); dtype "auto": the precision policy for video.
+LOAD_FIELDS = (
+    "checkpoint",
+    "config",
+    "text_encoder",
+    "vae",
+    "dtype",
+    "quantize",
+    "q_group_size",
+    "text_dtype",
+    "text_quantize",
+    "vae_dtype",
+)
 STAGES_VIDEO = {**STAGES, "frame": "Decoding frames", "sample": "Sampling"}
 
 
@@ -129,10 +140,7 @@ def read_args(argv):
         args.options = VideoOptions(**values).validate()
     except OptionError as e:
         raise ValueError(f"{flag_of(e.option, _meta(VideoOptions)[e.option])}: {e}") from None
-    load = {n: getattr(args, n) for n in LOAD_FIELDS}
-    load["dtype"] = None if load["dtype"] == "auto" else load["dtype"]
-    load["text_dtype"] = "float32" if load["text_dtype"] == "auto" else load["text_dtype"]
-    args.load = load
+    args.load = {n: getattr(args, n) for n in LOAD_FIELDS}
     return args
 
 
@@ -186,6 +194,7 @@ def main(argv=None):
             raise ValueError(f"--output '{args.output}': only {{seed}} may be used") from None
         check_output(out, args.overwrite)
         pipe = VideoPipeline.from_pretrained(model, **args.load)
+        say_precision(pipe, args.verbose)
         try:
             opts = pipe.resolve_options(opts)
         except OptionError as e:

@@ -328,3 +328,97 @@ def choose(
         f"{margin / GB:.1f} GB margin)"
     )
     return picked
+
+
+# -- video models (STARFlow-V) ---------------------------------------------------------------
+
+# The Wan2.2 VAE's decode of one latent frame above its weights, per pixel of one video frame:
+# 14.3 KB on a CPU with its convolutions in strips, the frame caches included (BENCHMARKS.md;
+# not measured on Metal). tools/video_memory.py's tables take the same figure.
+VIDEO_DECODE_BYTES_PER_PIXEL = 14_300.0
+
+
+@dataclass
+class ClipShapes:
+    """What the video estimate needs of a model and its default clip (the training length
+    at the default size, guided): the weights' sizes and the deep block's KV cache."""
+
+    flow: Sizes
+    deep_layers: int
+    deep_kv_heads: int
+    head_dim: int
+    positions: int  # the deep block's cache: the text and the latent frames it holds
+    pixels: int  # of one video frame
+    text: Optional[Sizes] = None
+    txt_size: int = 0
+    txt_dim: int = 0
+    vae: Optional[Sizes] = None
+    quantized: bool = False
+
+
+def clip_peaks(shapes: ClipShapes, dtype, bits, text_dtype, text_bits, rows: int = 2) -> dict:
+    """Each stage's weights and activations (bytes) at a precision: the flow's is its deep
+    block's KV cache (the largest of sampling, tools/video_memory.py), in the activations'
+    dtype (float32 for a float32 flow, else bf16, a quantized flow's included); the
+    text encoder's; the VAE decode of one latent frame."""
+    act = 4 if (dtype == "float32" or (dtype is None and not bits and shapes.flow.float32)) else 2
+    cache = 2 * shapes.deep_layers * rows * shapes.deep_kv_heads * shapes.positions * shapes.head_dim * act
+    out = {"flow": (shapes.flow.bytes(dtype, bits), cache)}
+    if shapes.text is not None:
+        out["text"] = (
+            shapes.text.bytes(text_dtype, text_bits),
+            40 * rows * shapes.txt_size * max(shapes.txt_dim, 1) * 4,
+        )
+    if shapes.vae is not None:
+        out["vae"] = (shapes.vae.bytes("float32"), VIDEO_DECODE_BYTES_PER_PIXEL * shapes.pixels)
+    return out
+
+
+def choose_video(
+    shapes: ClipShapes,
+    gpu: Optional[bool] = None,
+    available: Optional[float] = None,
+    dtype: Optional[str] = "auto",
+    quantize: Optional[int] = None,
+    text_dtype: str = "auto",
+    text_quantize: Optional[int] = None,
+    source: str = "",
+) -> Choice:
+    """`choose` for a video model, whose flow and VAE stay loaded (the video pipeline's
+    way): the highest precision for the device whose estimated peak for the model's own
+    clip fits the memory with the margin (else the lowest, said not to fit: a local
+    attention window bounds the cache). Explicit choices win; the text encoder follows
+    the flow unless given."""
+    gpu = (not device.on_cpu()) if gpu is None else gpu
+    if available is None:
+        available, source = memory()
+    margin = max(MIN_MARGIN, MARGIN * available)
+    stored32 = shapes.flow.float32 > 0.5 * shapes.flow.stored
+    auto = dtype == "auto" and quantize is None
+    if auto:
+        options = candidates(shapes, gpu)
+    elif dtype == "auto":  # an explicit quantization: the rest as stored, bf16 above 1B float32 parameters
+        options = [("bfloat16" if shapes.flow.float32 > BILLION_FLOAT32 else None, quantize)]
+    else:
+        options = [(dtype, quantize)]
+    text_auto = text_dtype == "auto" and text_quantize is None
+    for d, bits in options:
+        td, tb = text_follows(d, bits, stored32) if text_auto else (text_dtype, text_quantize)
+        td = "float32" if td == "auto" else td
+        picked = Choice(d, bits, td, tb, whole_peak(clip_peaks(shapes, d, bits, td, tb), False), available)
+        if picked.peak + margin <= available:
+            break
+    verdict = "fits" if picked.peak + margin <= available else "does NOT fit (try --quantize 4 or --local-attn-window)"
+    why = (
+        "as given"
+        if not auto
+        else "the highest precision that fits"
+        if gpu or picked.dtype != "float32"
+        else ("float32 is the fastest on a CPU")
+    )
+    picked.line = (
+        f"precision: {picked.label()} ({'GPU' if gpu else 'CPU'}: {why}; the model's own clip peaks at about "
+        f"{picked.peak / GB:.1f} GB, {verdict} in {available / GB:.1f} GB{' (' + source + ')' if source else ''} "
+        f"with a {margin / GB:.1f} GB margin)"
+    )
+    return picked

@@ -13,11 +13,15 @@ from typing import Optional
 import mlx.core as mx
 
 from ..models.config import ConfigError, FlowConfig, read_reference_yaml, starflow_config_from_args
+from ..models.t5 import wanted as t5_wanted
 from ..models.video import VideoConfig, VideoFlow, check_video_config
+from ..models.wan_vae import WanVAEConfig
+from .precision_policy import ClipShapes, Sizes, folder_sizes
+from .quant import quant_args, quantize_like
 from .safetensors_reader import load_safetensors
 from .strict import WeightsError, _to_mx, check_weights, load_checked
 from .torch_reader import CheckpointError, load_pth
-from .weights import _model_licence, _parse_dtype, sanitize, save_model
+from .weights import _model_licence, _parse_dtype, _warn_unquantized, quantize_model, sanitize, save_model
 
 FORMAT = "starflow-video"
 
@@ -177,8 +181,10 @@ def read_video_config(path):
     return FlowConfig.from_dict(raw), video
 
 
-def load_video_flow(path, dtype: Optional[str] = None) -> VideoFlow:
-    """Load a converted video model folder (strictly), float weights cast to dtype."""
+def load_video_flow(path, dtype: Optional[str] = None, quantize=None) -> VideoFlow:
+    """Load a converted video model folder (strictly), float weights cast to dtype;
+    quantize (bits, or {"bits", "group_size"}: quant.quant_args) quantizes its linear
+    layers on the fly by the image flows' rule (weights.quantize_model)."""
     path = Path(path)
     w_path = path / "model.safetensors"
     if not (path / "config.json").is_file() or not w_path.is_file():
@@ -187,12 +193,57 @@ def load_video_flow(path, dtype: Optional[str] = None) -> VideoFlow:
             "convert a checkpoint with convert_starflow_video"
         )
     cfg, video = read_video_config(path)
+    want = quant_args(quantize)
+    if want and cfg.quantization and want != {k: cfg.quantization[k] for k in ("bits", "group_size")}:
+        raise ValueError(f"{path} is already quantized to {cfg.quantization['bits']} bits: load the unquantized folder")
     model = VideoFlow(cfg, video)
     try:
         weights = load_safetensors(w_path)
     except Exception as e:  # mlx raises RuntimeError/ValueError on a damaged file
         raise CheckpointError(f"{w_path}: cannot read weights ({e}); the file may be truncated") from None
+    if cfg.quantization:
+        quantize_like(model, weights, cfg.quantization)
     load_checked(model, weights, w_path, _parse_dtype(dtype))
     del weights
+    if want and not cfg.quantization:
+        _warn_unquantized(quantize_model(model, **want), want["group_size"])
+        cfg.quantization = want
     mx.eval(model.parameters())
     return model
+
+
+def clip_shapes(flow, text=None, vae=None, size=None) -> ClipShapes:
+    """What the video precision policy (precision_policy.choose_video) needs of a converted
+    folder, from its config and the weights' headers (nothing loaded): for the model's own
+    clip, its training length (one frame when unknown, the local window's when it has
+    one) at `size` (height, width; default its square), guided. text, vae: the text
+    encoder's folder and the Wan2.2 VAE's folder or .pth, where known."""
+    cfg, video = read_video_config(flow)
+    side = cfg.image_size or cfg.input_size * cfg.pixels_per_latent
+    h, w = size or (side, side)
+    factor, vae_sizes = 1, None
+    if vae is not None and Path(vae).is_dir():
+        raw = json.loads((Path(vae) / "config.json").read_text())
+        factor = WanVAEConfig.from_dict(raw).temporal_factor
+        vae_sizes = folder_sizes(vae)
+    elif vae is not None and Path(vae).is_file():  # the released .pth: float32, its default layout
+        n = Path(vae).stat().st_size // 4
+        factor, vae_sizes = WanVAEConfig().temporal_factor, Sizes(plain=n, stored=4 * n, float32=4 * n)
+    latent = 1 + (max(video.frames, 1) - 1) // factor
+    if video.local_attn_window:
+        latent = min(latent, video.local_attn_window)
+    m = cfg.pixels_per_latent * cfg.patch_size
+    text_sizes = folder_sizes(Path(text), t5_wanted) if text is not None and Path(text).is_dir() else None
+    return ClipShapes(
+        flow=folder_sizes(flow),
+        deep_layers=int(cfg.layers_per_block[-1]),
+        deep_kv_heads=cfg.top_num_kv_heads,
+        head_dim=cfg.top_head_size,
+        positions=(cfg.txt_size or 0) + latent * (h // m) * (w // m),
+        pixels=h * w,
+        text=text_sizes,
+        txt_size=cfg.txt_size or 0,
+        txt_dim=cfg.txt_dim or 0,
+        vae=vae_sizes,
+        quantized=bool(cfg.quantization),
+    )

@@ -35,7 +35,7 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from ..loading.precision_policy import GB, MARGIN, MIN_MARGIN, Sizes, sizes_of
+from ..loading.precision_policy import GB, MARGIN, MIN_MARGIN, VIDEO_DECODE_BYTES_PER_PIXEL, Sizes, sizes_of
 from ..loading.video import RELEASED_VIDEO, video_config_from_args
 from ..models.t5 import T5Config, T5Encoder
 from ..models.video import VideoFlow
@@ -52,8 +52,8 @@ DENOISE_ACT = 20
 # one output frame: float32, measured on a CPU at the released widths (BENCHMARKS.md), the frame caches
 # included: 14.3 KB a pixel at 128x224 and 256x448 (5.8 GB at 480x848) with the decoder evaluated block by
 # block and its convolutions in strips (device.prepare on a CPU); block by block without strips 114 KB, as
-# one graph 187 KB. Not measured on Metal.
-DECODE_BYTES_PER_PIXEL = 14_300.0
+# one graph 187 KB. Not measured on Metal. The video precision policy takes the same figure.
+DECODE_BYTES_PER_PIXEL = VIDEO_DECODE_BYTES_PER_PIXEL
 MACS = (16, 32, 64)
 PRECISIONS = ("float32", "bfloat16", "8-bit", "4-bit")
 RELEASED = "starflow-v_7B_t2v_caus_480p"
