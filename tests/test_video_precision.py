@@ -222,3 +222,12 @@ def test_clip_shapes_of_a_folder(tmp_path):
     # 5 frames of 16x16 pixels, 4x4 patches (16 tokens a frame), 3 text tokens; no VAE
     assert (s.positions, s.pixels, s.deep_layers, s.txt_size) == (3 + 5 * 16, 256, 2, 3)
     assert s.vae is None and s.flow.float32 > 0
+
+
+@pytest.mark.parametrize("prec, dtype", [("bfloat16 + kv 8-bit", mx.bfloat16), ("float32 + kv 8-bit", mx.float32)])
+def test_the_tables_kv8_bytes_are_the_quantized_cache(prec, dtype):
+    from mlx_starflow.models.cache import make_cache
+
+    cache = make_cache(2, 4, 100, 64, dtype, 8)
+    assert cache.nbytes == vm.kv_bytes(1, 2, 4, 100, 64, vm.cache_value_bytes(prec))
+    assert vm.cache_value_bytes(prec.removesuffix(vm.KV8)) == dtype.size

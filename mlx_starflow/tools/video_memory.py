@@ -56,14 +56,26 @@ DENOISE_ACT = 20
 DECODE_BYTES_PER_PIXEL = VIDEO_DECODE_BYTES_PER_PIXEL
 MACS = (16, 32, 64)
 PRECISIONS = ("float32", "bfloat16", "8-bit", "4-bit")
+# The same with the deep block's KV cache at 8 bits (--kv-bits 8).
+KV8 = " + kv 8-bit"
+PRECISIONS_KV8 = tuple(p + KV8 for p in PRECISIONS)
 RELEASED = "starflow-v_7B_t2v_caus_480p"
 
 
 def precision(name: str):
-    """'float32' | 'bfloat16' | '8-bit' | '4-bit' -> (weights dtype, bits)."""
+    """'float32' | 'bfloat16' | '8-bit' | '4-bit' (each maybe + KV8) -> (weights dtype, bits)."""
+    name = name.removesuffix(KV8)
     if name.endswith("-bit"):
         return "bfloat16", int(name[:-4])
     return name, None
+
+
+def cache_value_bytes(prec: str) -> float:
+    """Bytes a cached key or value element: the activations' dtype (float32 for a float32 flow,
+    else bf16), or with KV8 one byte plus a scale and an offset in that dtype per group of 64
+    (cache.QuantizedKVCache)."""
+    act = 4 if precision(prec)[0] == "float32" else 2
+    return 1 + 2 * act / 64 if prec.endswith(KV8) else act
 
 
 @dataclass
@@ -200,7 +212,7 @@ def stage_bytes(
     out = {
         "resident": (s.flow.bytes(dtype, bits) + s.vae.bytes("float32"), 0),
         "text": (s.text.bytes(td), 40 * rows * s.txt_size * max(s.txt_dim, 1) * 4),
-        "deep": (0, deep_cache_bytes(s, latent, window, rows, act) + step),
+        "deep": (0, deep_cache_bytes(s, latent, window, rows, cache_value_bytes(prec)) + step),
         "shallow": (0, shallow_cache_bytes(s, latent, act) + step),
     }
     if s.denoiser_layers:
@@ -239,14 +251,14 @@ def largest_window(s: VideoShapes, prec: str, frames: int, available: float, gpu
     return best
 
 
-def fit_rows(s: VideoShapes, macs=MACS, frames: int = 81, decode=None) -> list:
+def fit_rows(s: VideoShapes, macs=MACS, frames: int = 81, decode=None, precisions=PRECISIONS) -> list:
     """Per Mac and precision: the peak at `frames` with the full window, the largest window that fits,
     and the largest clip at that window (up to the command's MAX_FRAMES)."""
     rows = []
     latent = s.latent_frames(frames)
     for gb in macs:
         avail = gpu_memory(gb)
-        for prec in PRECISIONS:
+        for prec in precisions:
             full = peak(s, prec, frames, None, decode=decode)
             w = largest_window(s, prec, frames, avail, decode=decode)
             longest = 0
@@ -273,11 +285,13 @@ def fit_rows(s: VideoShapes, macs=MACS, frames: int = 81, decode=None) -> list:
     return rows
 
 
-def peak_table(s: VideoShapes, frames=(1, 17, 41, 81), windows=(None, 1, 5, 10), decode=None) -> list:
+def peak_table(
+    s: VideoShapes, frames=(1, 17, 41, 81), windows=(None, 1, 5, 10), decode=None, precisions=PRECISIONS
+) -> list:
     """Markdown: the whole-command peak (GB) per precision, frame count and window."""
     head = "| precision | window (latent frames) | " + " | ".join(f"{f} frames" for f in frames) + " |"
     lines = [head, "|---|---|" + "---|" * len(frames)]
-    for prec in PRECISIONS:
+    for prec in precisions:
         for w in windows:
             cells = []
             for f in frames:
@@ -287,13 +301,13 @@ def peak_table(s: VideoShapes, frames=(1, 17, 41, 81), windows=(None, 1, 5, 10),
     return lines
 
 
-def fit_table(s: VideoShapes, frames: int = 81, decode=None) -> list:
+def fit_table(s: VideoShapes, frames: int = 81, decode=None, precisions=PRECISIONS) -> list:
     lines = [
         f"| Mac | working set | precision | {frames} frames, whole clip in the cache | largest window that fits "
         "(latent frames = video frames) | peak at that window | longest clip at that window |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in fit_rows(s, frames=frames, decode=decode):
+    for r in fit_rows(s, frames=frames, decode=decode, precisions=precisions):
         full = f"{r['peak_full'] / GB:.1f} GB" + ("" if r["full_fits"] else " (does not fit)")
         if r["window"]:
             win = f"{r['window']} = {r['window_frames']}"
@@ -327,6 +341,10 @@ def main(argv=None):
     print("\n".join(peak_table(s, decode=a.decode_bytes)))
     print()
     print("\n".join(fit_table(s, a.frames, a.decode_bytes)))
+    print("\nwith the deep block's KV cache at 8 bits (--kv-bits 8):")
+    print("\n".join(peak_table(s, windows=(None, 10), decode=a.decode_bytes, precisions=PRECISIONS_KV8)))
+    print()
+    print("\n".join(fit_table(s, a.frames, a.decode_bytes, PRECISIONS_KV8)))
     return 0
 
 
