@@ -190,14 +190,16 @@ def test_progress_counts_the_frames_out():
         def __init__(self, stage, done, total):
             self.stage, self.done, self.total = stage, done, total
 
-    for e in (E("text", 1, 1), E("deep", 4, 12), E("preview", 1, 9), E("shallow", 3, 8), E("deep", 8, 12)):
+    events = [E("text", 1, 1), E("deep", 4, 12), E("preview", 1, 9), E("shallow", 3, 8), E("deep", 12, 12)]
+    for e in events + [E("shallow", 6, 8)]:  # after the deep block: the shallow blocks' own bar
         progress(e)
     assert calls[0] == (("text", 1, 1), None)
     assert calls[1:] == [
         (("sample", 4, 12), "0/9 frames sampled"),
         (("sample", 4, 12), "1/9 frames sampled"),
         (("sample", 4, 12), "1/9 frames sampled"),
-        (("sample", 8, 12), "1/9 frames sampled"),
+        (("sample", 12, 12), "1/9 frames sampled"),
+        (("shallow", 6, 8), None),
     ]
 
 

@@ -153,7 +153,12 @@ class Progress:
         self.out, self.deep = 0, (0, 1)
 
     def __call__(self, event):
-        if not self.streamed or event.stage not in ("deep", "shallow", "preview"):
+        deep_done = self.deep[0] >= self.deep[1]  # Jacobi's previews: then a pass over all frames
+        if (
+            not self.streamed
+            or event.stage not in ("deep", "shallow", "preview")
+            or (event.stage == "shallow" and deep_done)
+        ):
             return self.bars(event.stage, event.done, event.total)
         if event.stage == "preview":
             self.out = event.done
