@@ -336,6 +336,9 @@ def choose(
 # 14.3 KB on a CPU with its convolutions in strips, the frame caches included (BENCHMARKS.md;
 # not measured on Metal). tools/video_memory.py's tables take the same figure.
 VIDEO_DECODE_BYTES_PER_PIXEL = 14_300.0
+# One layer of the video self-denoiser at once: about 20 widths a position at peak (its input,
+# normed input, qkv, rotated q and k, attention output and projection, the MLP's hidden units).
+VIDEO_DENOISE_ACT = 20
 
 
 @dataclass
@@ -354,15 +357,23 @@ class ClipShapes:
     txt_dim: int = 0
     vae: Optional[Sizes] = None
     quantized: bool = False
+    denoiser_heads: int = 0  # the learned self-denoiser's (0: none), over the deep cache's positions
+    denoiser_width: int = 0
 
 
-def clip_peaks(shapes: ClipShapes, dtype, bits, text_dtype, text_bits, rows: int = 2) -> dict:
-    """Each stage's weights and activations (bytes) at a precision: the flow's is its deep
-    block's KV cache (the largest of sampling, tools/video_memory.py), in the activations'
-    dtype (float32 for a float32 flow, else bf16, a quantized flow's included); the
-    text encoder's; the VAE decode of one latent frame."""
+def clip_peaks(shapes: ClipShapes, dtype, bits, text_dtype, text_bits, gpu: bool = True, rows: int = 2) -> dict:
+    """Each stage's weights and activations (bytes) at a precision, as tools/video_memory.py
+    counts them (its largest terms): sampling's is the deep block's KV cache, in the
+    activations' dtype (float32 for a float32 flow, else bf16, a quantized flow's included);
+    the self-denoiser's its S x S frame mask and one layer's activations, and on a CPU the
+    attention scores (heads x S x S: MLX's CPU attention with a mask holds them); the text
+    encoder's; the VAE decode of one latent frame."""
     act = 4 if (dtype == "float32" or (dtype is None and not bits and shapes.flow.float32)) else 2
-    cache = 2 * shapes.deep_layers * rows * shapes.deep_kv_heads * shapes.positions * shapes.head_dim * act
+    S = shapes.positions
+    cache = 2 * shapes.deep_layers * rows * shapes.deep_kv_heads * S * shapes.head_dim * act
+    if shapes.denoiser_heads:
+        scores = 0 if gpu else shapes.denoiser_heads * S * S * act
+        cache = max(cache, 4 * S * S, S * S + VIDEO_DENOISE_ACT * S * shapes.denoiser_width * act + scores)
     out = {"flow": (shapes.flow.bytes(dtype, bits), cache)}
     if shapes.text is not None:
         out["text"] = (
@@ -405,17 +416,14 @@ def choose_video(
     for d, bits in options:
         td, tb = text_follows(d, bits, stored32) if text_auto else (text_dtype, text_quantize)
         td = "float32" if td == "auto" else td
-        picked = Choice(d, bits, td, tb, whole_peak(clip_peaks(shapes, d, bits, td, tb), False), available)
+        picked = Choice(d, bits, td, tb, whole_peak(clip_peaks(shapes, d, bits, td, tb, gpu), False), available)
         if picked.peak + margin <= available:
             break
-    verdict = "fits" if picked.peak + margin <= available else "does NOT fit (try --quantize 4 or --local-attn-window)"
-    why = (
-        "as given"
-        if not auto
-        else "the highest precision that fits"
-        if gpu or picked.dtype != "float32"
-        else ("float32 is the fastest on a CPU")
-    )
+    lower = "" if picked.quantize == 4 else "--quantize 4 or "
+    verdict = "fits" if picked.peak + margin <= available else f"does NOT fit (try {lower}a --local-attn-window)"
+    why = "the highest precision that fits" if auto else "as given"
+    if auto and not gpu and picked.dtype == "float32":
+        why = "float32 is the fastest on a CPU"
     picked.line = (
         f"precision: {picked.label()} ({'GPU' if gpu else 'CPU'}: {why}; the model's own clip peaks at about "
         f"{picked.peak / GB:.1f} GB, {verdict} in {available / GB:.1f} GB{' (' + source + ')' if source else ''} "

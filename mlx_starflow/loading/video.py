@@ -246,4 +246,6 @@ def clip_shapes(flow, text=None, vae=None, size=None) -> ClipShapes:
         txt_dim=cfg.txt_dim or 0,
         vae=vae_sizes,
         quantized=bool(cfg.quantization),
+        denoiser_heads=cfg.num_heads if cfg.learnable_self_denoiser else 0,
+        denoiser_width=cfg.channels,
     )

@@ -35,7 +35,15 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from ..loading.precision_policy import GB, MARGIN, MIN_MARGIN, VIDEO_DECODE_BYTES_PER_PIXEL, Sizes, sizes_of
+from ..loading.precision_policy import (
+    GB,
+    MARGIN,
+    MIN_MARGIN,
+    VIDEO_DECODE_BYTES_PER_PIXEL,
+    VIDEO_DENOISE_ACT,
+    Sizes,
+    sizes_of,
+)
 from ..loading.video import RELEASED_VIDEO, video_config_from_args
 from ..models.t5 import T5Config, T5Encoder
 from ..models.video import VideoFlow
@@ -47,7 +55,7 @@ from .what_fits import gpu_memory
 # One layer of the self-denoiser at once: its input, normed input, qkv (3), the rotated q and k (float32),
 # the attention's output, projection and residual, the MLP's hidden and activated (4 + 4) and output:
 # about 20 widths per position at peak, in the activations' bytes (float32 for the rotated parts).
-DENOISE_ACT = 20
+DENOISE_ACT = VIDEO_DENOISE_ACT
 # The Wan2.2 VAE's decode of one latent frame (four 480x848 frames out) above its weights, per pixel of
 # one output frame: float32, measured on a CPU at the released widths (BENCHMARKS.md), the frame caches
 # included: 14.3 KB a pixel at 128x224 and 256x448 (5.8 GB at 480x848) with the decoder evaluated block by
