@@ -339,6 +339,7 @@ def test_server_videos_with_the_official_client(video_server, tmp_path):
         ({"size": "640x480"}, "size"),
         ({"prompt": "green up"}, "prompt"),
         ({"num_frames": 3}, "num_frames"),
+        ({"kv_bits": 3}, "kv_bits"),
     ],
 )
 def test_server_bad_video_requests_name_the_parameter(video_server, extra, param):
