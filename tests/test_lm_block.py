@@ -132,6 +132,18 @@ def test_density_inverts_sampling(name):
     assert np.all(np.isfinite(np.array(logdet)))
 
 
+@pytest.mark.parametrize("name", list(LAYOUT_ARGS))
+def test_score_step_is_the_gradient_through_the_lm_block(name):
+    # The LM block's own 1-D rotary table in the layer-by-layer backward pass, chunked.
+    flow = lm_flow(name)
+    cfg = flow.config
+    x = rand((B, cfg.input_size, cfg.input_size, cfg.in_channels), 5)
+    y = text(flow, B)
+    want = x + 0.09 * mx.grad(lambda v: flow.log_prob(v, y).sum())(x)
+    got = flow.denoise(x, y, 0.3, rows=7)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=2e-6 * float(mx.abs(want).max()))
+
+
 def test_text_changes_the_deep_block_only_through_its_prefix():
     flow = lm_flow("gemma3_1b")
     cfg = flow.config

@@ -32,6 +32,29 @@ def test_quantized_linear_accumulates_in_float32():
         assert np.allclose(np.array(q(x.astype(mx.float32))), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_many_rows_dequantize_with_the_same_product_and_gradient(monkeypatch):
+    # From DEQUANTIZE_ROWS rows the weight is dequantized for a BLAS product, a few of its
+    # rows at a time (here 64 of 192: three pieces): the same numbers as the quantized
+    # kernel in float32, and the same gradient for the input.
+    monkeypatch.setattr(device, "DEQUANTIZE_ELEMENTS", 64 * 256)
+    mx.random.seed(1)
+    layer = nn.Linear(256, 192)
+    layer.set_dtype(mx.bfloat16)
+    for bits in (8, 4):
+        q = CPUQuantizedLinear.from_linear(layer, 64, bits)
+        for rows in (device.DEQUANTIZE_ROWS - 1, device.DEQUANTIZE_ROWS, 40):
+            x = mx.random.normal((2, rows, 256))
+            g = mx.random.normal((2, rows, 192))
+
+            def kernel(v, q=q):
+                return nn.QuantizedLinear.__call__(q, v)
+
+            want, (gwant,) = mx.vjp(kernel, [x], [g])
+            got, (ggot,) = mx.vjp(q, [x], [g])
+            np.testing.assert_allclose(np.array(got[0]), np.array(want[0]), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.array(ggot), np.array(gwant), rtol=1e-4, atol=1e-4)
+
+
 def test_quantize_linear_then_the_device_policy():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(48, 8))
     skipped = quantize_linear(model, bits=8, group_size=64)

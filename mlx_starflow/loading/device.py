@@ -18,6 +18,8 @@ and how much memory MLX may wire differs:
   between tokens.
 """
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -48,6 +50,54 @@ def input_major(model: nn.Module) -> int:
     return n
 
 
+# Rows from which a quantized product on the CPU dequantizes its weight and multiplies
+# through the BLAS: MLX's CPU quantized matmul runs at about 2.4 GFLOP/s on 1152 rows
+# here (3072 -> 12288, 4-bit), dequantizing then multiplying at about 50 (BENCHMARKS.md);
+# on fewer rows (the token loop's 2) the quantized kernel is faster and reads 4-8x less.
+DEQUANTIZE_ROWS = 8
+# Elements of a weight dequantized at a time (8 MB in float32): MLX's CPU dequantize holds
+# about twice its result, and a 3B layer's weights are 0.6 GB in float32.
+DEQUANTIZE_ELEMENTS = 2**21
+
+
+@lru_cache(maxsize=None)
+def dequantized_product(group_size: int, bits: int, mode: str):
+    """x @ W.T for a quantized W (packed words, scales, biases), computed in float32 through
+    the BLAS a few output rows of W at a time: each piece dequantized, used and dropped
+    before the next is made (mx.depends orders them; left to itself MLX may dequantize
+    every piece first). Its vjp dequantizes the pieces again rather than keeping the
+    forward's. No gradient for the weights."""
+    f32 = mx.float32
+
+    def pieces(w, scales, biases):
+        step = max(1, DEQUANTIZE_ELEMENTS * bits // (32 * w.shape[1]))
+        for i in range(0, w.shape[0], step):
+            yield i, i + step, w[i : i + step], scales[i : i + step].astype(f32), biases[i : i + step].astype(f32)
+
+    def dequantize(w, scales, biases, after):
+        if after is not None:  # not before the previous piece's product
+            w = mx.depends(w, after)
+        return mx.dequantize(w, scales, biases, group_size, bits, mode=mode)
+
+    @mx.custom_function
+    def product(x, w, scales, biases):
+        outs = []
+        for _, _, wi, si, bi in pieces(w, scales, biases):
+            outs.append(x @ dequantize(wi, si, bi, outs[-1] if outs else None).T)
+        return mx.concatenate(outs, axis=-1)
+
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        gx = None
+        for i, j, wi, si, bi in pieces(w, scales, biases):
+            term = cotangent[..., i:j] @ dequantize(wi, si, bi, gx)
+            gx = term if gx is None else gx + term
+        return gx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return product
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear computing in float32, for the CPU.
 
@@ -55,12 +105,20 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
     activations an 8-bit product 3072 wide is off by 6% (12% at 12288 wide) where
     the same weights in float32 are off by 0.5%, and it is also ~7x slower than in
     float32. Metal accumulates in float32 whatever the dtype: there the layers stay
-    MLX's own. Same parameters, same names: the model saves as before."""
+    MLX's own. From DEQUANTIZE_ROWS rows (a text prefix, Jacobi chunks, a density pass)
+    the weight is dequantized for the product (dequantized_product). Same parameters,
+    same names: the model saves as before."""
 
     def __call__(self, x):
-        if x.dtype == mx.float32:
-            return super().__call__(x)
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+        dtype = x.dtype
+        x = x.astype(mx.float32)
+        if x.size >= DEQUANTIZE_ROWS * x.shape[-1] and self.mode == "affine" and self.get("biases") is not None:
+            y = dequantized_product(self.group_size, self.bits, self.mode)(x, self.weight, self.scales, self.biases)
+            if "bias" in self:
+                y = y + self.bias
+        else:
+            y = super().__call__(x)
+        return y if dtype == mx.float32 else y.astype(dtype)
 
 
 def float32_products(model: nn.Module) -> int:

@@ -19,6 +19,9 @@ from .config import LM_LAYOUTS, FlowConfig
 from .rope import apply_rope, apply_rope_half, rope_table, rope_table_1d
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(0 + this) == 1: a zero output means unit scale
+# Query positions of a layer recomputed at a time in the score step's backward pass
+# (layer_vjp): bounds the attention scores and MLP units held (BENCHMARKS.md).
+DENOISE_ROWS = 256
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +73,8 @@ class Attention(nn.Module):
         self.scale = hd**-0.5
         self.rotate = apply_rope_half if rotate_half else apply_rope
 
-    def __call__(self, x, rope=None, cache: Optional[KVCache] = None):
+    def project(self, x, rope=None):
+        """Queries, keys and values of x (B, T, C), each (B, heads, T, head_dim)."""
         B, T, _ = x.shape
         h, kvh, hd = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv(self.norm(x))
@@ -82,13 +86,22 @@ class Attention(nn.Module):
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
             q, k = self.rotate(q, *rope), self.rotate(k, *rope)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        # "causal" aligns the queries with the last keys, as a cached chunk needs.
+        return q, k, v
+
+    def attend(self, q, k, v):
+        """The output rows of queries q over keys and values k, v; causal, the queries are
+        the last positions of the keys (as a cached chunk, or a chunk of rows, needs)."""
+        B, _, T, _ = q.shape
         mask = "causal" if self.causal and T > 1 else None
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        o = self.proj(o.transpose(0, 2, 1, 3).reshape(B, T, h * hd))
+        o = self.proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
         return self.post_norm(o) if "post_norm" in self else o
+
+    def __call__(self, x, rope=None, cache: Optional[KVCache] = None):
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        return self.attend(q, k, v)
 
 
 class MLP(nn.Module):
@@ -128,6 +141,87 @@ class Layer(nn.Module):
     def __call__(self, x, rope=None, cache=None, mlp=None):
         x = x + self.attention(x, rope, cache)
         return x + self.mlp(x) if mlp is None else mlp(x)
+
+
+def _chunk_output(layer: Layer, xc, qc, k, v):
+    """A layer's output rows for its input rows xc, their queries qc, and the keys and
+    values they attend to."""
+    h = xc + layer.attention.attend(qc, k, v)
+    return h + layer.mlp(h)
+
+
+def _chunks(T: int, rows: int):
+    for start in range(0, T, rows):
+        yield start, min(start + rows, T)
+
+
+def _project(attn: Attention, x, rope, rows: int):
+    """Queries, keys and values of every position, `rows` positions at a time (the
+    projection is row by row)."""
+    parts = []
+    for start, end in _chunks(x.shape[1], rows):
+        parts.append(attn.project(x[:, start:end], _rows(rope, start, end)))
+        mx.eval(parts[-1])
+    return [mx.concatenate(p, axis=2) for p in zip(*parts)]
+
+
+def layer_forward(layer: Layer, x, rope=None, rows: Optional[int] = None):
+    """layer(x, rope), `rows` query positions at a time (the attention scores and MLP
+    units of only those rows held); whole without `rows`."""
+    T = x.shape[1]
+    if rows is None or rows >= T:
+        return layer(x, rope)
+    q, k, v = _project(layer.attention, x, rope, rows)
+    outs = []
+    for start, end in _chunks(T, rows):
+        keys = end if layer.attention.causal else T
+        outs.append(_chunk_output(layer, x[:, start:end], q[:, :, start:end], k[:, :, :keys], v[:, :, :keys]))
+        mx.eval(outs[-1])
+    return mx.concatenate(outs, axis=1)
+
+
+def layer_vjp(layer: Layer, x, g, rope=None, rows: Optional[int] = None):
+    """The cotangent of a layer's input x (B, T, C) from its output's g: the layer
+    recomputed from x and differentiated alone. With `rows`, `rows` query positions at a
+    time, so the attention scores, MLP units and projections of only those rows are held:
+    the queries, keys and values of every position are computed first (row by row), each
+    chunk's output rows (over the keys up to its last row when causal) are differentiated
+    with respect to its rows of x and q and the keys and values it reads, and the keys'
+    and values' cotangents, summed over the chunks in float32, go back through the
+    projection last, row by row. The same gradient as one vjp, to rounding."""
+    T = x.shape[1]
+    if rows is None or rows >= T:
+        _, (gx,) = mx.vjp(lambda v: layer(v, rope), [x], [g])
+        return gx
+    attn = layer.attention
+    q, k, v = _project(attn, x, rope, rows)
+    gxs, gqs = [], []
+    gk, gv = mx.zeros(k.shape, mx.float32), mx.zeros(v.shape, mx.float32)
+    for start, end in _chunks(T, rows):
+        keys = end if attn.causal else T
+        _, (gxc, gqc, gkc, gvc) = mx.vjp(
+            lambda *a: _chunk_output(layer, *a),
+            [x[:, start:end], q[:, :, start:end], k[:, :, :keys], v[:, :, :keys]],
+            [g[:, start:end]],
+        )
+        pad = [(0, 0), (0, 0), (0, T - keys), (0, 0)]
+        gk, gv = gk + mx.pad(gkc.astype(mx.float32), pad), gv + mx.pad(gvc.astype(mx.float32), pad)
+        gxs.append(gxc)
+        gqs.append(gqc)
+        mx.eval(gk, gv, gxc, gqc)
+    del q
+    gk, gv = gk.astype(k.dtype), gv.astype(v.dtype)
+    del k, v
+    for i, (start, end) in enumerate(_chunks(T, rows)):
+        r = _rows(rope, start, end)
+        _, (gp,) = mx.vjp(
+            lambda u, r=r: list(attn.project(u, r)),
+            [x[:, start:end]],
+            [gqs[i], gk[:, :, start:end], gv[:, :, start:end]],
+        )
+        gxs[i] = gxs[i] + gp
+        mx.eval(gxs[i])
+    return mx.concatenate(gxs, axis=1)
 
 
 def _rows(rope, start, end):
@@ -220,37 +314,91 @@ class FlowBlock(nn.Module):
 
     # -- density -----------------------------------------------------------------
 
-    def affine(self, x, rope=None, text=None, cond=None, recompute=False):
-        """(a, b) for every token of x (B, N, D), already in this block's order,
-        from one causal pass over the whole sequence: token t's from tokens < t.
-        With `recompute`, a gradient through it keeps only each layer's input and
-        recomputes the layer's activations (mx.checkpoint)."""
+    def layer_input(self, x, text=None, cond=None):
+        """The first layer's input for tokens x (B, N, D) in this block's order: the
+        start-of-sequence shift, the embeddings, and the text prefix before them."""
         inp = x
         if self.sos:
             sos = mx.broadcast_to(self.sos_embed, (x.shape[0], 1, x.shape[2])).astype(x.dtype)
             inp = mx.concatenate([sos, x[:, :-1]], axis=1)
         h = self.embed(inp, 0, cond)
-        n_txt = 0
         if text is not None:
-            t = self.text_prefix(text)
-            n_txt = t.shape[1]
-            h = mx.concatenate([t, h], axis=1)
-        for layer in self.attn_blocks:
-            h = mx.checkpoint(layer)(h, rope) if recompute else layer(h, rope)
+            h = mx.concatenate([self.text_prefix(text), h], axis=1)
+        return h
+
+    def affine_of(self, h, n_txt: int):
+        """(a, b) for every token from the last layer's output h (n_txt text positions first)."""
         a, b = self.head(h[:, n_txt:])
         if not self.sos:  # output t predicts token t+1; token 0 passes unchanged
             a = mx.pad(a[:, :-1], [(0, 0), (1, 0), (0, 0)])
             b = mx.pad(b[:, :-1], [(0, 0), (1, 0), (0, 0)])
         return a, b
 
+    def rotary(self, rope):
+        """This block's rotary table for the flow's `rope` (LMBlock has its own)."""
+        return rope
+
+    def affine(self, x, rope=None, text=None, cond=None, recompute=False):
+        """(a, b) for every token of x (B, N, D), already in this block's order,
+        from one causal pass over the whole sequence: token t's from tokens < t.
+        With `recompute`, a gradient through it keeps only each layer's input and
+        recomputes the layer's activations (mx.checkpoint)."""
+        h = self.layer_input(x, text, cond)
+        for layer in self.attn_blocks:
+            h = mx.checkpoint(layer)(h, rope) if recompute else layer(h, rope)
+        return self.affine_of(h, 0 if text is None else text.shape[1])
+
+    def transform(self, x, a, b):
+        """Tokens x (this block's order) and their (a, b) -> (z, per-sample log-det)."""
+        z = (x.astype(mx.float32) - b) / self.scale(a)
+        return z, -self.log_scale(a).sum(axis=(1, 2))
+
     def __call__(self, x, rope=None, text=None, cond=None, recompute=False):
         """Data -> noise for tokens x (B, N, D): returns z and the per-sample log-det."""
         if self.flip:
             x = x[:, ::-1]
-        a, b = self.affine(x, rope, text, cond, recompute)
-        z = (x.astype(mx.float32) - b) / self.scale(a)
-        logdet = -self.log_scale(a).sum(axis=(1, 2))
+        z, logdet = self.transform(x, *self.affine(x, rope, text, cond, recompute))
         return (z[:, ::-1] if self.flip else z), logdet
+
+    def vjp_steps(self, x, cotangents=None, rope=None, text=None, cond=None, rows: Optional[int] = None):
+        """The gradient with respect to x (B, N, D) of this block's density direction,
+        layer by layer: of sum(z * cz) + sum(logdet * cl) for cotangents (cz, cl), or with
+        None of the standard normal prior's log p(z) + logdet (the last block).
+
+        A forward pass keeps each layer's input (evaluated one at a time); then, from the
+        top, each layer is recomputed and its vector-Jacobian product taken alone
+        (layer_vjp, `rows` query rows at a time), so only one layer's activations are ever
+        held. Yields after each layer's forward and backward pass; returns the gradient."""
+        rope = self.rotary(rope)
+        n_txt = 0 if text is None else text.shape[1]
+
+        def order(v):
+            return v[:, ::-1] if self.flip else v
+
+        def bottom(v):
+            return self.layer_input(order(v), text, cond)
+
+        def top(v, h):
+            z, logdet = self.transform(order(v), *self.affine_of(h, n_txt))
+            if cotangents is None:
+                return [-0.5 * mx.sum(z * z) + mx.sum(logdet)]
+            return [order(z), logdet]
+
+        hs = [bottom(x)]
+        mx.eval(hs[0])
+        for layer in self.attn_blocks:
+            hs.append(layer_forward(layer, hs[-1], rope, rows))
+            mx.eval(hs[-1])
+            yield
+        cot = [mx.array(1.0, dtype=mx.float32)] if cotangents is None else cotangents
+        _, (gx, g) = mx.vjp(top, [x, hs.pop()], cot)
+        mx.eval(gx, g)
+        for layer in reversed(self.attn_blocks):
+            g = layer_vjp(layer, hs.pop(), g, rope, rows)
+            mx.eval(g)
+            yield
+        _, (g,) = mx.vjp(bottom, [x], [g])
+        return gx + g
 
     # -- sampling -----------------------------------------------------------------
 
@@ -475,17 +623,22 @@ class Flow(nn.Module):
         self.blocks) in the density direction -> (tokens, log-determinant (B,)). y as
         __call__ takes it, or None where none of `blocks` is conditioned."""
         B = tokens.shape[0]
-        text = y if self.config.txt_dim else None
         tokens = tokens.astype(mx.float32)
         logdet = mx.zeros((B,), dtype=mx.float32)
         for block in self.blocks if blocks is None else blocks:
             if isinstance(block, IdentityBlock):
                 continue
-            t = text if block.has_text else None
-            rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
-            tokens, ld = block(tokens, rope, t, block.class_rows(y if text is None else None, B), recompute)
+            tokens, ld = block(tokens, *self.block_args(block, y, B, h, w), recompute)
             logdet = logdet + ld
         return tokens, logdet
+
+    def block_args(self, block, y, batch: int, h: int, w: int):
+        """(rope, text, class rows) a block takes in the density direction, for y as
+        __call__ takes it."""
+        text = y if self.config.txt_dim else None
+        t = text if block.has_text else None
+        rope = self.rope(block.has_text, h, w, 0 if t is None else t.shape[1])
+        return rope, t, block.class_rows(y if text is None else None, batch)
 
     forward = __call__
 
@@ -500,47 +653,55 @@ class Flow(nn.Module):
 
     # -- denoising -------------------------------------------------------------------
 
-    def denoise_steps(self, x, y=None, noise_std: Optional[float] = None):
-        """The score step x + noise_std^2 * d/dx log p(x | y) (y the conditional rows), block
-        by block: yields (blocks done, blocks) after each block's gradient, so a caller can
-        stop between blocks; returns the denoised x.
+    def denoise_steps(self, x, y=None, noise_std: Optional[float] = None, rows: Optional[int] = DENOISE_ROWS):
+        """The score step x + noise_std^2 * d/dx log p(x | y) (y the conditional rows), layer
+        by layer: yields (steps done, steps) after each block of the first pass and each
+        layer's forward and backward pass, so a caller can stop between them; returns the
+        denoised x.
 
-        The blocks below the last are run forward once to keep their inputs (tokens, small);
-        the last block's gradient includes the prior, and each block's vector-Jacobian
-        product passes the gradient down. Each layer's activations are recomputed in the
-        backward pass instead of kept: at 3B they would be several times the weights."""
+        The blocks below the last are run forward once to keep their inputs (tokens,
+        small); then from the last block down, each block's gradient (FlowBlock.vjp_steps:
+        the last with the prior) passes the gradient to the block below. Only one layer's
+        activations are held at a time, `rows` query positions at a time (layer_vjp): at 3B
+        the whole graph's would be several times the weights."""
         s = self.config.noise_std if noise_std is None else noise_std
         self.check_input(x, "x")
         self.check_text(y, x.shape[0])
         h, w = self.grid(x)
+        B = x.shape[0]
         blocks = [b for b in self.blocks if not isinstance(b, IdentityBlock)]
+        total = len(blocks) - 1 + 2 * sum(len(b.attn_blocks) for b in blocks)
+        done = 0
         t = self.patchify(x.astype(mx.float32))
         inputs = []
         for block in blocks[:-1]:
             inputs.append(t)
             t = self.through(t, y, h, w, blocks=[block])[0]
             mx.eval(t)
-
-        def top(v):  # the last block with the standard normal prior: log p up to a constant
-            z, logdet = self.through(v, y, h, w, blocks=blocks[-1:], recompute=True)
-            return -0.5 * mx.sum(z * z) + mx.sum(logdet)
-
-        g = mx.grad(top)(t)
-        mx.eval(g)
-        yield 1, len(blocks)
-        ones = mx.ones((x.shape[0],), dtype=mx.float32)
-        for k, (block, t_in) in enumerate(zip(reversed(blocks[:-1]), reversed(inputs))):
-            _, (g,) = mx.vjp(
-                lambda v, block=block: list(self.through(v, y, h, w, blocks=[block], recompute=True)), [t_in], [g, ones]
-            )
+            done += 1
+            yield done, total
+        inputs.append(t)
+        del t
+        g, ones = None, mx.ones((B,), dtype=mx.float32)
+        while blocks:
+            block, t_in = blocks.pop(), inputs.pop()
+            cot = None if g is None else [g, ones]
+            steps = block.vjp_steps(t_in, cot, *self.block_args(block, y, B, h, w), rows=rows)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    g = stop.value
+                    break
+                done += 1
+                yield done, total
             mx.eval(g)
-            yield k + 2, len(blocks)
         return x + (s * s) * self.unpatchify(g, h, w)
 
-    def denoise(self, x, y=None, noise_std: Optional[float] = None):
+    def denoise(self, x, y=None, noise_std: Optional[float] = None, rows: Optional[int] = DENOISE_ROWS):
         """Score step: x + noise_std^2 * d/dx log p(x | y), y the conditional rows (denoise_steps
         run to the end)."""
-        steps = self.denoise_steps(x, y, noise_std)
+        steps = self.denoise_steps(x, y, noise_std, rows)
         while True:
             try:
                 next(steps)
