@@ -162,6 +162,83 @@ def test_this_machine_picks_float32_for_the_3b():
     assert c.label() == "flow float32, text encoder float32" and "float32 is the fastest on a CPU" in c.line
 
 
+def _cgroup(tmp_path, lines, files):
+    tmp_path.mkdir(parents=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text("\n".join(lines) + "\n")
+    for name, text in files.items():
+        f = tmp_path / "fs" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return proc, tmp_path / "fs"
+
+
+def test_a_cgroup_limit_is_the_memory_a_container_gives(tmp_path):
+    # v2: the process's cgroup has no limit of its own, its parent (the container) 16 GB, of
+    # which 3 GB are used, 1 GB of it page cache (reclaimable): 14 GB left
+    proc, root = _cgroup(
+        tmp_path / "v2",
+        ["0::/box/app"],
+        {
+            "box/app/memory.max": "max\n",
+            "box/app/memory.current": "1000\n",
+            "box/memory.max": f"{16 * 10**9}\n",
+            "box/memory.current": f"{3 * 10**9}\n",
+            "box/memory.stat": f"anon {2 * 10**9}\nfile {10**9}\n",
+            "memory.max": "max\n",
+        },
+    )
+    assert pp.cgroup_room(proc, root) == (14e9, "the cgroup's memory.max")
+    # v1: the memory controller's own hierarchy; "no limit" is a number near 2^63
+    proc, root = _cgroup(
+        tmp_path / "v1",
+        ["4:memory:/job", "3:cpuset:/", "0::/"],
+        {
+            "memory/job/memory.limit_in_bytes": f"{16 * 2**30}\n",
+            "memory/job/memory.usage_in_bytes": f"{2**30}\n",
+            "memory/job/memory.stat": f"cache {2**29}\nrss {2**29}\n",
+            "memory/memory.limit_in_bytes": "9223372036854771712\n",
+        },
+    )
+    room, source = pp.cgroup_room(proc, root)
+    assert room == 16 * 2**30 - 2**29 and source == "the cgroup's memory.limit_in_bytes"
+    # no limit anywhere, or no cgroup file at all: nothing to say
+    proc, root = _cgroup(tmp_path / "none", ["0::/"], {"memory.max": "max\n"})
+    assert pp.cgroup_room(proc, root) is None
+    assert pp.cgroup_room(tmp_path / "missing", root) is None
+
+
+def test_an_rlimit_is_the_memory_a_process_may_take(tmp_path):
+    import resource
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmSize:\t 2000000 kB\nVmData:\t 500000 kB\n")
+    limits = {resource.RLIMIT_AS: (16 * 10**9, resource.RLIM_INFINITY)}
+
+    def getrlimit(which):
+        return limits.get(which, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    assert pp.rlimit_room(getrlimit, status) == (16e9 - 2048e6, "RLIMIT_AS")
+    limits[resource.RLIMIT_DATA] = (8 * 10**9, resource.RLIM_INFINITY)
+    assert pp.rlimit_room(getrlimit, status) == (8e9 - 512e6, "RLIMIT_DATA")
+    assert pp.rlimit_room(lambda which: (resource.RLIM_INFINITY,) * 2, status) is None
+
+
+def test_the_policy_fits_in_a_16_gb_container(monkeypatch):
+    # A 24 GB machine whose container gives 16 GB: the choice fits the container, not the machine.
+    if not mx.default_device() == mx.cpu:
+        pytest.skip("the CPU's policy")
+    monkeypatch.setattr(pp, "system_memory", lambda: (22.5 * GB, "MemAvailable"))
+    monkeypatch.setattr(pp, "cgroup_room", lambda: (15.5 * GB, "the cgroup's memory.max"))
+    monkeypatch.setattr(pp, "rlimit_room", lambda: None)
+    available, source = pp.memory()
+    assert source == "the cgroup's memory.max" and available == 15.5 * GB
+    c = pp.choose(shapes_3b())
+    assert c.label() == "flow bfloat16, text encoder bfloat16" and "the cgroup's memory.max" in c.line
+    monkeypatch.setattr(pp, "rlimit_room", lambda: (7 * GB, "RLIMIT_AS"))
+    assert pp.memory() == (7 * GB, "RLIMIT_AS")
+
+
 def test_the_pipeline_records_the_choice(release, cache):
     pipe = Pipeline.from_pretrained(str(release))
     assert pipe.info["precision"].startswith("precision: flow float32")  # small and on a CPU

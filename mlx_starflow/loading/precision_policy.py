@@ -28,7 +28,9 @@ The peak is estimated, not measured, from the model folders' headers (nothing is
   MLX's allocator).
 
 The memory: Metal's recommended working set (mx.device_info) on a Mac's GPU;
-MemAvailable (/proc/meminfo) on Linux; otherwise 3/4 of the physical memory.
+MemAvailable (/proc/meminfo) on Linux, or less when the process's memory cgroup
+(a container's limit: v2 memory.max, v1 memory.limit_in_bytes, less its use) or its
+RLIMIT_AS / RLIMIT_DATA leaves less; otherwise 3/4 of the physical memory.
 """
 
 import json
@@ -247,12 +249,95 @@ def text_follows(dtype: Optional[str], bits: Optional[int], stored_float32: bool
     return "float32", None
 
 
-def memory() -> Tuple[float, str]:
-    """(bytes the machine can give, where the figure comes from)."""
-    if not device.on_cpu() and mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        size = info.get("max_recommended_working_set_size") or 0.75 * info.get("memory_size", 0)
-        return float(size), "the GPU's recommended working set"
+UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2^63
+
+
+def _number(path: Path) -> Optional[int]:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_file_use(folder: Path, key: str) -> int:
+    """The page cache a cgroup's usage counts (reclaimable), from its memory.stat."""
+    try:
+        stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        return int(stat.get(key, 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")):
+    """(bytes the process's memory cgroup can still give, its file) or None without a limit:
+    the smallest limit on the way from the process's cgroup up to the root (cgroup v2's
+    memory.max, v1's memory.limit_in_bytes) less what that cgroup uses, page cache not
+    counted (the kernel reclaims it)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: the unified hierarchy
+            mount, limit_name, usage_name, cache_key = root, "memory.max", "memory.current", "file"
+        elif "memory" in controllers.split(","):
+            mount, limit_name, usage_name, cache_key = (
+                root / "memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "cache",
+            )
+        else:
+            continue
+        folder = mount / path.strip("/")
+        while True:
+            limit = _number(folder / limit_name)
+            if limit is not None and limit < UNLIMITED:
+                used = (_number(folder / usage_name) or 0) - _cgroup_file_use(folder, cache_key)
+                room = max(limit - max(used, 0), 0)
+                if best is None or room < best[0]:
+                    best = (float(room), f"the cgroup's {limit_name}")
+            if folder == mount or folder.parent == folder:
+                break
+            folder = folder.parent
+    return best
+
+
+def rlimit_room(getrlimit=None, status: Path = Path("/proc/self/status")):
+    """(bytes left under the process's RLIMIT_AS or RLIMIT_DATA, its name) or None when
+    neither is set: the soft limit less the address space (VmSize) or data (VmData) in use."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    getrlimit = getrlimit or resource.getrlimit
+    try:
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    except OSError:
+        fields = {}
+    best = None
+    for name, field in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
+        soft = getrlimit(getattr(resource, name))[0]
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            continue
+        try:
+            used = int(fields[field].split()[0]) * 1024
+        except (KeyError, ValueError, IndexError):
+            used = 0
+        room = max(soft - used, 0)
+        if best is None or room < best[0]:
+            best = (float(room), name)
+    return best
+
+
+def system_memory() -> Tuple[float, str]:
+    """(bytes the system has free, where the figure comes from): MemAvailable on Linux."""
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
         return float(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable"
@@ -262,6 +347,21 @@ def memory() -> Tuple[float, str]:
         return 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "3/4 of the physical memory"
     except (ValueError, OSError, AttributeError):
         return 8 * GB, "unknown (assumed 8 GB)"
+
+
+def memory() -> Tuple[float, str]:
+    """(bytes the machine can give, where the figure comes from): on a CPU the smallest of
+    the system's (MemAvailable), the process's memory cgroup's and its RLIMIT_AS /
+    RLIMIT_DATA room, so that a container's limit is what the choice fits in."""
+    if not device.on_cpu() and mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = info.get("max_recommended_working_set_size") or 0.75 * info.get("memory_size", 0)
+        return float(size), "the GPU's recommended working set"
+    found = system_memory()
+    for limit in (cgroup_room(), rlimit_room()):
+        if limit is not None and limit[0] < found[0]:
+            found = limit
+    return found
 
 
 def candidates(shapes: Shapes, gpu: bool) -> list:
