@@ -24,7 +24,7 @@ from ..tools.benchmark import (
     run_benchmark,
 )
 from ..tools.random_models import ARCHS
-from .common import add_fields, load_options, new_parser, run_command
+from .common import add_fields, load_options, new_parser, prefer_openblas, run_command
 from .video_benchmark import main as video_main
 
 # The loading options the benchmark takes (its model is random weights or a converted folder).
@@ -175,7 +175,7 @@ def group_benchmark(args, log=print) -> dict:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = prefer_openblas(sys.argv[1:]) if argv is None else list(argv)
     if "--video" in argv:  # one video frame measured, a clip estimated (cli/video_benchmark.py)
         return video_main([a for a in argv if a != "--video"])
     p = parser()

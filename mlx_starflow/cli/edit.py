@@ -12,7 +12,7 @@ from ..images import check_writable, mask_values, open_image, output_paths, save
 from ..options import expand_seeds
 from ..pipeline import Pipeline
 from . import flags
-from .common import Bars, one_shot, report, run_command, say_precision
+from .common import Bars, one_shot, prefer_openblas, report, run_command, say_precision
 
 
 def parser():
@@ -74,6 +74,8 @@ def run(args, variation: bool = False) -> int:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        argv = prefer_openblas(sys.argv[1:])
     args = flags.read_args(parser(), argv)
     return 1 if args is None else run(args)
 

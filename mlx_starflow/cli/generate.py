@@ -12,11 +12,23 @@ from .. import distributed, options
 from ..images import check_writable, output_paths, save
 from ..options import batches, expand_seeds
 from . import edit, video
-from .common import Bars, blas_note_once, command_line, one_shot, report, run_command, say_precision, unwrite
+from .common import (
+    Bars,
+    blas_note_once,
+    command_line,
+    one_shot,
+    prefer_openblas,
+    report,
+    run_command,
+    say_precision,
+    unwrite,
+)
 from .flags import parser, read_args, wants_edit  # noqa: F401 (parser: the command's, for its tests)
 
 
 def main(argv=None):
+    if argv is None:  # the command line: first, OpenBLAS where MLX would run its reference BLAS
+        argv = prefer_openblas(sys.argv[1:])
     if video.wanted(argv):  # --frames, --fps, --from-video, or a video model: a clip (cli/video.py)
         return video.main(argv)
     args = read_args(parser(), argv)

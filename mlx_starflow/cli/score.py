@@ -11,7 +11,16 @@ from typing import List, Optional, Sequence
 from ..images import atomic_write, check_writable, open_image
 from ..likelihood import COUNTS, LATENT_NOTE, MAX_IMAGES, ScoreResult, check_count
 from ..pipeline import Pipeline
-from .common import Bars, add_load_options, load_options, new_parser, one_shot, run_command, say_precision
+from .common import (
+    Bars,
+    add_load_options,
+    load_options,
+    new_parser,
+    one_shot,
+    prefer_openblas,
+    run_command,
+    say_precision,
+)
 
 # Scoring decodes nothing: no VAE tiling.
 SKIP = ("vae_tile",)
@@ -120,6 +129,8 @@ def report_lines(result: ScoreResult, names: Sequence[str]) -> List[str]:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        argv = prefer_openblas(sys.argv[1:])
     args = parser().parse_args(argv)
     bars = Bars(not args.no_progress)
 

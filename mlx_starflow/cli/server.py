@@ -85,7 +85,7 @@ from .api import (  # noqa: F401 (MAX_PARTS, parse_request: as this module alway
     parse_multipart,
     parse_request,
 )
-from .common import add_load_options, load_options, new_parser, say_precision
+from .common import add_load_options, load_options, new_parser, prefer_openblas, say_precision
 from .video_jobs import VideoJobs, parse_create, parse_form
 from .video_jobs import limits as video_limits
 from .worker import FINAL, Cancelled, Failed, Files, Invalid, Job, Partial, Progress, QueueFull, Worker, result_pngs
@@ -827,6 +827,8 @@ def _terminate(signum, frame):
 
 
 def main(argv=None):
+    if argv is None:
+        argv = prefer_openblas(sys.argv[1:])
     args = parser().parse_args(argv)
     for flag, value, low in (
         ("--port", args.port, 0),

@@ -10,6 +10,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +34,20 @@ _MULTIARCH = {
 def openblas_path(machine=None) -> str:
     m = (machine or platform.machine()).lower()
     return f"/usr/lib/{_MULTIARCH.get(m, m + '-linux-gnu')}/openblas-pthread/libblas.so.3"
+
+
+# Where the distributions put a system OpenBLAS that exports the BLAS MLX calls: Debian/Ubuntu's
+# drop-in libblas (libopenblas0-pthread), Fedora's threaded and plain builds.
+FEDORA_OPENBLAS = ("/usr/lib64/libopenblasp.so.0", "/usr/lib64/libopenblas.so.0")
+
+
+def openblas_library() -> Optional[str]:
+    """The system OpenBLAS to preload: $MLX_STARFLOW_OPENBLAS if set, else the first of the
+    known paths that exists; None without one."""
+    named = os.environ.get("MLX_STARFLOW_OPENBLAS")
+    if named:
+        return named if Path(named).is_file() else None
+    return next((p for p in (openblas_path(), *FEDORA_OPENBLAS) if Path(p).is_file()), None)
 
 
 def times(fn, repeats, warmup=1, budget=float("inf")):
