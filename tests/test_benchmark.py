@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_starflow.cli import benchmark, common
+from mlx_starflow.loading import device
 from mlx_starflow.loading.quant import quant_args, quantize_linear
 from mlx_starflow.loading.weights import IGNORED, load_flow, save_model
 from mlx_starflow.models.config import starflow_config_from_args
@@ -154,16 +155,39 @@ def test_auto_extrapolates_long_blocks_and_estimates_long_denoising(tmp_path, mo
     assert benchmark.main([*TINY, "--dtype", "float32", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["stages"]["deep"]["extrapolated"] and r["stages"]["deep"]["tokens_timed"] == benchmark.AUTO_TOKENS
-    assert r["stages"]["denoise"]["estimated_seconds"] > 0 and "time" not in r["stages"]["denoise"]
+    d = r["stages"]["denoise"]
+    assert d["estimated_seconds"] > 0 and "time" not in d and d["probed"]
+    # the probe reached the step's peak: its memory is in the whole command's
+    assert d["peak_memory"] > 0 and "denoise" in r["image"]["whole_peak_stages"]
     assert r["image"]["estimated"] == ["denoise"]
     text = capsys.readouterr().out
     assert "timing 4 tokens at each end and extrapolating (--tokens all runs it whole)" in text
-    assert "left out: loading the weights, denoising (its time estimated from the measured matrix speed" in text
+    assert "denoising run up to the deep block's top layer's backward pass (the step's peak)" in text
 
     monkeypatch.setattr(stages, "AUTO_BLOCK", 1e9)
     assert benchmark.main([*TINY, "--dtype", "float32", "--stages", "deep", "--json", str(out)]) == 0
     deep = json.loads(out.read_text())["stages"]["deep"]
     assert not deep["extrapolated"] and deep["tokens_timed"] == 64
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_the_denoising_probe_reaches_the_whole_steps_peak(quantize):
+    # The benchmark's stated method for a long score step: stopped after the deep block's
+    # top layer's backward pass, its peak is the whole step's.
+    cfg = random_models.flow_config("small")
+    model, _ = random_models.random_flow(cfg, mx.bfloat16, quantize and {"bits": quantize, "group_size": 64})
+    device.prepare(model)
+    side = cfg.grid_size
+    x = mx.random.normal((1, side, side, cfg.in_channels), key=mx.random.key(5))
+    y = 0.1 * mx.random.normal((1, cfg.txt_size, cfg.txt_dim), key=mx.random.key(6))
+    mx.eval(x, y)
+    peaks = []
+    for run in (lambda: mx.eval(model.denoise(x, y)), lambda: stages.denoise_probe(model, x, y)):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        run()
+        peaks.append(mx.get_peak_memory())
+    assert peaks[1] == pytest.approx(peaks[0], rel=0.02)
 
 
 def test_help_names_the_module_and_shows_defaults(capsys):

@@ -74,7 +74,8 @@ def parser():
         metavar="{auto,all,N}",
         help="tokens timed at each end of a block, then extrapolated; 'all': whole blocks and every "
         f"stage run; 'auto': whole blocks when the first token says under {AUTO_BLOCK:.0f} s, "
-        f"else {AUTO_TOKENS} tokens, and denoising estimated when over {AUTO_DENOISE / 60:.0f} min",
+        f"else {AUTO_TOKENS} tokens; with auto or N, a denoising step estimated over {AUTO_DENOISE / 60:.0f} min "
+        "runs up to the deep block's top layer's backward pass (its peak) and its time is extrapolated",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each stage (the median is reported)")
     p.add_argument(

@@ -109,9 +109,11 @@ def layer_speed(layer, step_rows, repeats=3):
     width = layer.weight.shape[1] * (32 // layer.bits if quantized else 1)
     macs = width * layer.weight.shape[0]
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(layer.parameters()))
-    # Many rows where the products go through a BLAS (float32 on the CPU, or Metal); fewer
-    # where MLX's own CPU kernels run (bf16, quantized), which would take minutes at 256.
-    fast = (mx.default_device() == mx.gpu or dtype == mx.float32) and not quantized
+    # Many rows where the products go through a BLAS (float32 on the CPU, quantized ones on
+    # the CPU that dequantize for it: device.CPUQuantizedLinear, or Metal); fewer where MLX's
+    # own CPU kernels run (bf16), which would take minutes at 256.
+    gpu = mx.default_device() == mx.gpu
+    fast = (gpu and not quantized) or (not gpu and (dtype == mx.float32 or quantized))
     out = {}
     for name, rows in (("many", 256 if fast else 32), ("step", step_rows)):
         x = mx.random.normal((rows, width)).astype(dtype)

@@ -95,6 +95,11 @@ def _line(name, info, limits=None):
         )
         return f"  {_duration(info['block_seconds'])} ({how}): {_block_words(info, limits, name == 'deep')}{peak}"
     if name == "denoise":
+        if info.get("probed"):
+            return (
+                f"  about {_duration(info['estimated_seconds'])} (extrapolated from its deep block's layers, "
+                f"{_duration(info['probe_seconds'])} run){peak}"
+            )
         return f"  {_duration(t['median'])}{_spread(t)}{peak}" if t else "  not needed by this model"
     return f"  {name}: {info}"
 
@@ -121,7 +126,10 @@ def summary_lines(results):
         notes.append(f"{' and '.join(img['extrapolated'])} extrapolated from tokens at their start and end")
     left = ["loading the weights"]
     if img["estimated"]:
-        left.append("denoising (its time estimated from the measured matrix speed, its memory not in the peaks)")
+        notes.append(
+            "denoising run up to the deep block's top layer's backward pass (the step's peak), its time "
+            "extrapolated from those layers"
+        )
     if img["missing"]:
         left.append(f"the stages not run: {', '.join(img['missing'])}")
     notes.append("left out: " + ", ".join(left))
@@ -198,8 +206,11 @@ def summary_lines(results):
                 (
                     "denoising",
                     "~" + _duration(i["estimated_seconds"]),
-                    "-",
-                    "estimated: four passes over the model at the text prefix's speed (not run)",
+                    peak_of(i) if "peak_memory" in i else "-",
+                    f"run up to the deep block's top layer's backward pass ({_duration(i['probe_seconds'])}): "
+                    "the step's peak; its time extrapolated from those layers"
+                    if i.get("probed")
+                    else "estimated: four passes over the model at the text prefix's speed (not run)",
                 )
             )
         elif "time" in i:
