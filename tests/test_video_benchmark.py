@@ -123,3 +123,48 @@ def test_video_flag_of_the_benchmark_command(tmp_path, capsys):
     assert rc == 0 and out.is_file()
     assert "summary: one latent frame" in capsys.readouterr().out
     assert benchmark_main(["--video", "--arch", "tiny", "--stages", "nope"]) == 1
+    assert benchmark_main(["--video", "--arch", "tiny", "--repeats", "0"]) == 1
+    capsys.readouterr()
+    args = ["--video", "--arch", "tiny", "--stages", "text,load,deep", "--tokens", "1", "--tmp", str(tmp_path)]
+    assert benchmark_main(args) == 0
+    out = capsys.readouterr().out
+    assert "text encoder" in out and "load (" in out and "not measured (left out of the time): shallow" in out
+
+
+def test_each_stage_builds_its_own_part():
+    deep = vb.random_video_flow("tiny", only="deep")
+    shallow = vb.random_video_flow("tiny", only="shallow")
+    den = vb.random_video_flow("tiny", only="denoise")
+    full = vb.random_video_flow("tiny")
+    built = [[len(getattr(b, "attn_blocks", [])) for b in f.blocks] for f in (deep, shallow, den)]
+    assert built == [[0, 0, 2], [1, 0, 0], [0, 0, 0]]
+    assert "learnable_self_denoiser" in den and "learnable_self_denoiser" not in deep
+    assert "learnable_self_denoiser" not in shallow and "learnable_self_denoiser" in full
+    with pytest.raises(ValueError, match="only must be"):
+        vb.random_video_flow("tiny", only="vae")
+
+
+def test_the_clip_takes_every_frame_on_the_line_through_the_first_and_the_last():
+    m = vb.measure_frame("tiny", stages=("deep",), tokens=1, repeats=2, log=lambda *_: None)
+    s = vb.arch_shapes("tiny")
+    d = m["stages"]["deep"]
+    assert d["prefix_first_frame"] == s.txt_size and d["prefix"] == s.txt_size + 2 * s.tokens_per_frame
+    clip = vb.estimate_clip(m, s)
+    # three latent frames at prefixes p0, p0 + F, p0 + 2F: the mean of the ends, three times
+    assert clip["seconds"]["deep"] == pytest.approx(1.5 * (d["seconds_first_frame"] + d["seconds"]))
+    m["stages"]["deep"].pop("prefix_first_frame")
+    assert vb.estimate_clip(m, s)["seconds"]["deep"] == pytest.approx(3 * d["seconds"])
+
+
+def test_load_and_text_stages(tmp_path):
+    load = vb.measure_load("tiny", folder=tmp_path, log=lambda *_: None)
+    assert load["bytes"] > 0 and load["bytes_per_second"] > 0
+    assert list(tmp_path.iterdir()) == []  # the folder written is removed
+    text = vb.measure_text("tiny", layers=1, log=lambda *_: None)
+    assert text["layers_timed"] == 1 and text["seconds"] > 0
+    m = {"precision": "float32", "frames": 9, "stages": {"load": load, "text": text}}
+    s = vb.arch_shapes("tiny")
+    clip = vb.estimate_clip(m, s)
+    assert clip["load_bytes"] == s.flow.bytes("float32", None) + s.text.bytes("float32") + s.vae.bytes("float32")
+    assert clip["seconds"]["load"] == pytest.approx(clip["load_bytes"] / load["bytes_per_second"])
+    assert clip["seconds"]["text"] == text["seconds"]
