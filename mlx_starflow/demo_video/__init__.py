@@ -60,7 +60,7 @@ init_for_training = training.init_identity  # every block starts as the identity
 def train(
     cfg: FlowConfig,
     video: VideoConfig,
-    steps=1300,
+    steps=3600,
     batch_size=32,
     lr=1e-3,
     warmup=100,
@@ -240,7 +240,7 @@ def _commands(sub):
     t = sub.add_parser("train", help="train the video demo model from scratch (defaults: the shipped recipe)")
     training.add_flow_training_flags(
         t,
-        steps=1300,
+        steps=3600,
         lr=1e-3,
         warmup=100,
         layers="1 1 4",

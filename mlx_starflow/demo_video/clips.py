@@ -38,8 +38,8 @@ PROMPTS = tuple(f"{c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in 
 
 # Drawing (demo_common.drawing): 4x supersampling, then a box filter (exact area coverage),
 # so motion below a pixel shows as a change of the edges.
-_MIN_SIDE, _MAX_SIDE = 4.5, 6.0  # the shape's width in pixels
-_MIN_SPEED, _MAX_SPEED = 0.8, 1.2  # pixels per frame
+_MIN_SIDE, _MAX_SIDE = 4.5, 5.5  # the shape's width in pixels
+_MIN_SPEED, _MAX_SPEED = 1.0, 1.3  # pixels per frame: a clear move per frame (slower was learnt as a copy)
 _MARGIN = 0.5  # pixels kept free at the border
 
 
