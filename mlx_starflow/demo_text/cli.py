@@ -116,7 +116,7 @@ def grid_image(images, rows, scale, labels):
 
 def _commands(sub):
     t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
-    training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=1600, lr=1e-3)
+    training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=5000, lr=1e-3)
     t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
     t.add_argument("--lm-steps", type=int, default=300)
     t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
