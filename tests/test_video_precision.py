@@ -15,6 +15,7 @@ from test_video_pipeline import save_folder
 
 from mlx_starflow import video as video_module
 from mlx_starflow.cli.generate import main
+from mlx_starflow.demo_video import checker
 from mlx_starflow.loading import precision_policy as pp
 from mlx_starflow.loading.video import clip_shapes, load_video_flow, video_config_from_args
 from mlx_starflow.models.video import VideoFlow
@@ -53,23 +54,28 @@ def test_quantized_flow_layers(float32_clips):
 
 
 @pytest.mark.parametrize(
-    "load, mean_latent, mean_pixel",
+    "load, mean_latent, mean_pixel, near",
     [
-        # measured (seeds 0-2, denoising off): bf16 0.007-0.011 mean |latent change| (values up to 1.6),
-        # frames 0.8-1.4 of 255 on average; 8-bit 0.002-0.016, 0.3-2.0; 4-bit 0.05-0.10, 6-13.
-        ({"dtype": "bfloat16"}, 0.03, 4.0),
-        ({"dtype": "float32", "quantize": 8}, 0.04, 5.0),
-        ({"dtype": "float32", "quantize": 4}, 0.25, 30.0),
+        # measured on the shipped demo-video (seed 0 / 1 / 2, denoising off; mean |latent change|,
+        # then frames of 255): bf16 0.016 / 0.059 / 0.011, 1.9 / 7.2 / 1.3; 8-bit 0.011 / 0.014 /
+        # 0.016, 1.3 / 1.7 / 2.0; 4-bit 0.195 / 0.194 / 0.113, 24 / 24 / 14, as far as another
+        # seed's clip is (0.15-0.26): at 4 bits this 0.86M-parameter model samples another clip.
+        ({"dtype": "bfloat16"}, 0.03, 4.0, True),
+        ({"dtype": "float32", "quantize": 8}, 0.03, 4.0, True),
+        ({"dtype": "float32", "quantize": 4}, 0.25, 30.0, False),
     ],
 )
-def test_lower_precisions_sample_a_clip_close_to_float32(float32_clips, load, mean_latent, mean_pixel):
+def test_lower_precisions_sample_a_clip_close_to_float32(float32_clips, load, mean_latent, mean_pixel, near):
     want, want_frames = float32_clips[0]
     got, frames, _ = clip(0, **load)
     assert np.abs(got - want).mean() < mean_latent
     assert np.abs(frames - want_frames).mean() < mean_pixel
-    # and much closer to the float32 clip than another seed's clip is
-    other = np.abs(float32_clips[1][0] - want).mean()
-    assert np.abs(got - want).mean() < 0.5 * other
+    if near:  # much closer to the float32 clip than another seed's clip is
+        other = np.abs(float32_clips[1][0] - want).mean()
+        assert np.abs(got - want).mean() < 0.5 * other
+    else:  # another clip, but still the prompt's: its colour in every frame, moving right
+        r = checker.evaluate(frames.astype(np.uint8)[None], [PROMPT])
+        assert r["colour_accuracy"] == 1.0 and r["direction_accuracy"] == 1.0, checker.format_report(r)
 
 
 def test_an_8_bit_kv_cache_samples_close_to_float(float32_clips):
