@@ -40,6 +40,7 @@ def meta(
     help: str,
     *,
     flag: Optional[str] = None,
+    aliases: Sequence[str] = (),
     metavar: Optional[str] = None,
     choices: Optional[Sequence] = None,
     low=None,
@@ -51,12 +52,14 @@ def meta(
     place: bool = False,
 ) -> dict:
     """A field's description for the front ends. flag: the CLI flag (default --field-name);
+    aliases: more flags for it (the issue's or a neighbour's name, e.g. --precision);
     request: the server's parameter name (True: the field's name; None: not a parameter);
     low/high: the inclusive limits; kind: the value's type; place: a path or a name to fetch
     (never taken from an image's metadata)."""
     return dict(
         help=help,
         flag=flag,
+        aliases=tuple(aliases),
         metavar=metavar,
         choices=tuple(choices) if choices else None,
         low=low,
@@ -388,6 +391,7 @@ class LoadOptions(Options):
         "the text encoder's precision and quantization from the device and its free memory: on a GPU bfloat16 "
         "or lower (float32 models up to 1B parameters as stored), on a CPU float32 when the command's peak fits",
         choices=("auto",) + DTYPE_NAMES,
+        aliases=("--precision",),
         kind=str,
     )
     quantize: Optional[int] = option(

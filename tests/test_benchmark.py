@@ -47,7 +47,7 @@ def test_command_on_tiny(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert (
         benchmark.main(
-            [*TINY, "--dtype", "float32", "--tokens", "2", "--compare-loop", "--precision", "--json", str(out)]
+            [*TINY, "--dtype", "float32", "--tokens", "2", "--compare-loop", "--compare-precisions", "--json", str(out)]
         )
         == 0
     )

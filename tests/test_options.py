@@ -86,3 +86,17 @@ def test_limits_hold_in_the_api():
     with pytest.raises(OptionError) as e:
         LoadOptions(vae_tile=10**9).validate()
     assert e.value.option == "vae_tile"
+
+
+def test_precision_is_another_name_for_dtype():
+    """Issue 22 calls the choice `--precision auto`: the same option as --dtype, one definition."""
+    from mlx_starflow.cli import benchmark, generate, score
+
+    for build, required in (
+        (generate.parser, []),
+        (score.parser, ["--image", "x.png", "--prompt", "p"]),
+        (benchmark.parser, []),
+    ):
+        p = build()
+        assert p.parse_args([*required, "--precision", "bfloat16"]).dtype == "bfloat16"
+        assert p.parse_args([*required, "--dtype", "float32"]).dtype == "float32"

@@ -103,11 +103,12 @@ def parser():
         help="also time the deep block's token loop with and without overlap and mx.compile",
     )
     p.add_argument(
-        "--precision",
+        "--compare-precisions",
+        dest="precision",
         action="store_true",
         help="also compare each component's precisions with float32 on a small architecture",
     )
-    p.add_argument("--precision-arch", choices=list(ARCHS), help="architecture of --precision (default: small)")
+    p.add_argument("--precision-arch", choices=list(ARCHS), help="its architecture (default: small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (0 unless given)")
     p.add_argument("--json", help="also write every figure to this file")
     return p

@@ -93,7 +93,7 @@ def add_fields(p, cls, skip=(), defaults=None, only=None):
                 kw["metavar"] = m["metavar"]
             if m["nargs"]:
                 kw["nargs"] = m["nargs"]
-        p.add_argument(flag, **kw)
+        p.add_argument(flag, *m.get("aliases", ()), **kw)
         out[name] = flag
     return out
 
