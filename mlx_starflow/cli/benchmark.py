@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..images import write_json
+from ..loading.precision_policy import text_follows
 from ..options import GenerateOptions, LoadOptions
 from ..tools.benchmark import (
     AUTO_BLOCK,
@@ -132,7 +133,9 @@ def _check(p, args):
     load_options(argparse.Namespace(**{**vars(args), "model": None}), skip=SKIP)
     if args.dtype == "auto":  # as generate's auto for the 3B: bfloat16 above a billion float32 parameters
         args.dtype = "bfloat16"
-    if args.text_dtype == "auto":  # the text encoder as the benchmark has always measured it
+    if args.text_dtype == "auto" and args.text_quantize is None:  # as generate's: it follows the flow
+        args.text_dtype, args.text_quantize = text_follows(args.dtype, args.quantize, stored_float32=True)
+    elif args.text_dtype == "auto":
         args.text_dtype = "float32"
     if args.tokens in ("auto", "all"):
         args.tokens_n = AUTO_TOKENS
