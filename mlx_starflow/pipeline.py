@@ -125,6 +125,18 @@ class ClassEncoder:
 BF16_ABOVE = 4e9  # bytes of float32 weights (a billion parameters) above which "auto" is bfloat16
 
 
+def _progress(stage: str, steps: Generator):
+    """Forward a (done, total) generator as Events of `stage`, all but its end (which the
+    stage reports itself); returns the generator's value."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if done < total:
+            yield Event(stage, done, total)
+
+
 def _auto_dtype(folder) -> Optional[str]:
     """The GPU's rule of the precision policy: float32 models of more than a billion
     parameters run in bfloat16 (half the memory and weight traffic); others as stored."""
@@ -640,15 +652,7 @@ class Pipeline:
             if opts.denoise == "learned":
                 x = flow.learned_denoise(x, y_cond)
             else:  # block by block: a call can be stopped between blocks
-                steps = flow.denoise_steps(x, y_cond, cfg.noise_std)
-                while True:
-                    try:
-                        done, total = next(steps)
-                    except StopIteration as stop:
-                        x = stop.value
-                        break
-                    if done < total:
-                        yield Event("denoise", done, total)
+                x = yield from _progress("denoise", flow.denoise_steps(x, y_cond, cfg.noise_std))
             mx.eval(x)
             timings["denoise"] = time.perf_counter() - t0
             measured("denoise")
@@ -659,15 +663,7 @@ class Pipeline:
         x = after_sampling(x)
         yield Event("decode", 0, x.shape[0])
         t0 = time.perf_counter()
-        steps = self.decode_steps(x)
-        while True:
-            try:
-                done, total = next(steps)
-            except StopIteration as stop:
-                images = stop.value
-                break
-            if done < total:  # the last one comes with the result
-                yield Event("decode", done, total)
+        images = yield from _progress("decode", self.decode_steps(x))  # the last one comes with the result
         timings["decode"] = time.perf_counter() - t0
         measured("decode")
 
