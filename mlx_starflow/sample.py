@@ -130,9 +130,10 @@ def _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, c
         prev, tokens, first = z[:, :1], [z[:, :1]], 1
     mlps, finish = _compiled(block, guidance) if compile_step and N >= compile_min_tokens else (None, None)
 
-    def current():
-        done = mx.concatenate(tokens, axis=1) if tokens else z[:, :0]
-        return mx.concatenate([done, z[:, done.shape[1] :]], axis=1)
+    def current(start=0, end=N):  # tokens[k] is token k; the rest still noise
+        done = tokens[start:end]
+        rest = z[:, start + len(done) : end]
+        return mx.concatenate(done + [rest], axis=1) if done else rest
 
     for t in range(N - first):
         i = t + first
@@ -164,8 +165,8 @@ def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
     # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
     x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
 
-    def current():
-        return x_full[:, 1:]
+    def current(start=0, end=N):
+        return x_full[:, 1 + start : 1 + end]
 
     start = 0
     while start < N:
@@ -251,8 +252,8 @@ def block_points(
     compile_min_tokens: int = 64,
 ):
     """block_steps with the tokens: yields (done, current) after each finished token or
-    Jacobi chunk, current() giving the block's tokens (B', N, D) in its order, the first
-    `done` of them final (video_sample hands a finished frame on while the block goes on)."""
+    Jacobi chunk, current(start=0, end=N) giving the block's tokens [start, end) (B', n, D)
+    in its order, the first `done` of them final (video_sample hands a finished frame on while the block goes on)."""
     loop = _block_loop(block, z, caches, rope, cond, guidance, jacobi, compile_step, overlap, compile_min_tokens)
     last = 0
     while True:

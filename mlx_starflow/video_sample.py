@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
-from .sample import Jacobi, OptionError, block_points, check_guidance, check_kv_bits, guided, is_whole
+from .sample import Jacobi, OptionError, _doubled, block_points, check_guidance, check_kv_bits, guided, is_whole
 
 
 @dataclass
@@ -47,14 +47,10 @@ class VideoStep:
     preview: bool = False  # a step of a pass for previews only (Jacobi, streamed)
 
 
-def _doubled(s, mu, w):
-    return (mx.concatenate([s, s]), mx.concatenate([mu, mu])) if w > 0 else (s, mu)
-
-
 def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: int, window, context):
     """Jacobi over one block's tokens z (B', N, D) in its own order, `frame` tokens a
     frame; window/context in tokens (None: no local window). Generator: yields (tokens
-    done, current) after each chunk, current() the tokens so far; returns x (B', N, D)."""
+    done, current) after each chunk, current(start, end) the tokens so far; returns x (B', N, D)."""
     B, N, _ = z.shape
     # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
     x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
@@ -77,7 +73,7 @@ def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: i
                 for cache in caches:
                     cache.rewind(size)
             start += size
-            yield start, lambda: x_full[:, 1:]
+            yield start, lambda a=0, b=N: x_full[:, 1 + a : 1 + b]
         if target >= N:
             break
         target = min(target + window - context, N)
@@ -237,7 +233,7 @@ def sample_video_steps(
         yield VideoStep(top, done, T * F)
         while (len(finished) + 1) * F <= done:
             f = len(finished)
-            x = flow.order(current()[:B, f * F : (f + 1) * F], 1, flip)  # the deep block's order undone
+            x = flow.order(current(f * F, (f + 1) * F)[:B], 1, flip)  # the deep block's order undone
             for i in shallow:
                 x = yield from run(i, x, 1, f * F, T * F, previews)
                 yield VideoStep(i, (f + 1) * F, T * F, preview=previews)
