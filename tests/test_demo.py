@@ -133,10 +133,14 @@ def test_shared_schedule_and_selection():
         rates.append(opt.learning_rate.item())
     assert rates[:5] == pytest.approx([2.5e-4, 4.375e-4, 6.25e-4, 8.125e-4, 1e-3])
     assert rates[11] == pytest.approx(1e-4) and all(a > b for a, b in zip(rates[4:11], rates[5:12]))
-    # Ties go to the first tried: the lower guidance, then the earlier sampler.
+    # Ties go to the first tried: the earlier denoiser, then sampler, then the lower guidance.
     scores = {(1.0, "sequential"): 0.5, (2.0, "sequential"): 0.7, (1.0, "jacobi"): 0.7, (2.0, "jacobi"): 0.2}
-    best = training.select_sampling(lambda g, s: (scores[g, s], ""), [1.0, 2.0], ("sequential", "jacobi"), log=None)
+    best = training.select_sampling(lambda g, s, d: (scores[g, s], ""), [1.0, 2.0], ("sequential", "jacobi"), log=None)
     assert best == {"guidance": 2.0, "sampler": "sequential", "denoise": "score"}
+    best = training.select_sampling(
+        lambda g, s, d: (scores[g, s] + (d == "none") * 0.1, ""), [1.0, 2.0], denoisers=("score", "none"), log=None
+    )
+    assert best == {"guidance": 2.0, "sampler": "sequential", "denoise": "none"}
 
 
 def test_labelled_rows():

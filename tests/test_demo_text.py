@@ -142,11 +142,17 @@ def test_score_and_edit_commands(tmp_path, capsys):
 def test_train_command(tmp_path, capsys):
     small = ["--steps", "4", "--batch-size", "2", "--channels", "32", "--no-select"]
     cli.main(["train", "--out", str(tmp_path / "a"), "--lm-steps", "2", *small])
-    cli.main(["train", "--out", str(tmp_path / "b"), "--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", *small])
+    b = ["--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", "--patch-size", "6", "--shallow", "1"]
+    cli.main(["train", "--out", str(tmp_path / "b"), *b, *small])
     out = capsys.readouterr().out
     assert "flow step 4/4" in out and "saved" in out
     record = json.loads((tmp_path / "b" / "model" / "training.json").read_text())
     assert record["flow"]["steps"] == 4 and record["flow"]["stop_after"] == 2
+    assert record["flow"]["patch_size"] == 6 and record["flow"]["shallow_layers"] == [1]
+    config = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
+    assert config["patch_size"] == 6 and config["layers_per_block"] == [1, 3]  # a shallow block, the LM's 3 layers
+    first = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
+    assert first["patch_size"] == 12 and first["layers_per_block"] == [3]  # the recipe: the deep block alone
     assert len(record["losses_per_100_steps"]) == 1 and record["lm"]["steps"] == 300  # the --lm folder's
     assert (tmp_path / "b" / "model" / "examples.txt").is_file()
     assert (tmp_path / "b" / "model" / "text_encoder" / "tokenizer.json").is_file()

@@ -167,8 +167,8 @@ def select_sampling(
     right), on noise separate from the reported evaluation; ties go to the
     lower guidance and then the sequential sampler."""
 
-    def measure(g, sampler):
-        r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler)
+    def measure(g, sampler, denoise):
+        r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler, denoise=denoise)
         what = (
             f"guidance {g:g} {sampler:<10}  colour {r['colour_accuracy']:.1%}  "
             f"shape {r['shape_accuracy']:.1%}  both {r['accuracy']:.1%}"

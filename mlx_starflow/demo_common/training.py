@@ -240,19 +240,20 @@ def save_stage(out, cfg: FlowConfig, model, args, stage, extra=None, log=print):
 # -- sampling defaults -------------------------------------------------------------------------
 
 
-def select_sampling(measure, guidances, samplers=("sequential",), log=print) -> dict:
-    """The sampling defaults that score best on a checker. measure(guidance, sampler) gives
-    (score, a line to log); ties go to the first tried: the lower guidance, then the
-    earlier sampler. Denoising is always the score step."""
+def select_sampling(measure, guidances, samplers=("sequential",), denoisers=("score",), log=print) -> dict:
+    """The sampling defaults that score best on a checker. measure(guidance, sampler,
+    denoise) gives (score, a line to log); ties go to the first tried: the earlier
+    denoiser, then sampler, then the lower guidance."""
     best, best_score = None, -1.0
-    for sampler in samplers:
-        for g in guidances:
-            tic = time.perf_counter()
-            score, what = measure(g, sampler)
-            if log:
-                log(f"{what}  ({time.perf_counter() - tic:.1f} s)")
-            if score > best_score:
-                best, best_score = {"guidance": g, "sampler": sampler, "denoise": "score"}, score
+    for denoise in denoisers:
+        for sampler in samplers:
+            for g in guidances:
+                tic = time.perf_counter()
+                score, what = measure(g, sampler, denoise)
+                if log:
+                    log(f"{what}  ({time.perf_counter() - tic:.1f} s)")
+                if score > best_score:
+                    best, best_score = {"guidance": g, "sampler": sampler, "denoise": denoise}, score
     return best
 
 

@@ -38,6 +38,8 @@ def _cmd_train(args):
         channels=args.channels,
         lm_folder=args.lm,
         stop_after=args.stop_after,
+        patch_size=args.patch_size,
+        shallow=training.words(args.shallow, int),
     )
     write_examples(folder)
     if not args.no_select:
@@ -116,10 +118,14 @@ def grid_image(images, rows, scale, labels):
 
 def _commands(sub):
     t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
-    training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=5000, lr=1e-3)
+    training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=12000, lr=1e-3)
     t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
     t.add_argument("--lm-steps", type=int, default=300)
     t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
+    t.add_argument(
+        "--patch-size", type=int, choices=[4, 6, 12], default=12, help="pixels per patch side (12: a token per cell)"
+    )
+    t.add_argument("--shallow", default="", help='layers of each shallow block ("" for the deep block alone)')
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
     t.add_argument("--stop-after", type=int, help="stop the flow's training after this many steps (comparisons)")
     t.add_argument("--no-select", action="store_true", help="do not choose the sampling defaults afterwards")

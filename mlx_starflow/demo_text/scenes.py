@@ -4,7 +4,7 @@ A scene is one or two shapes on a plain background, 36x36 RGB, the image a 3x3 g
 of 12-pixel cells (3x3 patches of 4 pixels each). An object has a colour (six, 60
 degrees of hue apart), a shape (circle, square, triangle), a size (small: 6 pixels
 across, large: 10) and a cell; two objects never share a cell or a colour. The
-background is black, gray or white.
+background is black, gray or white; a caption that does not name it means black.
 
 A caption is drawn from a small grammar with several phrasings of every part
 ("a small red circle in the top left corner", "top-left: a little red disc", ...).
@@ -37,6 +37,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 6.0, "large": 10.0}
+JITTER = 0.25  # pixels: the most an object's size and centre vary
 BACKGROUNDS = {"black": (18, 18, 18), "gray": (120, 120, 120), "white": (236, 236, 236)}
 
 # Words of each attribute; the first is the plain one (evaluation prompts use any).
@@ -125,8 +126,11 @@ def draw(scene: Scene, rng) -> np.ndarray:
     for t in scene.things:
         fg = np.clip(np.array(COLOURS[t.colour]) + rng.uniform(-10, 10, 3), 0, 255)
         fill = tuple(int(v) for v in fg)
-        s = SIZES[t.size] + rng.uniform(-0.5, 0.5)
-        jit = 1.0 if t.size == "small" else 0.5
+        # Little jitter of size and place: the flow predicts a cell's pixels as one
+        # token, each pixel on its own given the text, so an edge whose place varies
+        # is drawn as a blurred, wider halo (read as the wrong size and shape).
+        s = SIZES[t.size] + rng.uniform(-JITTER, JITTER)
+        jit = JITTER
         cy = (t.cell[0] + 0.5) * CELL + rng.uniform(-jit, jit)
         cx = (t.cell[1] + 0.5) * CELL + rng.uniform(-jit, jit)
         if t.shape == "circle":
@@ -205,8 +209,9 @@ def _clause(t: Thing, rng, template: str, size=True) -> str:
 
 def caption(scene: Scene, rng, held_phrasing: Optional[bool] = False, full=False) -> Caption:
     """A caption of the scene. held_phrasing: False: training forms only; True: a
-    held-out form; None: any. full: state every attribute (else size and background
-    are sometimes left out, and the image is free there)."""
+    held-out form; None: any. full: state every attribute (else the size is sometimes
+    left out, the image then free there, and a black background sometimes: the
+    default)."""
     pool = TRAIN_TEMPLATES if held_phrasing is False else HELD_OUT_TEMPLATES if held_phrasing else tuple(TEMPLATES)
     size = full or rng.random() < 0.85
     if len(scene.things) == 1:
@@ -224,7 +229,9 @@ def caption(scene: Scene, rng, held_phrasing: Optional[bool] = False, full=False
         if joint == "with" and b.startswith(("there is ", "an image of ")):
             b = b.split(" ", 2)[2] if b.startswith("there is ") else b[len("an image of ") :]
         text, template = two[joint].format(a=a, b=b), f"{joint}:{forms[0]}+{forms[1]}"
-    background = full or rng.random() < 0.5
+    # An unstated background is black: the flow's first token (a corner, mostly
+    # background) is then told by the text instead of left to a three-way guess.
+    background = full or scene.background != "black" or rng.random() < 0.5
     if background:
         word = _pick(rng, BACKGROUND_WORDS[scene.background])
         text += _pick(rng, [f" on a {word} background", f" on {word}", f", {word} background"])

@@ -3,11 +3,14 @@
     python -m mlx_starflow.demo_text train --out DIR           # LM pretraining, then the flow
     python -m mlx_starflow.demo_text train --out DIR --deep-init scratch   # the comparison run
 
-The flow is a pixel-space STARFlow for 36x36 RGB, 4x4 patches (81 tokens of 48), whose
-deep block is the `use_pretrained_lm` layout gemma3_1b with the tiny LM's sizes: its
-layers initialised from the pretrained LM (init_from_lm) or at random (`scratch`), the
-prompt entering as the LM's token embeddings times sqrt(hidden) after STARFlow's chat
-template (the embedding table stays as the LM learnt it). The unconditional prompt is "".
+The flow is a pixel-space STARFlow for 36x36 RGB whose deep block is the
+`use_pretrained_lm` layout gemma3_1b with the tiny LM's sizes: its layers initialised
+from the pretrained LM (init_from_lm) or at random (`scratch`), the prompt entering as
+the LM's token embeddings times sqrt(hidden) after STARFlow's chat template (the
+embedding table stays as the LM learnt it). The unconditional prompt is "". By default
+the deep block is the whole flow, over 12x12 patches (9 tokens of 432, one per cell of
+the scenes' grid): measured in docs/demo.md, unconditional shallow blocks below it
+left the text nearly unused at this size.
 """
 
 import time
@@ -27,12 +30,12 @@ from . import lm, scenes
 TXT_SIZE = 40  # template (11 tokens) + the longest two-object captions
 
 
-def flow_config(lm_args: dict, channels=64, shallow=(1, 1), noise_std=0.1) -> FlowConfig:
+def flow_config(lm_args: dict, channels=64, shallow=(), noise_std=0.1, patch_size=12) -> FlowConfig:
     cfg = FlowConfig(
         model_type="starflow",
         in_channels=3,
         input_size=scenes.SIZE,
-        patch_size=4,
+        patch_size=patch_size,
         channels=channels,
         top_channels=lm_args["hidden_size"],
         head_dim=32,
@@ -45,7 +48,7 @@ def flow_config(lm_args: dict, channels=64, shallow=(1, 1), noise_std=0.1) -> Fl
         layers_per_block=list(shallow) + [lm_args["num_hidden_layers"]],
         expansion=2,
         rope=True,
-        pt_seq_len=scenes.SIZE // 4,
+        pt_seq_len=scenes.SIZE // patch_size,
         sos=True,
         seq_order="L2R",
         use_softplus=True,
@@ -113,6 +116,8 @@ def run(
     log=print,
     lm_folder=None,
     stop_after=None,
+    patch_size=12,
+    shallow=(),
 ):
     """The whole recipe; writes out/lm (the pretrained LM, mlx-lm format) and out/model
     (the flow, with text_encoder/: the LM's tokenizer and embedding table). lm_folder:
@@ -132,7 +137,7 @@ def run(
         lm.save(out / "lm", lm_model, tok, args)
     lm_minutes = (time.perf_counter() - tic) / 60
 
-    cfg = flow_config(args, channels=channels)
+    cfg = flow_config(args, channels=channels, shallow=shallow, patch_size=patch_size)
     mx.random.seed(seed)
     model = Flow(cfg)
     init_heads(model)
@@ -149,7 +154,15 @@ def run(
         "seed": seed,
         "deep_init": deep_init,
         "lm": {"steps": lm_steps, "final_loss": training.final_loss(lm_losses), "held_out_loss": held},
-        "flow": {"steps": steps, "stop_after": stop_after, "batch_size": batch_size, "lr": lr, "label_drop": 0.1},
+        "flow": {
+            "steps": steps,
+            "stop_after": stop_after,
+            "batch_size": batch_size,
+            "lr": lr,
+            "label_drop": 0.1,
+            "patch_size": patch_size,
+            "shallow_layers": list(shallow),
+        },
         "losses_per_100_steps": [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)],
         "minutes": {"lm": round(lm_minutes, 1), "flow": round(minutes, 1)},
         "final_loss_nats_per_dim": training.final_loss(losses),

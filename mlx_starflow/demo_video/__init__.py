@@ -152,8 +152,8 @@ def select_sampling(model: VideoFlow, guidances=(1.0, 2.0, 3.0), per_class=2, lo
     """The guidance that scores best on the checker (colour and direction accuracy
     summed), on noise apart from the reported evaluation; ties go to the lower one."""
 
-    def measure(g, sampler):
-        r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler)
+    def measure(g, sampler, denoise):
+        r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler, denoise=denoise)
         what = (
             f"guidance {g:g}  colour {r['colour_accuracy']:.1%} of frames  "
             f"direction {r['direction_accuracy']:.1%} of clips"
