@@ -175,7 +175,7 @@ def select_sampling(
         )
         return r["accuracy"], what
 
-    return training.select_sampling(measure, guidances, samplers, log)
+    return training.select_sampling(measure, guidances, samplers, log=log)
 
 
 def grid_image(images: np.ndarray, rows: int, scale=4, gap=2, labels=None):

@@ -240,7 +240,7 @@ def save_stage(out, cfg: FlowConfig, model, args, stage, extra=None, log=print):
 # -- sampling defaults -------------------------------------------------------------------------
 
 
-def select_sampling(measure, guidances, samplers=("sequential",), denoisers=("score",), log=print) -> dict:
+def select_sampling(measure, guidances, samplers=("sequential",), *, denoisers=("score",), log=print) -> dict:
     """The sampling defaults that score best on a checker. measure(guidance, sampler,
     denoise) gives (score, a line to log); ties go to the first tried: the earlier
     denoiser, then sampler, then the lower guidance."""
