@@ -1,5 +1,7 @@
 """Tiny random models for the tests, and reference-format checkpoints of them."""
 
+import signal
+
 import mlx.core as mx
 import numpy as np
 import yaml
@@ -71,3 +73,10 @@ def save_reference(model, args, directory, extra=None):
 
 def rand(shape, seed=1):
     return mx.array(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+def default_sigint():
+    """Popen preexec_fn: Ctrl-C back to its default in the child. A test runner started in
+    the background of a shell ignores SIGINT, its children inherit that, and a test that
+    stops a child with SIGINT would wait for it forever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

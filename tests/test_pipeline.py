@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import save_reference, tiny_flow
+from helpers import default_sigint, save_reference, tiny_flow
 from PIL import Image
 
 from mlx_starflow.images import read_metadata
@@ -405,6 +405,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=slave,
         env=env,
+        preexec_fn=default_sigint,
     )
     os.close(slave)
     seen = b""

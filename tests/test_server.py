@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import default_sigint
 from PIL import Image
 
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (pip install openai)")
@@ -348,6 +349,7 @@ def test_command_line_server_under_load(tmp_path):
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         line = proc.stdout.readline()  # printed once the model is loaded
