@@ -101,8 +101,10 @@ def guided(block: FlowBlock, a, b, w: float):
     return sc / mx.sqrt(denom), ((1 + w) * bc - (w * r) * bu) / denom
 
 
-def _doubled(s, mu, w):
-    # The sampled tokens feed both halves of the guidance batch.
+def guided_doubled(block: FlowBlock, a, b, w: float):
+    """guided(), its (scale, mean) repeated for both halves of the guidance batch: the
+    sampled tokens feed both."""
+    s, mu = guided(block, a, b, w)
     return (mx.concatenate([s, s]), mx.concatenate([mu, mu])) if w > 0 else (s, mu)
 
 
@@ -116,7 +118,7 @@ def _compiled(block: FlowBlock, guidance: float):
     mlps = [mx.compile(lambda x, m=layer.mlp: x + m(x)) for layer in block.attn_blocks]
 
     def finish(h, zt):
-        s, mu = _doubled(*guided(block, *block.head(h), guidance), guidance)
+        s, mu = guided_doubled(block, *block.head(h), guidance)
         return zt * s + mu
 
     return mlps, mx.compile(finish)
@@ -138,7 +140,7 @@ def _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, c
     for t in range(N - first):
         i = t + first
         if mlps is None:
-            s, mu = _doubled(*guided(block, *block.step(prev, t, caches, rope, cond), guidance), guidance)
+            s, mu = guided_doubled(block, *block.step(prev, t, caches, rope, cond), guidance)
             prev = z[:, i : i + 1] * s + mu
         else:
             prev = finish(block.step(prev, t, caches, rope, cond, mlps), z[:, i : i + 1])
@@ -174,7 +176,7 @@ def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
         for i in range(jac.max_iter):
             size = min(size, N - start)
             a, b = block.step(x_full[:, start : start + size], start, caches, rope, cond)
-            s, mu = _doubled(*guided(block, a, b, guidance), guidance)
+            s, mu = guided_doubled(block, a, b, guidance)
             new = mu + s * z[:, start : start + size]
             old = x_full[:, start + 1 : start + 1 + size]
             diff = jac.change(new, old)

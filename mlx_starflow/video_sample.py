@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
-from .sample import Jacobi, OptionError, _doubled, block_points, check_guidance, check_kv_bits, guided, is_whole
+from .sample import Jacobi, OptionError, block_points, check_guidance, check_kv_bits, guided_doubled, is_whole
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: i
                 size = min(size, target - start)
                 src = start - frame if i == 0 and start > frame else start
                 a, b = block.step(x_full[:, src : src + size], start, caches, rope, None)
-                s, mu = _doubled(*guided(block, a, b, guidance), guidance)
+                s, mu = guided_doubled(block, a, b, guidance)
                 new = mu + s * z[:, start : start + size]
                 diff = jac.change(new, x_full[:, start + 1 : start + 1 + size])
                 x_full[:, start + 1 : start + 1 + size] = new

@@ -164,3 +164,11 @@ def test_train_command(tmp_path, capsys):
     assert len(record["losses_per_100_steps"]) == 1 and record["lm"]["steps"] == 300  # the --lm folder's
     assert (tmp_path / "b" / "model" / "examples.txt").is_file()
     assert (tmp_path / "b" / "model" / "text_encoder" / "tokenizer.json").is_file()
+
+
+def test_train_command_refuses_a_bad_layout(tmp_path, capsys):
+    for bad in ("x", "1 9", "1 1 1 1 1"):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--out", str(tmp_path / "m"), "--shallow", bad])
+        assert "argument --shallow" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -165,7 +165,7 @@ def select_sampling(
 ) -> dict:
     """Sampling defaults that score best on the checker (both colour and shape
     right), on noise separate from the reported evaluation; ties go to the
-    lower guidance and then the sequential sampler."""
+    sequential sampler and then the lower guidance."""
 
     def measure(g, sampler, denoise):
         r = checker_accuracy(model, per_class, seed=SELECT_SEED, guidance=g, sampler=sampler, denoise=denoise)

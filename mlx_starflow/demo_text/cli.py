@@ -1,5 +1,6 @@
 """python -m mlx_starflow.demo_text: train, select, evaluate, grid."""
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def _cmd_train(args):
         lm_folder=args.lm,
         stop_after=args.stop_after,
         patch_size=args.patch_size,
-        shallow=training.words(args.shallow, int),
+        shallow=args.shallow,
     )
     write_examples(folder)
     if not args.no_select:
@@ -116,6 +117,20 @@ def grid_image(images, rows, scale, labels):
     return labelled_rows(images[: rows * cols].reshape(rows, cols, h, w, 3), labels, left=330, scale=scale, gap=2)
 
 
+MAX_SHALLOW, MAX_LAYERS = 4, 8
+
+
+def _shallow(text):
+    """--shallow: layers of each shallow block, apart by spaces."""
+    try:
+        layers = tuple(training.words(text, int))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: whole numbers apart by spaces, e.g. "1 1"') from None
+    if len(layers) > MAX_SHALLOW or any(not 1 <= n <= MAX_LAYERS for n in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SHALLOW} blocks of 1 to {MAX_LAYERS} layers")
+    return layers
+
+
 def _commands(sub):
     t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
     training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=12000, lr=1e-3)
@@ -123,9 +138,19 @@ def _commands(sub):
     t.add_argument("--lm-steps", type=int, default=300)
     t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
     t.add_argument(
-        "--patch-size", type=int, choices=[4, 6, 12], default=12, help="pixels per patch side (12: a token per cell)"
+        "--patch-size",
+        type=int,
+        choices=train.PATCH_SIZES,
+        default=train.PATCH_SIZE,
+        help="pixels per patch side (12: a token per cell)",
     )
-    t.add_argument("--shallow", default="", help='layers of each shallow block ("" for the deep block alone)')
+    t.add_argument(
+        "--shallow",
+        type=_shallow,
+        default=train.SHALLOW,
+        help=f'layers of each shallow block, e.g. "1 1" (1-{MAX_LAYERS} each, at most {MAX_SHALLOW} blocks; '
+        '"": the deep block alone)',
+    )
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
     t.add_argument("--stop-after", type=int, help="stop the flow's training after this many steps (comparisons)")
     t.add_argument("--no-select", action="store_true", help="do not choose the sampling defaults afterwards")

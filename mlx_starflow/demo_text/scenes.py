@@ -130,9 +130,8 @@ def draw(scene: Scene, rng) -> np.ndarray:
         # token, each pixel on its own given the text, so an edge whose place varies
         # is drawn as a blurred, wider halo (read as the wrong size and shape).
         s = SIZES[t.size] + rng.uniform(-JITTER, JITTER)
-        jit = JITTER
-        cy = (t.cell[0] + 0.5) * CELL + rng.uniform(-jit, jit)
-        cx = (t.cell[1] + 0.5) * CELL + rng.uniform(-jit, jit)
+        cy = (t.cell[0] + 0.5) * CELL + rng.uniform(-JITTER, JITTER)
+        cx = (t.cell[1] + 0.5) * CELL + rng.uniform(-JITTER, JITTER)
         if t.shape == "circle":
             r = s / 2
             box = [(cx - r) * _SS, (cy - r) * _SS, (cx + r) * _SS, (cy + r) * _SS]

@@ -28,9 +28,12 @@ from ..models.flow import Flow
 from . import lm, scenes
 
 TXT_SIZE = 40  # template (11 tokens) + the longest two-object captions
+PATCH_SIZES = (4, 6, 12)  # pixels per patch side that tile the 12-pixel cells
+PATCH_SIZE = 12  # the recipe: one token per cell
+SHALLOW = ()  # the recipe: no shallow blocks, the deep block alone
 
 
-def flow_config(lm_args: dict, channels=64, shallow=(), noise_std=0.1, patch_size=12) -> FlowConfig:
+def flow_config(lm_args: dict, channels=64, shallow=SHALLOW, noise_std=0.1, patch_size=PATCH_SIZE) -> FlowConfig:
     cfg = FlowConfig(
         model_type="starflow",
         in_channels=3,
@@ -116,8 +119,8 @@ def run(
     log=print,
     lm_folder=None,
     stop_after=None,
-    patch_size=12,
-    shallow=(),
+    patch_size=PATCH_SIZE,
+    shallow=SHALLOW,
 ):
     """The whole recipe; writes out/lm (the pretrained LM, mlx-lm format) and out/model
     (the flow, with text_encoder/: the LM's tokenizer and embedding table). lm_folder:
