@@ -172,3 +172,25 @@ def test_train_command_refuses_a_bad_layout(tmp_path, capsys):
             cli.main(["train", "--out", str(tmp_path / "m"), "--shallow", bad])
         assert "argument --shallow" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_demo_commands_bound_the_work_they_set(tmp_path, capsys):
+    # Every flag that sets an amount of work has an upper limit: one line, nothing written.
+    from mlx_starflow import demo, demo_video
+
+    runs = [
+        (cli.main, ["train", "--out", str(tmp_path / "m"), "--steps", "10000000"], "--steps", "out of range"),
+        (cli.main, ["train", "--out", str(tmp_path / "m"), "--lm-steps", "0"], "--lm-steps", "out of range"),
+        (cli.main, ["train", "--out", str(tmp_path / "m"), "--batch-size", "lots"], "--batch-size", "not a whole"),
+        (cli.main, ["evaluate", "--rank-n", "1e9"], "--rank-n", "not a whole"),
+        (cli.main, ["grid", "--cols", "100000"], "--cols", "out of range"),
+        (demo.main, ["train", "--out", str(tmp_path / "m"), "--steps", "-1"], "--steps", "out of range"),
+        (demo_video.main, ["evaluate", "--n", "999999999"], "--n", "out of range"),
+    ]
+    for main, argv, flag, why in runs:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and why in err and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists()

@@ -303,10 +303,10 @@ def _commands(sub):
     g = sub.add_parser("grid", help="a picture of samples for all twelve prompts")
     g.add_argument("--out", default="docs/demo_grid.png")
     g.add_argument("--model", help="model folder (default: the shipped demo)")
-    g.add_argument("--cols", type=int, default=8)
-    g.add_argument("--scale", type=int, default=4)
+    g.add_argument("--cols", type=training.count(1, 64), default=8)
+    g.add_argument("--scale", type=training.count(1, 16), default=4)
     g.add_argument("--guidance", type=float)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=training.SEED, default=0)
     g.set_defaults(func=_cmd_grid)
 
 

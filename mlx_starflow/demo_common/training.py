@@ -260,13 +260,35 @@ def select_sampling(measure, guidances, samplers=("sequential",), *, denoisers=(
 # -- command line ------------------------------------------------------------------------------
 
 
+def count(lo: int, hi: int):
+    """An argparse type: a whole number from lo to hi. Every flag that sets an amount of
+    work takes one, so a typo cannot start a run of a million years."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {lo} to {hi}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+STEPS = count(1, 1_000_000)
+IMAGES = count(1, 100_000)  # images, prompts or clips an evaluation makes
+SEED = count(0, 2**31 - 1)
+
+
 def add_run_flags(t: argparse.ArgumentParser, out_help, steps, lr, batch_size=32):
     """--out, --steps, --batch-size, --lr, --seed: the flags every demo's train command has."""
     t.add_argument("--out", required=True, help=out_help)
-    t.add_argument("--steps", type=int, default=steps)
-    t.add_argument("--batch-size", type=int, default=batch_size)
+    t.add_argument("--steps", type=STEPS, default=steps)
+    t.add_argument("--batch-size", type=count(1, 4096), default=batch_size)
     t.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warmup, then cosine decay)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=SEED, default=0)
 
 
 def add_flow_training_flags(
@@ -285,28 +307,28 @@ def add_flow_training_flags(
     """The train flags of the class-conditional demos (image and video), with their defaults."""
     add_run_flags(t, "model folder to write (config.json + model.safetensors)", steps, lr)
     t.add_argument("--force", action="store_true", help="overwrite --out")
-    t.add_argument("--warmup", type=int, default=warmup)
+    t.add_argument("--warmup", type=count(0, 1_000_000), default=warmup)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--label-drop", type=float, default=0.1, help="share of labels replaced by the unconditional one")
     t.add_argument("--init", help=init_help)
-    t.add_argument("--channels", type=int, default=128)
-    t.add_argument("--head-dim", type=int, default=64)
+    t.add_argument("--channels", type=count(8, 4096), default=128)
+    t.add_argument("--head-dim", type=count(8, 512), default=64)
     t.add_argument("--layers", default=layers, help=layers_help)
-    t.add_argument("--expansion", type=int, default=2, help="MLP width over model width")
+    t.add_argument("--expansion", type=count(1, 16), default=2, help="MLP width over model width")
     t.add_argument("--noise-std", type=float, default=0.1)
     t.add_argument("--guidance", default=guidance, help=guidance_help)
-    t.add_argument("--select-per-class", type=int, default=select_per_class)
+    t.add_argument("--select-per-class", type=count(1, 10_000), default=select_per_class)
 
 
 def add_evaluate_flags(e: argparse.ArgumentParser, what, n, n_help, held_out, held_out_help):
     """The evaluate flags of the class-conditional demos: the model (default: the shipped
     `what`), samples per class, guidance and sampler, held-out data for bits/dim."""
     e.add_argument("--model", help=f"model folder (default: the shipped {what})")
-    e.add_argument("--n", type=int, default=n, help=n_help)
+    e.add_argument("--n", type=IMAGES, default=n, help=n_help)
     e.add_argument("--guidance", type=float, help="default: the model's recorded guidance")
     e.add_argument("--sampler", choices=["sequential", "jacobi"])
-    e.add_argument("--held-out", type=int, default=held_out, help=held_out_help)
-    e.add_argument("--seed", type=int, default=EVAL_SEED)
+    e.add_argument("--held-out", type=IMAGES, default=held_out, help=held_out_help)
+    e.add_argument("--seed", type=SEED, default=EVAL_SEED)
     e.add_argument("--json", help="also write the numbers to this file")
 
 

@@ -135,8 +135,8 @@ def _commands(sub):
     t = sub.add_parser("train", help="pretrain the LM on captions, then train the flow (reproducible from --seed)")
     training.add_run_flags(t, "folder to write: lm/ (mlx-lm) and model/ (the flow)", steps=12000, lr=1e-3)
     t.add_argument("--deep-init", choices=["lm", "scratch"], default="lm", help="the deep block's initial layers")
-    t.add_argument("--lm-steps", type=int, default=300)
-    t.add_argument("--channels", type=int, default=64, help="width of the shallow blocks")
+    t.add_argument("--lm-steps", type=training.STEPS, default=300)
+    t.add_argument("--channels", type=training.count(8, 4096), default=64, help="width of the shallow blocks")
     t.add_argument(
         "--patch-size",
         type=int,
@@ -152,20 +152,20 @@ def _commands(sub):
         '"": the deep block alone)',
     )
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
-    t.add_argument("--stop-after", type=int, help="stop the flow's training after this many steps (comparisons)")
+    t.add_argument("--stop-after", type=training.STEPS, help="stop the flow's training after this many steps")
     t.add_argument("--no-select", action="store_true", help="do not choose the sampling defaults afterwards")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("select", help="choose the sampling defaults on the checker, into the model's config.json")
     s.add_argument("--model", required=True, help="model folder")
     s.add_argument("--guidance", default="0.5 1 2 3")
-    s.add_argument("--n", type=int, default=48)
+    s.add_argument("--n", type=training.IMAGES, default=48)
     s.set_defaults(func=_cmd_select)
 
     e = sub.add_parser("evaluate", help="checker accuracies on held-out combinations; zero-shot caption ranking")
     e.add_argument("--model", help="model folder (default: the shipped demo-text)")
-    e.add_argument("--n", type=int, default=96, help="prompts per group")
-    e.add_argument("--rank-n", type=int, default=50, help="images per zero-shot group")
+    e.add_argument("--n", type=training.IMAGES, default=96, help="prompts per group")
+    e.add_argument("--rank-n", type=training.IMAGES, default=50, help="images per zero-shot group")
     e.add_argument("--guidance", type=float, help="default: the model's own")
     e.add_argument("--json", help="also write the numbers here")
     e.set_defaults(func=_cmd_evaluate)
@@ -174,9 +174,9 @@ def _commands(sub):
     g.add_argument("--out", default="docs/demo_text_grid.png")
     g.add_argument("--model")
     g.add_argument("--prompt", nargs="+")
-    g.add_argument("--cols", type=int, default=8)
-    g.add_argument("--scale", type=int, default=3)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cols", type=training.count(1, 64), default=8)
+    g.add_argument("--scale", type=training.count(1, 16), default=3)
+    g.add_argument("--seed", type=training.SEED, default=0)
     g.set_defaults(func=_cmd_grid)
 
 

@@ -260,9 +260,9 @@ def _commands(sub):
     s.add_argument("--out", default="docs/demo_video_strip.png")
     s.add_argument("--model", help="model folder (default: the shipped video demo)")
     s.add_argument("--prompt", nargs="*", help="default: every circle prompt")
-    s.add_argument("--scale", type=int, default=4)
+    s.add_argument("--scale", type=training.count(1, 16), default=4)
     s.add_argument("--guidance", type=float)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=training.SEED, default=0)
     s.set_defaults(func=_cmd_strip)
 
 
