@@ -160,33 +160,47 @@ def _sequential(block, z, caches, rope, cond, guidance, compile_step, overlap, c
     return mx.concatenate(tokens, axis=1)
 
 
+def jacobi_input(block, z):
+    """x_full for Jacobi: x_full[:, t] is the input at position t, SOS and then the current
+    guesses of the tokens (at first their noise)."""
+    return mx.concatenate([block.sos_tokens(z.shape[0]).astype(mx.float32), z], axis=1)
+
+
+def jacobi_chunk(block, x_full, z, start, size, caches, rope, cond, guidance, jac: Jacobi, src=None):
+    """Iterate tokens start..start+size of x_full to a fixed point (or jac.max_iter), one
+    sync an iteration. src: where the first iteration reads its inputs when not at
+    `start` (a streamed video's chunk begins from the frame before). A generator: yields
+    after each iteration that did not converge, its cache entries rewound (a point to
+    stop at); the last iteration's entries stay."""
+    for i in range(jac.max_iter):
+        at = src if i == 0 and src is not None else start
+        a, b = block.step(x_full[:, at : at + size], start, caches, rope, cond)
+        s, mu = guided_doubled(block, a, b, guidance)
+        new = mu + s * z[:, start : start + size]
+        diff = jac.change(new, x_full[:, start + 1 : start + 1 + size])
+        x_full[:, start + 1 : start + 1 + size] = new
+        mx.eval(x_full, diff)  # one sync per iteration
+        if diff.item() < jac.threshold or i == jac.max_iter - 1:
+            return
+        for cache in caches:
+            cache.rewind(size)
+        yield
+
+
 def _jacobi(block, z, caches, rope, cond, guidance, jac: Jacobi):
     if not block.sos or "pos_embed" in block:
         raise ValueError("Jacobi sampling needs a model with an SOS token and RoPE; use sequential sampling")
-    B, N, _ = z.shape
-    # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
-    x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
+    N = z.shape[1]
+    x_full = jacobi_input(block, z)
 
     def current(start=0, end=N):
         return x_full[:, 1 + start : 1 + end]
 
     start = 0
     while start < N:
-        size = jac.block_size
-        for i in range(jac.max_iter):
-            size = min(size, N - start)
-            a, b = block.step(x_full[:, start : start + size], start, caches, rope, cond)
-            s, mu = guided_doubled(block, a, b, guidance)
-            new = mu + s * z[:, start : start + size]
-            old = x_full[:, start + 1 : start + 1 + size]
-            diff = jac.change(new, old)
-            x_full[:, start + 1 : start + 1 + size] = new
-            mx.eval(x_full, diff)  # one sync per iteration
-            if diff.item() < jac.threshold or i == jac.max_iter - 1:
-                break  # keep this iteration's cache entries
-            for cache in caches:
-                cache.rewind(size)
-            yield start, current  # a point to stop at within the chunk: no token finished yet
+        size = min(jac.block_size, N - start)
+        for _ in jacobi_chunk(block, x_full, z, start, size, caches, rope, cond, guidance, jac):
+            yield start, current  # within the chunk: no token finished yet
         start += size
         yield start, current
     return x_full[:, 1:]

@@ -30,7 +30,16 @@ import mlx.core as mx
 
 from .models.flow import IdentityBlock
 from .models.video import VideoFlow
-from .sample import Jacobi, OptionError, block_points, check_guidance, check_kv_bits, guided_doubled, is_whole
+from .sample import (
+    Jacobi,
+    OptionError,
+    block_points,
+    check_guidance,
+    check_kv_bits,
+    is_whole,
+    jacobi_chunk,
+    jacobi_input,
+)
 
 
 @dataclass
@@ -52,26 +61,15 @@ def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: i
     frame; window/context in tokens (None: no local window). Generator: yields (tokens
     done, current) after each chunk, current(start, end) the tokens so far; returns x (B', N, D)."""
     B, N, _ = z.shape
-    # x_full[:, t] is the input at position t: SOS, then the current guesses (initially the noise).
-    x_full = mx.concatenate([block.sos_tokens(B).astype(mx.float32), z], axis=1)
+    x_full = jacobi_input(block, z)
     target = N if window is None else min(N, window)
     start = 0
     while True:
         while start < target:
-            size = jac.block_size if start <= frame else 4 * jac.block_size
-            for i in range(jac.max_iter):
-                size = min(size, target - start)
-                src = start - frame if i == 0 and start > frame else start
-                a, b = block.step(x_full[:, src : src + size], start, caches, rope, None)
-                s, mu = guided_doubled(block, a, b, guidance)
-                new = mu + s * z[:, start : start + size]
-                diff = jac.change(new, x_full[:, start + 1 : start + 1 + size])
-                x_full[:, start + 1 : start + 1 + size] = new
-                mx.eval(x_full, diff)
-                if diff.item() < jac.threshold or i == jac.max_iter - 1:
-                    break  # keep this iteration's cache entries
-                for cache in caches:
-                    cache.rewind(size)
+            size = min(jac.block_size if start <= frame else 4 * jac.block_size, target - start)
+            src = start - frame if start > frame else None  # the first guess: the frame before's tokens
+            for _ in jacobi_chunk(block, x_full, z, start, size, caches, rope, None, guidance, jac, src):
+                pass
             start += size
             yield start, lambda a=0, b=N: x_full[:, 1 + a : 1 + b]
         if target >= N:
@@ -83,7 +81,7 @@ def _jacobi_frames(block, z, caches, rope, text, guidance, jac: Jacobi, frame: i
         if text is not None:
             block.prefill(text, rope, caches)
         ctx = x_full[:, start + 1 - context : start + 1]
-        block.step(mx.concatenate([block.sos_tokens(B).astype(mx.float32), ctx[:, :-1]], axis=1), 0, caches, rope, None)
+        block.step(jacobi_input(block, ctx[:, :-1]), 0, caches, rope, None)
         mx.eval([c.state for c in caches])
     return x_full[:, 1:]
 
