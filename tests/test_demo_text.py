@@ -194,3 +194,22 @@ def test_demo_commands_bound_the_work_they_set(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"argument {flag}" in err and why in err and "Traceback" not in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_demo_command_lines_prefer_openblas(monkeypatch, capsys):
+    # From the command line (argv None) a demo first offers to run again with OpenBLAS, as
+    # generate does; --no-openblas is taken off before the parser sees it.
+    from mlx_starflow.demo_common import training
+
+    seen = []
+
+    def prefer(argv):
+        seen.append(list(argv))
+        return [a for a in argv if a != "--no-openblas"]
+
+    monkeypatch.setattr(training, "prefer_openblas", prefer)
+    monkeypatch.setattr("sys.argv", ["demo_text", "grid", "--cols", "0", "--no-openblas"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert seen == [["grid", "--cols", "0", "--no-openblas"]]
+    assert "argument --cols" in capsys.readouterr().err

@@ -10,6 +10,7 @@ same weights as before it moved here.
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..cli.common import prefer_openblas
 from ..loading.weights import save_model
 from ..models.config import FlowConfig
 from .classes import EVAL_SEED, bpd_8bit, class_text
@@ -359,7 +361,11 @@ def guidance_of(args, defaults: dict):
 
 def run_commands(prog, description, add_commands, argv=None):
     """Parse argv for a demo's subcommands (add_commands(subparsers) sets each one's
-    func) and run the chosen one."""
+    func) and run the chosen one. From the command line (argv None), first as the
+    package's commands do: again with the system's OpenBLAS preloaded when MLX would use
+    its reference BLAS (training is float32 matmuls; --no-openblas keeps the bundled one)."""
+    if argv is None:
+        argv = prefer_openblas(sys.argv[1:])
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_commands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
