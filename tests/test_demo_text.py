@@ -150,13 +150,14 @@ def test_score_and_edit_commands(tmp_path, capsys):
 def test_train_command(tmp_path, capsys):
     small = ["--steps", "4", "--batch-size", "2", "--channels", "32", "--no-select"]
     cli.main(["train", "--out", str(tmp_path / "a"), "--lm-steps", "2", *small])
-    b = ["--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", "--patch-size", "6", "--shallow", "1"]
+    b = ["--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", "--patch-size", "6", "--shallow", "1", "--beta", "1"]
     cli.main(["train", "--out", str(tmp_path / "b"), *b, *small])
     out = capsys.readouterr().out
     assert "flow step 4/4" in out and "saved" in out
     record = json.loads((tmp_path / "b" / "model" / "training.json").read_text())
     assert record["flow"]["steps"] == 4 and record["flow"]["stop_after"] == 2
     assert record["flow"]["patch_size"] == 6 and record["flow"]["shallow_layers"] == [1]
+    assert record["flow"]["beta"] == 1.0 and np.isfinite(record["losses_per_100_steps"]).all()
     config = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
     assert config["patch_size"] == 6 and config["layers_per_block"] == [1, 3]  # a shallow block, the LM's 3 layers
     first = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
@@ -164,6 +165,24 @@ def test_train_command(tmp_path, capsys):
     assert len(record["losses_per_100_steps"]) == 1 and record["lm"]["steps"] == 300  # the --lm folder's
     assert (tmp_path / "b" / "model" / "examples.txt").is_file()
     assert (tmp_path / "b" / "model" / "text_encoder" / "tokenizer.json").is_file()
+
+
+def test_weighted_likelihood_is_the_likelihood_with_the_edges_weighted():
+    import mlx.core as mx
+
+    from mlx_starflow.demo_text import train
+
+    args = lm.lm_args(20, hidden=32, layers=1, heads=1, head_dim=32, mlp=64)
+    for shallow in ((), (1,)):
+        mx.random.seed(0)
+        model = train.Flow(train.flow_config(args, channels=32, shallow=shallow))
+        x = mx.random.normal((2, 36, 36, 3)) * 0.5
+        y = mx.random.normal((2, 5, 32))
+        plain = -model.log_prob(x, y).mean() / (36 * 36 * 3)
+        nll, same = train.weighted_nll(model, x, y, 0.0)
+        assert abs(nll.item() - plain.item()) < 1e-5 and abs(same.item() - plain.item()) < 1e-5
+        nll, weighted = train.weighted_nll(model, x, y, 0.5)
+        assert abs(nll.item() - plain.item()) < 1e-5 and abs(weighted.item() - plain.item()) > 1e-4
 
 
 def test_train_command_refuses_a_bad_layout(tmp_path, capsys):
@@ -183,6 +202,8 @@ def test_demo_commands_bound_the_work_they_set(tmp_path, capsys):
         (cli.main, ["train", "--out", str(tmp_path / "m"), "--lm-steps", "0"], "--lm-steps", "out of range"),
         (cli.main, ["train", "--out", str(tmp_path / "m"), "--batch-size", "lots"], "--batch-size", "not a whole"),
         (cli.main, ["evaluate", "--rank-n", "1e9"], "--rank-n", "not a whole"),
+        (cli.main, ["train", "--out", str(tmp_path / "m"), "--beta", "nan"], "--beta", "out of range"),
+        (cli.main, ["train", "--out", str(tmp_path / "m"), "--beta", "half"], "--beta", "not a number"),
         (cli.main, ["grid", "--cols", "100000"], "--cols", "out of range"),
         (demo.main, ["train", "--out", str(tmp_path / "m"), "--steps", "-1"], "--steps", "out of range"),
         (demo_video.main, ["evaluate", "--n", "999999999"], "--n", "out of range"),

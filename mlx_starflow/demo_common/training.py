@@ -62,13 +62,16 @@ def noisy_gradients(model, loss_fn, noise_std, grad_clip=1.0, condition=None):
 
     The random state is an input and output of the compiled function, so the noise (and
     any randomness of `condition`, e.g. label dropout) advance on every call instead of
-    being baked in; the model is an output too, as value_and_grad writes its parameters."""
+    being baked in; the model is an output too, as value_and_grad writes its parameters.
+    loss_fn may return (differentiated, logged): the loss reported is then the second."""
 
     @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
     def gradients(data, c):
         x = data + noise_std * mx.random.normal(data.shape)
         y = c if condition is None else condition(c)
         loss, grads = nn.value_and_grad(model, loss_fn)(x, y)
+        if isinstance(loss, (tuple, list)):
+            loss = loss[1]
         grads, norm = optim.clip_grad_norm(grads, grad_clip)
         return loss, grads, norm
 
@@ -276,6 +279,22 @@ def count(lo: int, hi: int):
         return value
 
     parse.__name__ = "count"
+    return parse
+
+
+def real(lo: float, hi: float):
+    """An argparse type: a finite number from lo to hi."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {lo} to {hi}")
+        return value
+
+    parse.__name__ = "number"
     return parse
 
 

@@ -41,6 +41,7 @@ def _cmd_train(args):
         stop_after=args.stop_after,
         patch_size=args.patch_size,
         shallow=args.shallow,
+        beta=args.beta,
     )
     write_examples(folder)
     if not args.no_select:
@@ -150,6 +151,12 @@ def _commands(sub):
         default=train.SHALLOW,
         help=f'layers of each shallow block, e.g. "1 1" (1-{MAX_LAYERS} each, at most {MAX_SHALLOW} blocks; '
         '"": the deep block alone)',
+    )
+    t.add_argument(
+        "--beta",
+        type=training.real(0.0, 2.0),
+        default=train.BETA,
+        help="weight each dimension's likelihood term by its predicted scale^(2 beta) (0: plain likelihood)",
     )
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
     t.add_argument("--stop-after", type=training.STEPS, help="stop the flow's training after this many steps")

@@ -37,6 +37,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 6.0, "large": 10.0}
+SQUARE = 0.9  # a square's side against the size (a circle's diameter)
 JITTER = 0.25  # pixels: the most an object's size and centre vary
 BACKGROUNDS = {"black": (18, 18, 18), "gray": (120, 120, 120), "white": (236, 236, 236)}
 
@@ -137,7 +138,7 @@ def draw(scene: Scene, rng) -> np.ndarray:
             box = [(cx - r) * _SS, (cy - r) * _SS, (cx + r) * _SS, (cy + r) * _SS]
             d.ellipse(box, fill=fill)
         elif t.shape == "square":
-            r = 0.45 * s
+            r = SQUARE * s / 2
             d.rectangle([(cx - r) * _SS, (cy - r) * _SS, (cx + r) * _SS - 1, (cy + r) * _SS - 1], fill=fill)
         else:
             h = s * 0.9
