@@ -147,6 +147,18 @@ def test_score_and_edit_commands(tmp_path, capsys):
     assert 'does not know: "unicorn"' in capsys.readouterr().err
 
 
+@shipped
+def test_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    cli.main(["evaluate", "--n", "2", "--rank-n", "2", "--noise-samples", "2", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["zero-shot noise_samples"] == 2
+    ranking = report["zero-shot generated images, held-out combinations"]
+    assert ranking["n"] == 2 and 1 <= ranking["mean_rank"] <= 10
+    assert report["two objects, held-out phrasings"]["n"] == 2
+    assert "own caption first among ten" in capsys.readouterr().out
+
+
 def test_train_command(tmp_path, capsys):
     small = ["--steps", "4", "--batch-size", "2", "--channels", "32", "--no-select"]
     cli.main(["train", "--out", str(tmp_path / "a"), "--lm-steps", "2", *small])

@@ -77,6 +77,7 @@ def _cmd_evaluate(args):
     pipe = _pipe(args.model)
     opts = {} if args.guidance is None else {"guidance": args.guidance}
     report = {"model": args.model or "demo-text", "sampling": read_config(pipe.info["flow"]).sampling}
+    report["zero-shot noise_samples"] = args.noise_samples
     for name, objects, phrasing in (
         ("one object, training phrasings", 1, False),
         ("one object, held-out phrasings", 1, True),
@@ -89,7 +90,9 @@ def _cmd_evaluate(args):
         report[name] = {k: v for k, v in r.items() if k not in ("images", "prompts")}
     for source, held in (("drawn", True), ("generated", True), ("drawn", False)):
         tic = time.perf_counter()
-        r = evaluate.rank_captions(pipe, args.rank_n, source=source, held=held, **opts)
+        r = evaluate.rank_captions(
+            pipe, args.rank_n, source=source, held=held, noise_samples=args.noise_samples, **opts
+        )
         what = f"{source} images, {'held-out' if held else 'training'} combinations"
         print(
             f"zero-shot, own caption first among ten ({what}): {r['first']:.1%}  "
@@ -173,6 +176,12 @@ def _commands(sub):
     e.add_argument("--model", help="model folder (default: the shipped demo-text)")
     e.add_argument("--n", type=training.IMAGES, default=96, help="prompts per group")
     e.add_argument("--rank-n", type=training.IMAGES, default=50, help="images per zero-shot group")
+    e.add_argument(
+        "--noise-samples",
+        type=training.count(0, 64),
+        default=evaluate.RANK_NOISE,
+        help="rank by the likelihood of the image noised as in training, over this many draws (0: dequantized)",
+    )
     e.add_argument("--guidance", type=float, help="default: the model's own")
     e.add_argument("--json", help="also write the numbers here")
     e.set_defaults(func=_cmd_evaluate)

@@ -22,6 +22,9 @@ from . import checker, scenes
 EVAL_SEED = 7_000_003
 SELECT_SEED = 8_000_009
 RANK_SEED = 9_000_011
+# The ranking scores each image noised as in training (Gaussian at the model's
+# noise_std), averaged over this many draws; 0: one uniform dequantization draw.
+RANK_NOISE = 8
 ATTRIBUTES = ("colour", "shape", "size", "cell")
 
 
@@ -100,14 +103,16 @@ def distractors(scene: scenes.Scene, rng, k=9):
     return out
 
 
-def rank_captions(pipe, n=50, seed=RANK_SEED, source="drawn", objects=1, held=True, **options):
+def rank_captions(
+    pipe, n=50, seed=RANK_SEED, source="drawn", objects=1, held=True, noise_samples=RANK_NOISE, **options
+):
     """Share of images whose own caption is the most likely of ten (and the mean rank);
     held: scenes of held-out combinations (else of training ones)."""
     with pipe.exclusive(keep_text_encoder=True):
-        return _rank(pipe, n, seed, source, objects, held, **options)
+        return _rank(pipe, n, seed, source, objects, held, noise_samples, **options)
 
 
-def _rank(pipe, n, seed, source, objects, held, **options):
+def _rank(pipe, n, seed, source, objects, held, noise_samples, **options):
     rng = np.random.default_rng(seed)
     firsts, ranks = [], []
     for j in range(n):
@@ -121,7 +126,7 @@ def _rank(pipe, n, seed, source, objects, held, **options):
             image = scenes.draw(scene, rng)
         else:
             image = np.asarray(pipe.generate([captions[0]], seed=seed + j, **options).images[0])
-        bpd = pipe.score([image], captions, seed=0).bits_per_dim[0]
+        bpd = pipe.score([image], captions, seed=0, noise_samples=noise_samples).bits_per_dim[0]
         ranks.append(int(np.argsort(np.argsort(bpd))[0]))
         firsts.append(ranks[-1] == 0)
     return {"first": float(np.mean(firsts)), "mean_rank": float(np.mean(ranks)) + 1, "n": n}
