@@ -79,15 +79,16 @@ def pipe():
 
 
 # The shipped model draws the asked colour, place and size of one object well, its shape not
-# yet (docs/demo.md: its measured accuracies); these tests hold what it does.
+# reliably (docs/demo.md: its measured accuracies); these tests hold what it does.
 
 
 @shipped
 def test_shipped_model_draws_colour_place_and_size_of_held_out_prompts(pipe):
     from mlx_starflow.demo_text import evaluate
 
-    r = evaluate.checker_accuracy(pipe, 48, objects=1, held_phrasing=False)  # 92.7 / 100 / 89.6% on 96
-    assert r["colour"] >= 0.8 and r["cell"] >= 0.85 and r["size"] >= 0.75, {k: r[k] for k in evaluate.ATTRIBUTES}
+    r = evaluate.checker_accuracy(pipe, 48, objects=1, held_phrasing=False)  # 93.8 / 39.6 / 85.4 / 100% here
+    assert r["colour"] >= 0.85 and r["cell"] >= 0.9 and r["size"] >= 0.75, {k: r[k] for k in evaluate.ATTRIBUTES}
+    assert r["shape"] >= 0.3, r["shape"]  # the model before this one: 19.8% on 96
 
 
 @shipped

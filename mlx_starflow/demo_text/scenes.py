@@ -37,7 +37,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 6.0, "large": 10.0}
-SQUARE = 0.9  # a square's side against the size (a circle's diameter)
+SQUARE = 1.0  # a square's side against the size (a circle's diameter): as wide as the circle
 JITTER = 0.25  # pixels: the most an object's size and centre vary
 BACKGROUNDS = {"black": (18, 18, 18), "gray": (120, 120, 120), "white": (236, 236, 236)}
 

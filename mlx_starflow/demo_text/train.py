@@ -32,7 +32,7 @@ TXT_SIZE = 40  # template (11 tokens) + the longest two-object captions
 PATCH_SIZES = (4, 6, 12)  # pixels per patch side that tile the 12-pixel cells
 PATCH_SIZE = 12  # the recipe: one token per cell
 SHALLOW = ()  # the recipe: no shallow blocks, the deep block alone
-BETA = 0.0  # the recipe's likelihood weighting (train_flow)
+BETA = 1.0  # the recipe's likelihood weighting (train_flow): every dimension's mean learns alike
 
 
 def flow_config(lm_args: dict, channels=64, shallow=SHALLOW, noise_std=0.1, patch_size=PATCH_SIZE) -> FlowConfig:
