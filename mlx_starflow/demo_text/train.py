@@ -10,7 +10,8 @@ the LM's token embeddings times sqrt(hidden) after STARFlow's chat template (the
 embedding table stays as the LM learnt it). The unconditional prompt is "". By default
 the deep block is the whole flow, over 12x12 patches (9 tokens of 432, one per cell of
 the scenes' grid): measured in docs/demo.md, unconditional shallow blocks below it
-left the text nearly unused at this size.
+left the text nearly unused at this size. The likelihood is weighted per dimension
+(BETA, train_flow) so an object's uncertain edges learn as fast as the rest.
 """
 
 import math
