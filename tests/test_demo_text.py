@@ -161,9 +161,12 @@ def test_evaluate_command(tmp_path, capsys):
 
 
 def test_train_command(tmp_path, capsys):
+    import mlx.core as mx
+
     small = ["--steps", "4", "--batch-size", "2", "--channels", "32", "--no-select"]
     cli.main(["train", "--out", str(tmp_path / "a"), "--lm-steps", "2", *small])
     b = ["--lm", str(tmp_path / "a" / "lm"), "--stop-after", "2", "--patch-size", "6", "--shallow", "1", "--beta", "1"]
+    b.append("--train-embeddings")
     cli.main(["train", "--out", str(tmp_path / "b"), *b, *small])
     out = capsys.readouterr().out
     assert "flow step 4/4" in out and "saved" in out
@@ -171,6 +174,13 @@ def test_train_command(tmp_path, capsys):
     assert record["flow"]["steps"] == 4 and record["flow"]["stop_after"] == 2
     assert record["flow"]["patch_size"] == 6 and record["flow"]["shallow_layers"] == [1]
     assert record["flow"]["beta"] == 1.0 and np.isfinite(record["losses_per_100_steps"]).all()
+    assert record["flow"]["train_table"] is True  # the text encoder beside the flow learnt too
+    key = "model.embed_tokens.weight"
+    lm_table = mx.load(str(tmp_path / "b" / "lm" / "model.safetensors"))[key]
+    shipped = mx.load(str(tmp_path / "b" / "model" / "text_encoder" / "model.safetensors"))[key]
+    assert lm_table.shape == shipped.shape and mx.abs(lm_table - shipped).max().item() > 0
+    frozen = mx.load(str(tmp_path / "a" / "model" / "text_encoder" / "model.safetensors"))[key]
+    assert mx.array_equal(frozen, mx.load(str(tmp_path / "a" / "lm" / "model.safetensors"))[key]).item()
     config = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
     assert config["patch_size"] == 6 and config["layers_per_block"] == [1, 3]  # a shallow block, the LM's 3 layers
     first = json.loads((tmp_path / "a" / "model" / "config.json").read_text())

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ..demo_common import training
@@ -107,8 +108,12 @@ def train_flow(
     log_every=100,
     stop_after=None,
     beta=0.0,
+    train_table=False,
 ):
-    """beta > 0: each dimension's term of the top block's negative log-likelihood
+    """train_table: the LM's token embedding table (the text encoder) learns with the
+    flow, in place in `encoder`, instead of staying as the LM left it.
+
+    beta > 0: each dimension's term of the top block's negative log-likelihood
     weighted by its predicted scale^(2 beta) (held constant, normalised to mean 1), the
     beta-NLL of Seitzer et al. (2022). Plain likelihood training divides the mean's
     gradient by the scale squared, so where the model is unsure (an object's edges)
@@ -119,11 +124,12 @@ def train_flow(
     rng = np.random.default_rng(seed + 1)
     opt = training.adamw(lr, steps, warmup)
     D = cfg.in_channels * cfg.input_size**2
+    owner = _FlowAndTable(model, encoder.model.embed_tokens) if train_table else model
     table = encoder.model.embed_tokens.weight  # frozen: the LM's, as the pipeline reads it
     scale = cfg.txt_dim**0.5
 
     def loss_fn(x, ids):
-        y = table[ids] * scale
+        y = (owner.embed.weight if train_table else table)[ids] * scale
         if not beta:
             return -model.log_prob(x, y).mean() / D
         nll, weighted = weighted_nll(model, x, y, beta)
@@ -135,10 +141,18 @@ def train_flow(
         ids, _ = encoder.token_ids(texts)
         return mx.array(scenes.to_model(images)), mx.array(ids)
 
-    gradients = training.noisy_gradients(model, loss_fn, cfg.noise_std)
+    gradients = training.noisy_gradients(owner, loss_fn, cfg.noise_std)
     line = partial(training.Progress.line, prefix="flow ", bits=False, rate="{drawn:.1f} img/s")
-    losses = training.fit(model, opt, gradients, next_batch, steps, log, log_every, line, stop_after)
+    losses = training.fit(owner, opt, gradients, next_batch, steps, log, log_every, line, stop_after)
     return model, losses
+
+
+class _FlowAndTable(nn.Module):
+    """The flow and the token embedding table, trained together."""
+
+    def __init__(self, flow, embed):
+        super().__init__()
+        self.flow, self.embed = flow, embed
 
 
 def run(
@@ -156,6 +170,7 @@ def run(
     patch_size=PATCH_SIZE,
     shallow=SHALLOW,
     beta=BETA,
+    train_table=False,
 ):
     """The whole recipe; writes out/lm (the pretrained LM, mlx-lm format) and out/model
     (the flow, with text_encoder/: the LM's tokenizer and embedding table). lm_folder:
@@ -185,8 +200,19 @@ def run(
     encoder = TokenEncoder(out / "lm", cfg.txt_size)
     tic = time.perf_counter()
     model, losses = train_flow(
-        model, encoder, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log, stop_after=stop_after, beta=beta
+        model,
+        encoder,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        log=log,
+        stop_after=stop_after,
+        beta=beta,
+        train_table=train_table,
     )
+    if train_table:  # the text encoder shipped beside the flow is the table as trained
+        lm_model.model.embed_tokens.weight = encoder.model.embed_tokens.weight
     minutes = (time.perf_counter() - tic) / 60
     record = {
         "seed": seed,
@@ -201,6 +227,7 @@ def run(
             "patch_size": patch_size,
             "shallow_layers": list(shallow),
             "beta": beta,
+            "train_table": train_table,
         },
         "losses_per_100_steps": [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)],
         "minutes": {"lm": round(lm_minutes, 1), "flow": round(minutes, 1)},
