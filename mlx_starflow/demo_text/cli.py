@@ -42,7 +42,7 @@ def _cmd_train(args):
         patch_size=args.patch_size,
         shallow=args.shallow,
         beta=args.beta,
-        train_table=args.train_embeddings,
+        train_table=not args.frozen_embeddings,
     )
     write_examples(folder)
     if not args.no_select:
@@ -163,9 +163,9 @@ def _commands(sub):
         help="weight each dimension's likelihood term by its predicted scale^(2 beta) (0: plain likelihood)",
     )
     t.add_argument(
-        "--train-embeddings",
+        "--frozen-embeddings",
         action="store_true",
-        help="train the LM's token embedding table (the text encoder) with the flow instead of keeping it frozen",
+        help="keep the LM's token embedding table (the text encoder) as the LM left it (the recipe trains it)",
     )
     t.add_argument("--lm", help="an LM folder a run of this command pretrained (skips the LM's pretraining)")
     t.add_argument("--stop-after", type=training.STEPS, help="stop the flow's training after this many steps")

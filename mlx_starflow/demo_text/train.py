@@ -34,6 +34,7 @@ TXT_SIZE = 40  # template (11 tokens) + the longest two-object captions
 PATCH_SIZES = (4, 6, 12)  # pixels per patch side that tile the 12-pixel cells
 PATCH_SIZE = 12  # the recipe: one token per cell
 SHALLOW = ()  # the recipe: no shallow blocks, the deep block alone
+TRAIN_TABLE = True  # the recipe: the LM's embedding table learns with the flow (train_flow)
 BETA = 1.0  # the recipe's likelihood weighting (train_flow): every dimension's mean learns alike
 
 
@@ -170,7 +171,7 @@ def run(
     patch_size=PATCH_SIZE,
     shallow=SHALLOW,
     beta=BETA,
-    train_table=False,
+    train_table=TRAIN_TABLE,
 ):
     """The whole recipe; writes out/lm (the pretrained LM, mlx-lm format) and out/model
     (the flow, with text_encoder/: the LM's tokenizer and embedding table). lm_folder:
