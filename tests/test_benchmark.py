@@ -181,12 +181,18 @@ def test_the_denoising_probe_reaches_the_whole_steps_peak(quantize):
     x = mx.random.normal((1, side, side, cfg.in_channels), key=mx.random.key(5))
     y = 0.1 * mx.random.normal((1, cfg.txt_size, cfg.txt_dim), key=mx.random.key(6))
     mx.eval(x, y)
+    # The CPU backend frees buffers asynchronously, so a run's peak is sometimes a buffer higher
+    # (measured: 16.06 or 17.11 MB for either, more often the first on a busy machine): the lowest
+    # of five runs of each is the peak every run reaches.
     peaks = []
     for run in (lambda: mx.eval(model.denoise(x, y)), lambda: stages.denoise_probe(model, x, y)):
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        run()
-        peaks.append(mx.get_peak_memory())
+        lowest = None
+        for _ in range(5):
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            run()
+            lowest = mx.get_peak_memory() if lowest is None else min(lowest, mx.get_peak_memory())
+        peaks.append(lowest)
     assert peaks[1] == pytest.approx(peaks[0], rel=0.02)
 
 
