@@ -181,19 +181,19 @@ def test_the_denoising_probe_reaches_the_whole_steps_peak(quantize):
     x = mx.random.normal((1, side, side, cfg.in_channels), key=mx.random.key(5))
     y = 0.1 * mx.random.normal((1, cfg.txt_size, cfg.txt_dim), key=mx.random.key(6))
     mx.eval(x, y)
-    # The CPU backend frees buffers asynchronously, so a run's peak is sometimes a buffer higher
-    # (measured: 16.06 or 17.11 MB for either, more often the first on a busy machine): the lowest
-    # of five runs of each is the peak every run reaches.
+    # The CPU backend frees buffers asynchronously, so a run's peak is one of a few values a buffer
+    # apart (measured 15.5, 16.1 and 17.1 MB for either): the probe's peaks must meet the step's.
     peaks = []
     for run in (lambda: mx.eval(model.denoise(x, y)), lambda: stages.denoise_probe(model, x, y)):
-        lowest = None
-        for _ in range(5):
+        seen = []
+        for _ in range(3):
             mx.clear_cache()
             mx.reset_peak_memory()
             run()
-            lowest = mx.get_peak_memory() if lowest is None else min(lowest, mx.get_peak_memory())
-        peaks.append(lowest)
-    assert peaks[1] == pytest.approx(peaks[0], rel=0.02)
+            seen.append(mx.get_peak_memory())
+        peaks.append(seen)
+    (whole, probe) = peaks
+    assert min(probe) <= 1.02 * max(whole) and min(whole) <= 1.02 * max(probe), peaks
 
 
 def test_help_names_the_module_and_shows_defaults(capsys):
