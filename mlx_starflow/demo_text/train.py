@@ -125,12 +125,14 @@ def train_flow(
     rng = np.random.default_rng(seed + 1)
     opt = training.adamw(lr, steps, warmup)
     D = cfg.in_channels * cfg.input_size**2
-    owner = _FlowAndTable(model, encoder.model.embed_tokens) if train_table else model
-    table = encoder.model.embed_tokens.weight  # frozen: the LM's, as the pipeline reads it
+    # The table as the pipeline reads it; read on each call, so a trained one (a parameter
+    # of `owner`) is the one differentiated.
+    embed = encoder.model.embed_tokens
+    owner = _FlowAndTable(model, embed) if train_table else model
     scale = cfg.txt_dim**0.5
 
     def loss_fn(x, ids):
-        y = (owner.embed.weight if train_table else table)[ids] * scale
+        y = embed.weight[ids] * scale
         if not beta:
             return -model.log_prob(x, y).mean() / D
         nll, weighted = weighted_nll(model, x, y, beta)
